@@ -1,0 +1,1 @@
+"""The edgeprobe agent daemon and the edgeprobe CLI."""

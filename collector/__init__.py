@@ -1,0 +1,1 @@
+"""The edgeprobe collector: MQTT in, InfluxDB out."""

@@ -1,0 +1,187 @@
+"""Loading YAML config files into typed, validated structs, with errors a person can act on.
+
+Every error names the file, the key (as a dotted path like ``jobs[0].options.count``) and what
+was expected. Unknown keys are rejected (config structs use ``forbid_unknown_fields``). Secrets
+are held in :class:`Secret`, whose ``repr``/``str``/format never show the value.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import msgspec
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config problem, already phrased for the user: ``<file>: <key>: <what was expected>``."""
+
+
+class Secret:
+    """A credential. Formatting it never reveals it; call :meth:`reveal` where it is sent."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __format__(self, spec: str) -> str:
+        return "***"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(("Secret", self._value))
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+
+def _dec_hook(typ: type, obj: Any) -> Any:
+    if typ is Secret:
+        if not isinstance(obj, str):
+            raise msgspec.ValidationError(f"Expected `str`, got `{type(obj).__name__}`")
+        return Secret(obj)
+    raise NotImplementedError(f"unsupported config type {typ!r}")
+
+
+_PATH_RE = re.compile(r" - at `\$(?P<path>[^`]*)`$")
+_UNKNOWN_RE = re.compile(r"^Object contains unknown field `(?P<key>[^`]*)`$")
+_MISSING_RE = re.compile(r"^Object missing required field `(?P<key>[^`]*)`$")
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _struct_at(root: type, path: str) -> type | None:
+    """Walk ``root`` along a msgspec error path (``.jobs[0].options``) to the struct type there."""
+    info: msgspec.inspect.Type = msgspec.inspect.type_info(root)
+    for token in re.findall(r"\.([A-Za-z0-9_]+)|\[(\d+)\]", path):
+        name, index = token
+        while isinstance(info, msgspec.inspect.UnionType):
+            structs = [t for t in info.types if not isinstance(t, msgspec.inspect.NoneType)]
+            if len(structs) != 1:
+                return None
+            info = structs[0]
+        if name and isinstance(info, msgspec.inspect.StructType):
+            match = [f for f in info.fields if f.encode_name == name]
+            if not match:
+                return None
+            info = match[0].type
+        elif name and isinstance(info, msgspec.inspect.DictType):
+            info = info.value_type
+        elif index and isinstance(info, msgspec.inspect.ListType | msgspec.inspect.VarTupleType):
+            info = info.item_type
+        else:
+            return None
+    while isinstance(info, msgspec.inspect.UnionType):
+        structs = [t for t in info.types if isinstance(t, msgspec.inspect.StructType)]
+        if len(structs) != 1:
+            return None
+        info = structs[0]
+    return info.cls if isinstance(info, msgspec.inspect.StructType) else None
+
+
+def explain(err: msgspec.ValidationError, root: type, source: str, prefix: str = "") -> ConfigError:
+    """Rephrase a msgspec validation error as ``<source>: <key>: <expectation>``."""
+    text = str(err)
+    m = _PATH_RE.search(text)
+    path = m.group("path") if m else ""
+    body = text[: m.start()] if m else text
+    shown = (prefix + path).lstrip(".")
+    if um := _UNKNOWN_RE.match(body):
+        key = um.group("key")
+        cls = _struct_at(root, path)
+        allowed = ", ".join(sorted(cls.__struct_fields__)) if cls is not None else "?"
+        return ConfigError(f"{source}: {_join(shown, key)}: unknown key; expected one of: {allowed}")
+    if mm := _MISSING_RE.match(body):
+        return ConfigError(f"{source}: {_join(shown, mm.group('key'))}: required key is missing")
+    for msgspec_name, ours in (("`array`", "a list"), ("`object`", "a mapping"), ("`str`", "a string")):
+        body = body.replace(msgspec_name, ours)
+    body = body[:1].lower() + body[1:]
+    return ConfigError(f"{source}: {shown or '(top level)'}: {body}")
+
+
+def convert(data: Any, typ: type[T], source: str, prefix: str = "") -> T:
+    """Validate plain data (from YAML, JSON or the CLI) into ``typ``, raising :class:`ConfigError`."""
+    try:
+        return msgspec.convert(data, typ, dec_hook=_dec_hook)
+    except msgspec.ValidationError as err:
+        raise explain(err, typ, source, prefix) from err
+
+
+def read_yaml(path: str | os.PathLike[str]) -> Any:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"{p}: cannot read: {err.strerror or err}") from err
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{p}: not UTF-8 text: {err.reason} at byte {err.start}") from err
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError(f"{p}: not valid YAML{where}: {problem}") from err
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: (top level): expected a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``a.b.c`` in nested dicts, creating the intermediate mappings."""
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(child).__name__}")
+        node = child
+    node[keys[-1]] = value
+
+
+def apply_env(data: dict[str, Any], mapping: Mapping[str, str], environ: Mapping[str, str]) -> list[str]:
+    """Override config keys from environment variables (``{"EDGEPROBE_X": "broker.url"}``).
+
+    Returns the names of the variables that were applied (never their values).
+    """
+    applied = []
+    for var, dotted in mapping.items():
+        if var in environ:
+            set_path(data, dotted, environ[var])
+            applied.append(var)
+    return applied
+
+
+def load(
+    path: str | os.PathLike[str],
+    typ: type[T],
+    env_map: Mapping[str, str] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> T:
+    data = read_yaml(path)
+    if env_map:
+        apply_env(data, env_map, os.environ if environ is None else environ)
+    return convert(data, typ, str(path))

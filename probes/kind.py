@@ -1,0 +1,31 @@
+"""What every probe kind declares. The list of kinds lives in :mod:`probes.registry` only."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from probes.context import ProbeContext
+
+C = TypeVar("C")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProbeKind(Generic[C, R]):
+    name: str
+    description: str
+    config_type: type[C]  # msgspec.Struct with forbid_unknown_fields; its defaults are the defaults
+    result_type: type[R]  # msgspec.Struct; its field names are the CLI --json, MQTT and InfluxDB names
+    run: Callable[[str, C, ProbeContext], Awaitable[R]]
+    check_target: Callable[[str], str | None]  # None when fine, else what is wrong with it
+    deadline_s: Callable[[C], float]  # the handler's hard limit for one run with this config
+    tag_fields: tuple[str, ...] = ()  # result fields of low cardinality stored as InfluxDB tags
+
+    @property
+    def measurement(self) -> str:
+        return f"edgeprobe_{self.name}"
+
+
+AnyKind = ProbeKind[Any, Any]

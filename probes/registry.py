@@ -1,0 +1,15 @@
+"""The one list of probe kinds. Config validation, the CLI, the agent and the collector draw on it."""
+
+from __future__ import annotations
+
+from probes import http, icmp, tcp
+from probes.kind import AnyKind
+
+KINDS: dict[str, AnyKind] = {k.name: k for k in (icmp.KIND, tcp.KIND, http.KIND)}
+
+
+def get_kind(name: str) -> AnyKind:
+    try:
+        return KINDS[name]
+    except KeyError:
+        raise KeyError(f"unknown probe kind {name!r}; known kinds: {', '.join(sorted(KINDS))}") from None
