@@ -112,6 +112,11 @@ def explain(err: msgspec.ValidationError, root: type, source: str, prefix: str =
         return ConfigError(f"{source}: {_join(shown, key)}: unknown key; expected one of: {allowed}")
     if mm := _MISSING_RE.match(body):
         return ConfigError(f"{source}: {_join(shown, mm.group('key'))}: required key is missing")
+    # __post_init__ checks phrase their errors as "<key>: <problem>": attach the key to the path.
+    if km := re.match(r"^([a-z_][a-z0-9_]*): (.+)$", body, re.DOTALL):
+        cls = _struct_at(root, path)
+        if cls is not None and km.group(1) in cls.__struct_fields__:
+            shown, body = _join(shown, km.group(1)), km.group(2)
     for msgspec_name, ours in (("`array`", "a list"), ("`object`", "a mapping"), ("`str`", "a string")):
         body = body.replace(msgspec_name, ours)
     body = body[:1].lower() + body[1:]

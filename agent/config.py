@@ -1,0 +1,145 @@
+"""The agent's config file (YAML), validated on load.
+
+Defaults live in the structs below (and in each probe kind's config struct). Errors name the
+file, the key and what was expected; unknown keys are rejected.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import msgspec
+
+from probes.broker import BROKER_ENV, BrokerConfig
+from probes.configfile import ConfigError, convert, load
+from probes.kind import AnyKind
+from probes.registry import KINDS
+from probes.schema import NAME_RE
+
+# Tags the collector writes itself; labels may not shadow them.
+RESERVED_TAGS = frozenset({"agent", "site", "target", "outcome", "job", "kind"})
+LABEL_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+
+
+def _check_labels(labels: Mapping[str, str], where: str) -> None:
+    for key, value in labels.items():
+        if not LABEL_KEY_RE.match(key):
+            raise ValueError(f"{where}: expected label keys like 'tier' or 'pop_name', got {key!r}")
+        if key in RESERVED_TAGS:
+            raise ValueError(f"{where}: label {key!r} is reserved (reserved: {', '.join(sorted(RESERVED_TAGS))})")
+        if not value:
+            raise ValueError(f"{where}: label {key!r} has an empty value")
+
+
+class AgentIdentity(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    id: str
+    site: str
+    latitude: Annotated[float, msgspec.Meta(ge=-90, le=90)] | None = None
+    longitude: Annotated[float, msgspec.Meta(ge=-180, le=180)] | None = None
+    labels: dict[str, str] = {}
+    max_concurrent_probes: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 512
+    shutdown_grace_s: Annotated[float, msgspec.Meta(ge=0, le=600)] = 3.0
+
+    def __post_init__(self) -> None:
+        for key in ("id", "site"):
+            if not NAME_RE.match(getattr(self, key)):
+                raise ValueError(
+                    f"{key}: expected letters, digits, '.', '_' or '-' (it becomes an MQTT topic level), "
+                    f"got {getattr(self, key)!r}"
+                )
+        if (self.latitude is None) != (self.longitude is None):
+            raise ValueError("longitude: latitude and longitude go together")
+        _check_labels(self.labels, "labels")
+
+
+class PublishConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    batch_max_observations: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 500
+    flush_interval_s: Annotated[float, msgspec.Meta(gt=0, le=60)] = 1.0
+    queue_max_observations: Annotated[int, msgspec.Meta(ge=1, le=10_000_000)] = 100_000
+    status_interval_s: Annotated[float, msgspec.Meta(ge=1, le=3600)] = 30.0
+    flush_timeout_s: Annotated[float, msgspec.Meta(ge=0, le=600)] = 5.0  # at shutdown
+
+
+class JobConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    kind: str
+    targets: Annotated[list[str], msgspec.Meta(min_length=1)]
+    interval_s: Annotated[float, msgspec.Meta(gt=0, le=86_400)]
+    name: str | None = None
+    options: dict[str, Any] = {}
+    labels: dict[str, str] = {}
+
+
+class AgentConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    agent: AgentIdentity
+    broker: BrokerConfig = BrokerConfig()
+    publish: PublishConfig = PublishConfig()
+    jobs: list[JobConfig] = []
+
+
+@dataclass(frozen=True, kw_only=True)
+class Job:
+    """A validated job: its kind resolved and its options typed."""
+
+    name: str
+    kind: AnyKind
+    targets: tuple[str, ...]
+    interval_s: float
+    config: Any
+    labels: dict[str, str]
+
+
+def build_jobs(cfg: AgentConfig, source: str) -> list[Job]:
+    jobs: list[Job] = []
+    seen: set[str] = set()
+    for i, job in enumerate(cfg.jobs):
+        where = f"jobs[{i}]"
+        kind = KINDS.get(job.kind)
+        if kind is None:
+            raise ConfigError(
+                f"{source}: {where}.kind: unknown probe kind {job.kind!r}; expected one of: {', '.join(sorted(KINDS))}"
+            )
+        options = convert(job.options, kind.config_type, source, prefix=f"{where}.options")
+        for t, target in enumerate(job.targets):
+            problem = kind.check_target(target)
+            if problem is not None:
+                raise ConfigError(f"{source}: {where}.targets[{t}]: {problem}")
+        if len(set(job.targets)) != len(job.targets):
+            raise ConfigError(f"{source}: {where}.targets: a target is listed twice")
+        try:
+            _check_labels(job.labels, "labels")
+        except ValueError as err:
+            raise ConfigError(f"{source}: {where}.{err}") from None
+        run_s = kind.deadline_s(options)
+        if job.interval_s < run_s:
+            raise ConfigError(
+                f"{source}: {where}.interval_s: {job.interval_s:g} s is shorter than one run may take "
+                f"({run_s:g} s with these options); raise interval_s or lower count/timeout_s"
+            )
+        name = job.name or (job.kind if sum(j.kind == job.kind for j in cfg.jobs) == 1 else f"{job.kind}-{i}")
+        if not NAME_RE.match(name):
+            raise ConfigError(f"{source}: {where}.name: expected letters, digits, '.', '_' or '-', got {name!r}")
+        if name in seen:
+            raise ConfigError(f"{source}: {where}.name: job name {name!r} is used twice")
+        seen.add(name)
+        jobs.append(
+            Job(
+                name=name,
+                kind=kind,
+                targets=tuple(job.targets),
+                interval_s=job.interval_s,
+                config=options,
+                labels=dict(job.labels),
+            )
+        )
+    return jobs
+
+
+def load_agent_config(
+    path: str | os.PathLike[str], environ: Mapping[str, str] | None = None
+) -> tuple[AgentConfig, list[Job]]:
+    cfg = load(path, AgentConfig, BROKER_ENV, environ)
+    return cfg, build_jobs(cfg, str(path))
