@@ -55,9 +55,9 @@ def _run_adhoc(kind_name: str, target: str, options: dict[str, Any], as_json: bo
     obs = asyncio.run(go())
     if as_json:
         click.echo(json.dumps(render.as_json_obj(obs), ensure_ascii=False))
-        err = render.error_line(obs)
-        if err:
-            click.echo(err, err=True)
+        failure = render.error_line(obs)
+        if failure:
+            click.echo(failure, err=True)
     else:
         for line in render.render(obs):
             click.echo(line, err=line.startswith("edgeprobe "))
@@ -85,7 +85,9 @@ def main() -> None:
 @click.option("-W", "--timeout", "timeout_s", type=float, help="Seconds to wait for each reply.")
 @click.option("-4", "family", flag_value="ipv4", help="IPv4 only.")
 @click.option("-6", "family", flag_value="ipv6", help="IPv6 only.")
-@click.option("--socket", "socket_kind", type=click.Choice(["auto", "raw", "dgram"]), help="ICMP socket kind.")
+@click.option(
+    "--socket", "socket_kind", type=click.Choice(["auto", "raw", "dgram"]), help="ICMP socket kind."
+)
 @json_option
 def ping(target: str, as_json: bool, socket_kind: str | None, **options: Any) -> None:
     """ICMP echo: per-packet RTTs, loss and jitter, like ping."""
@@ -199,6 +201,18 @@ def collector_run(config_path: str, log_level: str) -> None:
     cfg = _load_or_exit(load_collector_config, config_path)
     setup_logging(log_level)
     asyncio.run(run_collector(cfg))
+
+
+@main.command()
+@click.option(
+    "--duration", "duration_s", type=float, help="Stop after this many seconds (default: run until Ctrl-C)."
+)
+@click.option("--interval", "interval_s", type=float, default=5.0, show_default=True, help="Probe interval.")
+def demo(duration_s: float | None, interval_s: float) -> None:
+    """Run the whole pipeline locally (mosquitto, InfluxDB, collector, agent) with a live view."""
+    from agent.demo import main as demo_main
+
+    sys.exit(demo_main(duration_s, interval_s))
 
 
 if __name__ == "__main__":  # pragma: no cover

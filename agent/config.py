@@ -30,7 +30,9 @@ def _check_labels(labels: Mapping[str, str], where: str) -> None:
         if not LABEL_KEY_RE.match(key):
             raise ValueError(f"{where}: expected label keys like 'tier' or 'pop_name', got {key!r}")
         if key in RESERVED_TAGS:
-            raise ValueError(f"{where}: label {key!r} is reserved (reserved: {', '.join(sorted(RESERVED_TAGS))})")
+            raise ValueError(
+                f"{where}: label {key!r} is reserved (reserved: {', '.join(sorted(RESERVED_TAGS))})"
+            )
         if not value:
             raise ValueError(f"{where}: label {key!r} has an empty value")
 
@@ -121,7 +123,9 @@ def build_jobs(cfg: AgentConfig, source: str) -> list[Job]:
             )
         name = job.name or (job.kind if sum(j.kind == job.kind for j in cfg.jobs) == 1 else f"{job.kind}-{i}")
         if not NAME_RE.match(name):
-            raise ConfigError(f"{source}: {where}.name: expected letters, digits, '.', '_' or '-', got {name!r}")
+            raise ConfigError(
+                f"{source}: {where}.name: expected letters, digits, '.', '_' or '-', got {name!r}"
+            )
         if name in seen:
             raise ConfigError(f"{source}: {where}.name: job name {name!r} is used twice")
         seen.add(name)

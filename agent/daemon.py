@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from agent.config import AgentConfig, Job
@@ -13,6 +14,7 @@ from agent.publisher import Publisher
 from agent.scheduler import Scheduler
 from probes.context import ProbeContext
 from probes.registry import KINDS
+from probes.schema import Observation
 
 log = logging.getLogger("edgeprobe.agent")
 
@@ -32,8 +34,12 @@ async def run_agent(
     *,
     stop: asyncio.Event | None = None,
     started: asyncio.Future[AgentHandles] | None = None,
+    tap: Callable[[Observation], None] | None = None,
 ) -> AgentHandles:
-    """Run until ``stop`` is set (or SIGTERM/SIGINT when ``stop`` is None)."""
+    """Run until ``stop`` is set (or SIGTERM/SIGINT when ``stop`` is None).
+
+    ``tap``, when given, sees every observation as it is produced (live views, tests).
+    """
     own_signals = stop is None
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -52,7 +58,13 @@ async def run_agent(
         cfg.broker.url,
     )
     async with ProbeContext() as ctx:
-        scheduler = Scheduler(cfg.agent.id, jobs, ctx, outbox.put, cfg.agent.max_concurrent_probes)
+
+        def emit(obs: Observation) -> None:
+            outbox.put(obs)
+            if tap is not None:
+                tap(obs)
+
+        scheduler = Scheduler(cfg.agent.id, jobs, ctx, emit, cfg.agent.max_concurrent_probes)
         handles = AgentHandles(outbox=outbox, scheduler=scheduler, publisher=publisher)
         if started is not None:
             started.set_result(handles)

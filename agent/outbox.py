@@ -38,7 +38,7 @@ class Outbox:
         return self._items[0][0] if self._items else None
 
     def take(self, n: int) -> list[tuple[float, Observation]]:
-        out = []
+        out: list[tuple[float, Observation]] = []
         while self._items and len(out) < n:
             out.append(self._items.popleft())
         return out

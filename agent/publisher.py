@@ -45,7 +45,7 @@ class PublisherStats:
 
 def backoff_s(attempt: int, min_s: float, max_s: float, rng: random.Random) -> float:
     """Capped exponential backoff with full jitter in its upper half (pure given ``rng``)."""
-    cap = min(max_s, min_s * (2 ** min(attempt, 30)))
+    cap = min(max_s, min_s * 2.0 ** min(attempt, 30))
     return cap / 2 + rng.random() * cap / 2
 
 
@@ -122,7 +122,9 @@ class Publisher:
                     attempt = 0
                     await client.publish(self.status_topic, encode(self.status("online")), qos=1, retain=True)
                     await self._pump(client, stop)
-                    await client.publish(self.status_topic, encode(self.status("offline")), qos=1, retain=True)
+                    await client.publish(
+                        self.status_topic, encode(self.status("offline")), qos=1, retain=True
+                    )
                     self.stats.connected = False
                     return
             except aiomqtt.MqttError as err:
@@ -158,7 +160,9 @@ class Publisher:
                                     self.status_topic, encode(self.status("offline")), qos=1, retain=True
                                 )
                     except (aiomqtt.MqttError, TimeoutError) as last:
-                        log.warning("gave up flushing at shutdown (%s): %d not delivered", last, len(self.outbox))
+                        log.warning(
+                            "gave up flushing at shutdown (%s): %d not delivered", last, len(self.outbox)
+                        )
                     return
 
     async def _pump(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
@@ -171,7 +175,9 @@ class Publisher:
                 flush_deadline = flush_deadline or loop.time() + pub.flush_timeout_s
                 if not len(self.outbox) or loop.time() >= flush_deadline:
                     if len(self.outbox):
-                        log.warning("flush timeout at shutdown: %d observation(s) not delivered", len(self.outbox))
+                        log.warning(
+                            "flush timeout at shutdown: %d observation(s) not delivered", len(self.outbox)
+                        )
                     return
                 await self._publish_batch(client)
                 continue

@@ -33,7 +33,9 @@ def error_line(obs: Observation) -> str | None:
 def render_icmp(obs: Observation) -> list[str]:
     f = obs.fields
     address = f.get("address") or obs.target
-    lines = [f"PING {obs.target} ({address}): {f.get('size_bytes', '?')} data bytes, {f.get('socket', '?')} socket"]
+    lines = [
+        f"PING {obs.target} ({address}): {f.get('size_bytes', '?')} data bytes, {f.get('socket', '?')} socket"
+    ]
     rtts = f.get("rtts_ms") or []
     assert isinstance(rtts, list)
     for i, rtt in enumerate(rtts, start=1):

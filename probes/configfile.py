@@ -69,7 +69,7 @@ def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
-def _struct_at(root: type, path: str) -> type | None:
+def _struct_at(root: type, path: str) -> Any:
     """Walk ``root`` along a msgspec error path (``.jobs[0].options``) to the struct type there."""
     info: msgspec.inspect.Type = msgspec.inspect.type_info(root)
     for token in re.findall(r"\.([A-Za-z0-9_]+)|\[(\d+)\]", path):

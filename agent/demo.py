@@ -1,0 +1,201 @@
+"""``edgeprobe demo``: the whole pipeline on one machine, without Docker.
+
+Starts mosquitto and influxd as plain processes on free loopback ports (the same launcher the
+tests use), a local HTTP target, the collector and an agent probing loopback targets, and shows
+what arrives in a live terminal view. Ctrl-C (or ``--duration``) stops everything it started.
+Traffic stays on 127.0.0.1 / ::1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from agent.config import AgentConfig, build_jobs
+from agent.daemon import run_agent
+from probes.configfile import convert
+from probes.schema import Observation
+
+SPARK = "▁▂▃▄▅▆▇█"
+
+# The headline latency of each kind, for the live view.
+HEADLINE = {"icmp": "rtt_p50_ms", "tcp": "connect_ms", "http": "ttfb_ms"}
+
+
+def sparkline(values: list[float | None]) -> str:
+    """One character per value, scaled between the series' min and max; '·' for a missing value."""
+    present = [v for v in values if v is not None]
+    if not present:
+        return "·" * len(values)
+    lo, hi = min(present), max(present)
+    span = hi - lo or 1.0
+    return "".join("·" if v is None else SPARK[min(7, int((v - lo) / span * 7.999))] for v in values)
+
+
+@dataclass
+class Row:
+    kind: str
+    target: str
+    count: int = 0
+    failures: int = 0
+    last: Observation | None = None
+    history: deque[float | None] = field(default_factory=lambda: deque(maxlen=30))
+
+
+@dataclass
+class View:
+    rows: dict[tuple[str, str], Row] = field(default_factory=dict)
+    started_at: float = field(default_factory=time.monotonic)
+
+    def add(self, obs: Observation) -> None:
+        row = self.rows.setdefault((obs.kind, obs.target), Row(obs.kind, obs.target))
+        row.count += 1
+        row.failures += obs.outcome != "ok"
+        row.last = obs
+        value = obs.fields.get(HEADLINE.get(obs.kind, ""))
+        row.history.append(float(value) if isinstance(value, int | float) else None)
+
+    def render(self, header: str, written: int | None) -> Group:
+        table = Table(expand=False)
+        for col in ("kind", "target", "n", "fail", "outcome", "latency ms", "loss", "jitter ms", "last 30"):
+            table.add_column(col, justify="right" if col in ("n", "fail", "latency ms", "loss") else "left")
+        for (kind, target), row in sorted(self.rows.items()):
+            f = row.last.fields if row.last else {}
+            lat = f.get(HEADLINE.get(kind, ""))
+            loss = f.get("loss_ratio")
+            jit = f.get("jitter_rfc3550_ms")
+            outcome = row.last.outcome if row.last else "-"
+            table.add_row(
+                kind,
+                target,
+                str(row.count),
+                str(row.failures),
+                Text(outcome, style="green" if outcome == "ok" else "red"),
+                "-" if not isinstance(lat, int | float) else f"{lat:.3f}",
+                "-" if not isinstance(loss, int | float) else f"{100 * loss:.0f}%",
+                "-" if not isinstance(jit, int | float) else f"{jit:.3f}",
+                sparkline(list(row.history)),
+            )
+        seen = sum(r.count for r in self.rows.values())
+        footer = f"{seen} observations produced, {'?' if written is None else written} in InfluxDB"
+        return Group(Text(header), table, Text(footer, style="dim"))
+
+
+async def _http_target() -> tuple[web.AppRunner, int]:
+    async def hello(_: web.Request) -> web.Response:
+        return web.Response(text="edgeprobe demo target\n")
+
+    app = web.Application()
+    app.router.add_get("/", hello)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, int(runner.addresses[0][1])
+
+
+def agent_config(broker_url: str, http_port: int, interval_s: float) -> dict[str, Any]:
+    return {
+        "agent": {"id": "demo-agent", "site": "local", "labels": {"tier": "demo"}},
+        "broker": {"url": broker_url},
+        "jobs": [
+            {
+                "kind": "icmp",
+                "targets": ["127.0.0.1", "::1"],
+                "interval_s": interval_s,
+                "options": {"count": 5, "interval_s": 0.1, "timeout_s": 1.0},
+            },
+            {"kind": "tcp", "targets": [f"127.0.0.1:{http_port}"], "interval_s": interval_s},
+            {"kind": "http", "targets": [f"http://127.0.0.1:{http_port}/"], "interval_s": interval_s},
+        ],
+    }
+
+
+async def run_demo(duration_s: float | None, interval_s: float, console: Console) -> int:
+    from collector.config import CollectorConfig
+    from collector.localstack import InfluxServer, MosquittoServer
+    from collector.service import run_collector
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    view = View()
+    console.print("[bold]edgeprobe demo[/bold]: starting mosquitto and influxd on free loopback ports …")
+    async with MosquittoServer() as broker, InfluxServer() as influx:
+        runner, http_port = await _http_target()
+        database = "edgeprobe"
+        ccfg = convert(
+            {"broker": {"url": broker.url}, "influx": {"api": "v1", "url": influx.url, "database": database}},
+            CollectorConfig,
+            "demo",
+        )
+        raw = agent_config(broker.url, http_port, interval_s)
+        acfg = convert(raw, AgentConfig, "demo")
+        jobs = build_jobs(acfg, "demo")
+        header = (
+            f"mosquitto {broker.url}   InfluxDB {influx.url} database {database!r}\n"
+            f"Grafana: add an InfluxDB data source, query language InfluxQL, URL {influx.url}, "
+            f"database {database}   (Ctrl-C stops everything)"
+        )
+        collector_stop = asyncio.Event()
+        collector_task = asyncio.create_task(run_collector(ccfg, stop=collector_stop))
+        agent_stop = asyncio.Event()
+        agent_task = asyncio.create_task(run_agent(acfg, jobs, stop=agent_stop, tap=view.add))
+        written: int | None = None
+        deadline = None if duration_s is None else loop.time() + duration_s
+        try:
+            with Live(view.render(header, written), console=console, refresh_per_second=4) as live:
+                while not stop.is_set() and (deadline is None or loop.time() < deadline):
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), 1.0)
+                    written = await asyncio.to_thread(count_points, influx, database)
+                    live.update(view.render(header, written))
+                agent_stop.set()
+                await agent_task
+                await asyncio.sleep(2.0)  # let the collector write the last batch
+                collector_stop.set()
+                await collector_task
+                written = await asyncio.to_thread(count_points, influx, database)
+                live.update(view.render(header, written))
+        finally:
+            agent_stop.set()
+            collector_stop.set()
+            for task in (agent_task, collector_task):
+                if not task.done():
+                    task.cancel()
+            await asyncio.gather(agent_task, collector_task, return_exceptions=True)
+            await runner.cleanup()
+    produced = sum(r.count for r in view.rows.values())
+    console.print(
+        f"stopped: {produced} observations produced, {written} written to InfluxDB; nothing left running."
+    )
+    return 0
+
+
+def count_points(influx: Any, database: str) -> int | None:
+    try:
+        res = influx.query('SELECT count("seq") FROM /^edgeprobe_/', db=database)
+    except Exception:
+        return None
+    total = 0
+    for series in res.get("results", [{}])[0].get("series", []) or []:
+        total += int(series["values"][0][1])
+    return total
+
+
+def main(duration_s: float | None, interval_s: float) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    return asyncio.run(run_demo(duration_s, interval_s, Console()))

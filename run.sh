@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# edgeprobe's one entry point. Sets up everything it needs on a fresh Debian/Ubuntu machine.
+#
+#   ./run.sh test [pytest args...]   ruff check, mypy, then pytest (e.g. ./run.sh test -k localstack)
+#   ./run.sh demo [args...]          edgeprobe demo: local mosquitto + influxd + agent + collector
+#
+# Set-up: missing system packages are installed with apt-get when run as root (else the exact
+# `sudo apt-get install` command is printed), a .venv is created in the repo, and the package is
+# (re)installed into it whenever pyproject.toml is newer than the last install.
+set -euo pipefail
+
+cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")"
+
+VENV=.venv
+STAMP="$VENV/.edgeprobe-installed"
+
+if [ -t 1 ]; then BOLD=$'\033[1m'; RESET=$'\033[0m'; else BOLD=; RESET=; fi
+section() { printf '\n%s==> %s%s\n' "$BOLD" "$*" "$RESET"; }
+die() { printf 'run.sh: %s\n' "$*" >&2; exit 1; }
+
+usage() {
+    cat <<'EOF'
+usage: ./run.sh test [pytest args...]   lint, type-check and run the tests
+       ./run.sh demo [args...]          run the local demo (edgeprobe demo)
+EOF
+}
+
+# True if command $1 exists (sbin dirs included: they are often off a normal user's PATH).
+have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/sbin/$1" ]; }
+
+# apt_install PKG...: install with apt-get as root, else stop with the command to run.
+apt_install() {
+    if [ "$(id -u)" -eq 0 ] && have apt-get; then
+        section "Installing system packages: $*"
+        apt-get update -q
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@"
+    else
+        die "missing system packages; install them with:
+    sudo apt-get install -y $*
+then run this again."
+    fi
+}
+
+ensure_system_packages() {
+    local -a missing=()
+    have python3 || missing+=(python3)
+    have mosquitto || missing+=(mosquitto)
+    have influxd || missing+=(influxdb)
+    have ping || missing+=(iputils-ping)
+    have curl || missing+=(curl)
+    have fping || missing+=(fping)      # used by the benchmarks
+    have openssl || missing+=(openssl)  # test certificates for MQTT over TLS
+    if [ ${#missing[@]} -gt 0 ]; then
+        apt_install "${missing[@]}"
+    fi
+    python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+        || die "python3 >= 3.11 is needed, found $(python3 --version 2>&1)"
+}
+
+venv_ok() {
+    [ -x "$VENV/bin/python" ] \
+        && "$VENV/bin/python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null
+}
+
+ensure_venv() {
+    if ! venv_ok; then
+        section "Creating $VENV"
+        rm -rf "$VENV"
+        if ! python3 -m venv "$VENV"; then
+            # Debian ships venv/ensurepip separately from python3.
+            rm -rf "$VENV"
+            apt_install python3-venv
+            python3 -m venv "$VENV"
+        fi
+    fi
+    if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
+        section "Installing edgeprobe into $VENV (pip install -e '.[test]')"
+        "$VENV/bin/python" -m pip install --disable-pip-version-check -q -e '.[test]'
+        touch "$STAMP"
+    fi
+}
+
+cmd_test() {
+    local -a failed=()
+    local pytest_rc=0
+    section "ruff check"
+    "$VENV/bin/ruff" check . || failed+=("ruff check")
+    section "mypy"
+    "$VENV/bin/mypy" || failed+=(mypy)
+    section "pytest"
+    # Last, and nothing printed after it on success: pytest's own summary closes the output.
+    "$VENV/bin/pytest" "$@" || pytest_rc=$?
+    [ "$pytest_rc" -eq 0 ] || failed+=("pytest (exit $pytest_rc)")
+    if [ ${#failed[@]} -gt 0 ]; then
+        printf '\n%sFAILED:%s %s\n' "$BOLD" "$RESET" "$(IFS=,; echo "${failed[*]}")" >&2
+        exit $((pytest_rc != 0 ? pytest_rc : 1))
+    fi
+}
+
+cmd_demo() {
+    exec "$VENV/bin/edgeprobe" demo "$@"
+}
+
+main() {
+    local cmd="${1:-}"
+    case "$cmd" in
+        test | demo) shift ;;
+        -h | --help | help) usage; exit 0 ;;
+        *) usage >&2; exit 2 ;;
+    esac
+    ensure_system_packages
+    ensure_venv
+    "cmd_$cmd" "$@"
+}
+
+main "$@"
