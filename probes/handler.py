@@ -33,6 +33,10 @@ _ERRNO_OUTCOME: dict[int, Outcome] = {
 }
 
 
+# Added to a kind's own longest run time to make the hard limit (see ProbeKind.deadline_s).
+HANDLER_GRACE_S = 1.0
+
+
 def classify_exception(exc: BaseException) -> tuple[Outcome, str]:
     """Map a foreign exception to an outcome and a one-line reason (pure)."""
     if isinstance(exc, ProbeFailure):
@@ -67,7 +71,7 @@ async def run_probe(
 
     Cancellation (shutdown) propagates: a run cut short by the caller is not a measurement.
     """
-    deadline_s = kind.deadline_s(config)
+    deadline_s = kind.deadline_s(config) + HANDLER_GRACE_S
     started_at_ns = time.time_ns()
     t0 = time.perf_counter_ns()
     sched_lag_ms = None if scheduled_at_ns is None else max(0.0, (started_at_ns - scheduled_at_ns) / 1e6)

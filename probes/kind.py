@@ -20,7 +20,9 @@ class ProbeKind(Generic[C, R]):
     result_type: type[R]  # msgspec.Struct; its field names are the CLI --json, MQTT and InfluxDB names
     run: Callable[[str, C, ProbeContext], Awaitable[R]]
     check_target: Callable[[str], str | None]  # None when fine, else what is wrong with it
-    deadline_s: Callable[[C], float]  # the handler's hard limit for one run with this config
+    # The longest one run may take with this config, its own timeouts included. The handler's hard
+    # limit is this plus HANDLER_GRACE_S, so a probe's own typed timeout fires first.
+    deadline_s: Callable[[C], float]
     tag_fields: tuple[str, ...] = ()  # result fields of low cardinality stored as InfluxDB tags
 
     @property

@@ -8,7 +8,9 @@ killed, so none outlives the run.
 
 from __future__ import annotations
 
+import ipaddress
 import signal
+import socket
 import threading
 import uuid
 from collections.abc import Iterator
@@ -20,6 +22,53 @@ import pytest
 from collector.localstack import BinaryNotFoundError, InfluxError, InfluxServer, MosquittoServer
 
 S = TypeVar("S", MosquittoServer, InfluxServer)
+
+
+def _hosts_names() -> set[str]:
+    names = {"localhost"}
+    try:
+        with open("/etc/hosts", encoding="utf-8") as fh:
+            for line in fh:
+                fields = line.split("#", 1)[0].split()
+                names.update(n.lower() for n in fields[1:])
+    except OSError:
+        pass
+    return names
+
+
+_LOCAL_NAMES = _hosts_names()
+_real_getaddrinfo = socket.getaddrinfo
+
+
+def _is_literal(host: object) -> bool:
+    if host is None:
+        return True
+    text = host.decode() if isinstance(host, bytes) else str(host)
+    try:
+        ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return False
+    return True
+
+
+def guarded_getaddrinfo(host, *args, **kwargs):  # type: ignore[no-untyped-def]
+    """Tests may resolve only literals and /etc/hosts names: no DNS query ever leaves the machine.
+
+    Names under ``.invalid`` fail as an unknown name would (EAI_NONAME), without asking a resolver;
+    any other name fails the test loudly.
+    """
+    name = (host.decode() if isinstance(host, bytes) else str(host or "")).rstrip(".").lower()
+    if _is_literal(host) or name in _LOCAL_NAMES:
+        return _real_getaddrinfo(host, *args, **kwargs)
+    if name.endswith(".invalid"):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+    raise AssertionError(f"test tried to resolve {host!r} through DNS: tests must not send traffic off the machine")
+
+
+@pytest.fixture(autouse=True)
+def no_dns(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Applied to every test (see guarded_getaddrinfo)."""
+    monkeypatch.setattr(socket, "getaddrinfo", guarded_getaddrinfo)
 
 
 def _interrupt_on_sigterm(signum: int, frame: FrameType | None) -> None:

@@ -1,0 +1,286 @@
+"""HTTP(S) probe: one request on a fresh connection, timed phase by phase like ``curl -w``.
+
+Fields of :class:`HttpResult`, all in milliseconds from :func:`time.perf_counter_ns`:
+
+* **durations of one phase** (of the final hop when redirects are followed):
+  ``dns_ms`` (getaddrinfo), ``connect_ms`` (TCP handshake), ``tls_ms`` (TLS handshake; None for
+  ``http://``).
+* **cumulative from the probe's start** (curl's ``time_starttransfer`` / ``time_total``):
+  ``ttfb_ms`` — until the first byte of the final response arrived; ``total_ms`` — until its body
+  was read to the end (or to ``max_body_bytes``). With redirects followed, both include the earlier
+  hops, whose share is ``redirect_ms`` (curl's ``time_redirect``); ``ttfb_ms - redirect_ms`` is the
+  final hop's own time to first byte.
+
+``timeout_s`` bounds the whole run, redirects included; each phase waits at most for what is left of
+it. A phase that was not reached is None, never 0. Redirects are not followed by default; a 3xx then
+is the answer, and by default 2xx and 3xx are accepted (``expect_status`` to change that). An
+unexpected status is ``http_error`` with every field measured. The connection is never reused
+(``connection`` is always ``"new"``); the request says ``Connection: close``.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import aclosing
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Annotated, Final, Literal
+from urllib.parse import quote, urljoin, urlsplit
+
+import msgspec
+
+from probes import netio
+from probes.context import ProbeContext
+from probes.kind import ProbeKind
+from probes.outcome import Outcome, ProbeFailure
+
+REDIRECT_STATUSES: Final = frozenset({301, 302, 303, 307, 308})
+
+HeaderName = Annotated[str, msgspec.Meta(pattern=netio.HEADER_NAME_PATTERN)]
+HeaderValue = Annotated[str, msgspec.Meta(pattern=netio.HEADER_VALUE_PATTERN)]
+
+
+class HttpConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    method: Annotated[str, msgspec.Meta(pattern=netio.HEADER_NAME_PATTERN)] = "GET"
+    headers: dict[HeaderName, HeaderValue] = {}  # replace the defaults of the same name (Host too)
+    body: str | None = None  # sent UTF-8 encoded, with Content-Length
+    timeout_s: Annotated[float, msgspec.Meta(gt=0, le=600)] = 10.0  # the whole run, redirects included
+    follow_redirects: bool = False
+    max_redirects: Annotated[int, msgspec.Meta(ge=0, le=50)] = 5
+    expect_status: list[Annotated[int, msgspec.Meta(ge=100, le=599)]] | None = None  # None: 200..399
+    verify_tls: bool = True
+    family: Literal["auto", "ipv4", "ipv6"] = "auto"
+    max_body_bytes: Annotated[int, msgspec.Meta(ge=0)] = 10 * 1024 * 1024  # read no more than this
+
+
+class HttpResult(msgspec.Struct, kw_only=True):
+    address: str | None = None  # the IP connected to (final hop)
+    port: int | None = None
+    status: int | None = None
+    http_version: str | None = None  # "1.1"
+    dns_ms: float | None = None  # duration (final hop)
+    connect_ms: float | None = None  # duration (final hop)
+    tls_ms: float | None = None  # duration (final hop); None for http://
+    ttfb_ms: float | None = None  # cumulative from the probe's start
+    total_ms: float | None = None  # cumulative from the probe's start
+    bytes: int | None = None  # body bytes received (after de-chunking), at most max_body_bytes
+    body_truncated: bool | None = None  # True when reading stopped at max_body_bytes
+    redirects: int = 0  # redirects followed
+    redirect_ms: float | None = None  # time spent on the hops before the final one; None without
+    tls_version: str | None = None  # e.g. "TLSv1.3"
+    connection: str = "new"
+
+
+@dataclass(frozen=True, slots=True)
+class Url:
+    """A checked http(s) URL, split into what the client needs."""
+
+    text: str
+    tls: bool
+    host: str  # ASCII (IDNA), IPv6 without brackets
+    port: int
+    target: str  # path and query, percent-encoded: the request target
+    host_header: str  # host[:port], IPv6 in brackets, port only when not the scheme's default
+
+
+_PATH_SAFE: Final = "/%:@!$&'()*+,;=-._~"
+
+
+def parse_url(url: str) -> Url:
+    """Check and split an http(s) URL; :class:`ValueError` says what is wrong, for a person."""
+    if any(ord(c) <= 0x20 or ord(c) == 0x7F for c in url):
+        raise ValueError(f"a URL must not contain spaces or control characters, got {url!r}")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"invalid URL {url!r}: {exc}") from exc
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https"):
+        raise ValueError(f"expected an http:// or https:// URL, got {url!r}")
+    host = parts.hostname
+    if not host:
+        raise ValueError(f"expected an http:// or https:// URL with a host, got {url!r}")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(
+            f"credentials in the URL would be published with every result; "
+            f"send an Authorization header instead: {url.split('@', 1)[-1]!r}"
+        )
+    if port == 0:
+        raise ValueError(f"invalid port in {url!r}: expected 1..65535")
+    tls = scheme == "https"
+    default_port = 443 if tls else 80
+    port = port or default_port
+    if ":" in host:
+        host_text = f"[{host}]"
+    else:
+        try:
+            host = host.encode("idna").decode("ascii")
+        except UnicodeError as exc:
+            raise ValueError(f"invalid host name {host!r} in {url!r}") from exc
+        host_text = host
+    target = quote(parts.path or "/", safe=_PATH_SAFE)
+    if parts.query:
+        target += "?" + quote(parts.query, safe=_PATH_SAFE + "?")
+    host_header = host_text if port == default_port else f"{host_text}:{port}"
+    return Url(text=url, tls=tls, host=host, port=port, target=target, host_header=host_header)
+
+
+def check_target(target: str) -> str | None:
+    try:
+        parse_url(target)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def status_accepted(status: int, expect_status: list[int] | None) -> bool:
+    return 200 <= status < 400 if expect_status is None else status in expect_status
+
+
+def _ms(ns: int) -> float:
+    return round(ns / 1e6, 6)
+
+
+class _Hop:
+    """What one request/response exchange measured so far."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.timing: netio.ConnectTiming | None = None
+        self.status: int | None = None
+        self.reason = ""
+        self.http_version: str | None = None
+        self.location: str | None = None
+        self.ttfb_ms: float | None = None
+        self.total_ms: float | None = None
+        self.bytes: int | None = None
+        self.truncated: bool | None = None
+
+
+def _result(hop: _Hop, redirects: int, redirect_ms: float | None) -> HttpResult:
+    t = hop.timing
+    return HttpResult(
+        address=t.address if t else None,
+        port=hop.port,
+        status=hop.status,
+        http_version=hop.http_version,
+        dns_ms=t.dns_ms if t else None,
+        connect_ms=t.connect_ms if t else None,
+        tls_ms=t.tls_ms if t else None,
+        ttfb_ms=hop.ttfb_ms,
+        total_ms=hop.total_ms,
+        bytes=hop.bytes,
+        body_truncated=hop.truncated,
+        redirects=redirects,
+        redirect_ms=redirect_ms,
+        tls_version=t.tls_version if t else None,
+    )
+
+
+async def _exchange(
+    hop: _Hop, url: Url, method: str, body: bytes | None, config: HttpConfig, t0: int, deadline_ns: int
+) -> None:
+    def left_s() -> float:
+        return max(0.0, (deadline_ns - time.perf_counter_ns()) / 1e9)
+
+    try:
+        request = netio.build_request(method, url.host_header, url.target, config.headers, body)
+    except ValueError as exc:
+        raise ProbeFailure(Outcome.ERROR, f"cannot build the request: {exc}") from exc
+    try:
+        conn, hop.timing = await netio.open_connection(
+            url.host,
+            url.port,
+            tls=url.tls,
+            verify=config.verify_tls,
+            family=config.family,
+            timeout_s=left_s(),
+        )
+    except ProbeFailure as failure:
+        if isinstance(failure.partial, netio.ConnectTiming):
+            hop.timing = failure.partial
+        raise
+    try:
+        await conn.send(request, timeout_s=left_s())
+        head = await netio.read_response_head(conn, timeout_s=left_s())
+        hop.ttfb_ms = _ms(head.first_byte_perf_ns - t0)
+        hop.status, hop.http_version, hop.location = head.status, head.http_version, head.get("Location")
+        hop.reason = head.reason
+        try:
+            framing = netio.body_framing(method, head.status, head.headers)
+        except netio.HttpParseError as exc:
+            raise ProbeFailure(Outcome.PROTOCOL_ERROR, f"{conn.where}: {exc}") from exc
+        hop.bytes, hop.truncated = 0, False
+        async with aclosing(netio.iter_body(conn, framing, timeout_s=left_s())) as pieces:
+            async for piece in pieces:
+                room = config.max_body_bytes - hop.bytes
+                hop.bytes += min(room, len(piece.data))
+                if len(piece.data) > room:
+                    hop.truncated = True
+                    break
+        hop.total_ms = _ms(time.perf_counter_ns() - t0)
+    finally:
+        await conn.aclose()
+
+
+async def probe(target: str, config: HttpConfig, ctx: ProbeContext) -> HttpResult:
+    """Request ``target`` once (plus redirects if asked) and time every phase."""
+    t0 = time.perf_counter_ns()
+    deadline_ns = t0 + int(config.timeout_s * 1e9)
+    try:
+        url = parse_url(target)
+    except ValueError as exc:
+        raise ProbeFailure(Outcome.ERROR, str(exc)) from exc
+    method = config.method
+    body = None if config.body is None else config.body.encode("utf-8")
+    redirects = 0
+    redirect_ms: float | None = None
+    while True:
+        hop = _Hop(url.port)
+        try:
+            await _exchange(hop, url, method, body, config, t0, deadline_ns)
+        except ProbeFailure as failure:
+            failure.partial = _result(hop, redirects, redirect_ms)
+            raise
+        assert hop.status is not None
+        if not (config.follow_redirects and hop.status in REDIRECT_STATUSES and hop.location):
+            break
+        result = _result(hop, redirects, redirect_ms)
+        if redirects >= config.max_redirects:
+            raise ProbeFailure(
+                Outcome.HTTP_ERROR,
+                f"more than {config.max_redirects} redirects (the next to {hop.location!r})",
+                partial=result,
+            )
+        try:
+            url = parse_url(urljoin(url.text, hop.location))
+        except ValueError as exc:
+            raise ProbeFailure(
+                Outcome.HTTP_ERROR, f"redirect to an unusable location: {exc}", partial=result
+            ) from exc
+        if (hop.status == 303 and method != "HEAD") or (hop.status in (301, 302) and method == "POST"):
+            method, body = "GET", None  # what browsers and curl do
+        redirects += 1
+        redirect_ms = _ms(time.perf_counter_ns() - t0)
+    result = _result(hop, redirects, redirect_ms)
+    if not status_accepted(hop.status, config.expect_status):
+        reason = hop.reason
+        if not reason:
+            try:
+                reason = HTTPStatus(hop.status).phrase
+            except ValueError:
+                reason = ""
+        raise ProbeFailure(Outcome.HTTP_ERROR, f"HTTP {hop.status} {reason}".rstrip(), partial=result)
+    return result
+
+
+KIND: Final = ProbeKind(
+    name="http",
+    description="One HTTP(S) request on a fresh connection, with dns/connect/tls/ttfb/total timings",
+    config_type=HttpConfig,
+    result_type=HttpResult,
+    run=probe,
+    check_target=check_target,
+    deadline_s=lambda config: config.timeout_s,
+)

@@ -1,0 +1,148 @@
+"""TCP connect probe: resolve once, then time ``count`` TCP handshakes to the same address.
+
+Each attempt opens a new connection and closes it (FIN) as soon as the handshake completes;
+nothing is sent. ``dns_ms`` is the duration of the one ``getaddrinfo`` before the attempts.
+``connects_ms`` holds every attempt in order (None: refused, timed out or unreachable);
+``connect_ms`` is the **median** of the answered attempts, and ``connect_min/avg/max/stddev/p95_ms``
+summarise them (population stddev, linear-interpolated p95). Attempts start ``interval_s`` apart
+(start to start, like ``ping -i``); one that takes longer delays the next. A run where some
+attempts failed is ``ok`` with ``loss_ratio`` > 0; a run where all failed raises the most common
+failure (``refused``, ``timeout`` …) with the partial result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import re
+import time
+from collections import Counter
+from typing import Annotated, Final, Literal
+
+import msgspec
+
+from probes import netio
+from probes.context import ProbeContext
+from probes.kind import ProbeKind
+from probes.outcome import Outcome, ProbeFailure
+from probes.stats import summarize_rtts
+
+
+class TcpConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    count: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 3
+    interval_s: Annotated[float, msgspec.Meta(ge=0.01, le=60)] = 0.5  # start to start
+    timeout_s: Annotated[float, msgspec.Meta(gt=0, le=60)] = 3.0  # per attempt, and for the DNS lookup
+    family: Literal["auto", "ipv4", "ipv6"] = "auto"
+
+
+class TcpResult(msgspec.Struct, kw_only=True):
+    port: int
+    address: str | None = None  # the IP connected to
+    dns_ms: float | None = None
+    sent: int = 0  # attempts made
+    received: int = 0  # attempts that completed the handshake
+    loss_ratio: float | None = None
+    connect_ms: float | None = None  # median of the answered attempts
+    connect_min_ms: float | None = None
+    connect_avg_ms: float | None = None
+    connect_max_ms: float | None = None
+    connect_stddev_ms: float | None = None
+    connect_p95_ms: float | None = None
+    connects_ms: list[float | None] = []  # per attempt, in order; None: no handshake
+
+
+_USAGE: Final = "expected HOST:PORT (e.g. example.net:443 or [2001:db8::1]:443), got {!r}"
+_BRACKETED_RE: Final = re.compile(r"\A\[([^\[\]]+)\]:(\d{1,5})\Z")
+_HOST_RE: Final = re.compile(r"\A[^\s/@\[\]:]+\Z")
+
+
+def parse_hostport(target: str) -> tuple[str, int]:
+    """``"host:port"`` or ``"[v6]:port"`` → (host, port); :class:`ValueError` with a usage hint."""
+    usage = _USAGE.format(target)
+    m = _BRACKETED_RE.match(target)
+    if m:
+        host, port_text = m.group(1), m.group(2)
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(usage) from None
+    else:
+        host, sep, port_text = target.rpartition(":")
+        if not sep or not _HOST_RE.match(host) or not port_text.isdigit() or not port_text.isascii():
+            raise ValueError(usage)
+    port = int(port_text)
+    if not 1 <= port <= 65535:
+        raise ValueError(usage)
+    return host, port
+
+
+def check_target(target: str) -> str | None:
+    try:
+        parse_hostport(target)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def fill_stats(result: TcpResult, connects_ms: list[float | None]) -> None:
+    """Set counts, loss and the connect statistics of ``result`` from per-attempt times (pure)."""
+    s = summarize_rtts(connects_ms)
+    result.connects_ms = list(connects_ms)
+    result.sent, result.received, result.loss_ratio = s.sent, s.received, s.loss_ratio
+    result.connect_ms, result.connect_min_ms, result.connect_avg_ms = s.rtt_p50_ms, s.rtt_min_ms, s.rtt_avg_ms
+    result.connect_max_ms, result.connect_stddev_ms = s.rtt_max_ms, s.rtt_stddev_ms
+    result.connect_p95_ms = s.rtt_p95_ms
+
+
+async def probe(target: str, config: TcpConfig, ctx: ProbeContext) -> TcpResult:
+    """Time ``config.count`` TCP handshakes to ``target`` (``host:port``)."""
+    try:
+        host, port = parse_hostport(target)
+    except ValueError as exc:
+        raise ProbeFailure(Outcome.ERROR, str(exc)) from exc
+    result = TcpResult(port=port)
+    try:
+        resolved = await netio.resolve(host, port, family=config.family, timeout_s=config.timeout_s)
+    except ProbeFailure as failure:
+        failure.partial = result
+        raise
+    result.address, result.dns_ms = resolved.address, resolved.dns_ms
+    samples: list[float | None] = []
+    failures: list[ProbeFailure] = []
+    first_ns = time.perf_counter_ns()
+    interval_ns = int(config.interval_s * 1e9)
+    for i in range(config.count):
+        if i:
+            delay_s = (first_ns + i * interval_ns - time.perf_counter_ns()) / 1e9
+            if delay_s > 0:
+                await asyncio.sleep(delay_s)
+        try:
+            sock, connect_ms = await netio.connect_socket(resolved, timeout_s=config.timeout_s)
+        except ProbeFailure as failure:
+            samples.append(None)
+            failures.append(failure)
+            continue
+        sock.close()
+        samples.append(connect_ms)
+    fill_stats(result, samples)
+    if result.received == 0:
+        common = Counter(f.outcome for f in failures).most_common(1)[0][0]
+        last = [f for f in failures if f.outcome == common][-1]
+        raise ProbeFailure(last.outcome, last.reason, partial=result) from last
+    return result
+
+
+def deadline_s(config: TcpConfig) -> float:
+    """One DNS lookup and ``count`` attempts, each bounded by ``timeout_s``, plus the gaps."""
+    return config.timeout_s * (config.count + 1) + config.interval_s * (config.count - 1)
+
+
+KIND: Final = ProbeKind(
+    name="tcp",
+    description="TCP handshake time to host:port, several attempts with loss and statistics",
+    config_type=TcpConfig,
+    result_type=TcpResult,
+    run=probe,
+    check_target=check_target,
+    deadline_s=deadline_s,
+)
