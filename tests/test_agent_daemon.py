@@ -1,0 +1,204 @@
+"""The agent daemon against a real mosquitto: presence, clean shutdown, and broker outages."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import msgspec
+import pytest
+
+from agent.config import AgentConfig, build_jobs
+from agent.daemon import run_agent
+from collector.localstack import MosquittoServer, free_port
+from probes.configfile import convert
+from probes.schema import Envelope, Observation, Status
+
+pytestmark = pytest.mark.integration
+
+
+def agent_cfg(broker_url: str, agent_id: str = "t-a1", reconnect_s: float = 0.1, **publish: Any) -> AgentConfig:
+    return convert(
+        {
+            "agent": {"id": agent_id, "site": "lab", "shutdown_grace_s": 1.0},
+            "broker": {
+                "url": broker_url,
+                "reconnect_min_s": reconnect_s,
+                "reconnect_max_s": 5 * reconnect_s,
+                "connect_timeout_s": 2,
+            },
+            "publish": {"flush_interval_s": 0.1, **publish},
+            "jobs": [
+                {
+                    "kind": "icmp",
+                    "targets": ["127.0.0.1"],
+                    "interval_s": 0.2,
+                    "options": {"count": 1, "timeout_s": 0.2},
+                }
+            ],
+        },
+        AgentConfig,
+        "test",
+    )
+
+
+class Collect:
+    """Subscribes to everything under edgeprobe/ and keeps what arrives."""
+
+    def __init__(self, server: MosquittoServer, persistent: bool = False) -> None:
+        self.server = server
+        self.persistent = persistent
+        self.ids: list[str] = []
+        self.status: list[Status] = []
+        self.ready = asyncio.Event()
+
+    async def run(self) -> None:
+        while True:
+            try:
+                async with aiomqtt.Client(
+                    self.server.host,
+                    self.server.port,
+                    identifier=f"collect-{id(self)}" if self.persistent else None,
+                    clean_session=not self.persistent,
+                ) as client:
+                    await client.subscribe("edgeprobe/#", qos=1)
+                    self.ready.set()
+                    async for msg in client.messages:
+                        payload = bytes(msg.payload)  # type: ignore[arg-type]
+                        if str(msg.topic).endswith("/obs"):
+                            env = msgspec.json.decode(payload, type=Envelope)
+                            self.ids.extend(o.id for o in env.observations)
+                        else:
+                            self.status.append(msgspec.json.decode(payload, type=Status))
+            except aiomqtt.MqttError:
+                self.ready.clear()
+                await asyncio.sleep(0.05)
+
+
+async def test_broker_down_at_start_then_up(caplog: pytest.LogCaptureFixture) -> None:
+    """Broker unreachable at start: the agent keeps probing, retries, says so, and delivers later."""
+    caplog.set_level(logging.INFO)
+    port = free_port()
+    cfg = agent_cfg(f"mqtt://127.0.0.1:{port}")
+    produced: list[Observation] = []
+    stop = asyncio.Event()
+    started: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(run_agent(cfg, build_jobs(cfg, "t"), stop=stop, started=started, tap=produced.append))
+    handles = await started
+    await asyncio.sleep(1.5)
+    assert len(produced) >= 3  # probing went on without a broker
+    assert handles.publisher.stats.connects == 0 and len(handles.outbox) == len(produced)
+    assert any("unreachable" in r.message for r in caplog.records)
+    async with MosquittoServer(port=port) as server:
+        collect = Collect(server)
+        ctask = asyncio.create_task(collect.run())
+        await asyncio.wait_for(collect.ready.wait(), 10)
+        await asyncio.sleep(1.5)
+        stop.set()
+        await asyncio.wait_for(task, 15)
+        await asyncio.sleep(0.5)
+        ctask.cancel()
+    assert handles.publisher.stats.connects >= 1
+    assert set(collect.ids) == {o.id for o in produced}  # nothing lost, queued ones included
+    assert handles.outbox.dropped == 0
+
+
+async def test_broker_restart_mid_run_loses_nothing() -> None:
+    """The broker stops for 1.5 s and comes back on the same port: every observation arrives."""
+    async with MosquittoServer(port=free_port()) as server:
+        # The agent retries every 0.4-2 s, the test's subscriber every 0.05 s: it is back first and
+        # sees everything the agent sends after the restart.
+        cfg = agent_cfg(server.url, reconnect_s=0.4)
+        produced: list[Observation] = []
+        collect = Collect(server)
+        ctask = asyncio.create_task(collect.run())
+        await asyncio.wait_for(collect.ready.wait(), 10)
+        stop = asyncio.Event()
+        task = asyncio.create_task(run_agent(cfg, build_jobs(cfg, "t"), stop=stop, tap=produced.append))
+        await asyncio.sleep(1.0)
+        await server.astop()
+        await asyncio.sleep(1.5)  # observations pile up in the agent's outbox
+        await server.astart()
+        await asyncio.wait_for(collect.ready.wait(), 10)
+        await asyncio.sleep(3.0)
+        stop.set()
+        handles = await asyncio.wait_for(task, 15)
+        await asyncio.sleep(0.5)
+        ctask.cancel()
+    assert handles.publisher.stats.connects >= 2
+    assert handles.outbox.dropped == 0 and len(handles.outbox) == 0
+    assert set(collect.ids) == {o.id for o in produced}
+
+
+def test_daemon_sigterm_is_clean_and_presence_is_visible(mosquitto: MosquittoServer, tmp_path: Path) -> None:
+    conf = tmp_path / "agent.yaml"
+    conf.write_text(
+        textwrap.dedent(
+            f"""
+            agent: {{id: sig-a1, site: lab}}
+            broker: {{url: "{mosquitto.url}"}}
+            publish: {{flush_interval_s: 0.2}}
+            jobs:
+              - {{kind: icmp, targets: [127.0.0.1], interval_s: 0.5, options: {{count: 1, timeout_s: 0.2}}}}
+            """
+        )
+    )
+
+    async def scenario() -> tuple[list[str], list[Status], int, str]:
+        collect = Collect(mosquitto)
+        ctask = asyncio.create_task(collect.run())
+        await asyncio.wait_for(collect.ready.wait(), 10)
+        exe = str(Path(sys.executable).with_name("edgeprobe"))
+        proc = await asyncio.create_subprocess_exec(
+            exe, "agent", "run", "-c", str(conf), stderr=asyncio.subprocess.PIPE, env={**os.environ}
+        )
+        await asyncio.sleep(2.0)
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(proc.communicate(), 15)
+        await asyncio.sleep(0.5)
+        ctask.cancel()
+        return collect.ids, collect.status, proc.returncode or 0, err.decode()
+
+    ids, status, code, log = asyncio.run(scenario())
+    assert code == 0, log
+    assert "agent stopped:" in log and "0 dropped, 0 left undelivered" in log
+    assert len(ids) >= 3
+    states = [s.state for s in status if s.agent == "sig-a1"]
+    assert states[0] == "online" and states[-1] == "offline"
+
+
+def test_last_will_marks_a_killed_agent_offline(mosquitto: MosquittoServer, tmp_path: Path) -> None:
+    conf = tmp_path / "agent.yaml"
+    conf.write_text(f'agent: {{id: kill-a1, site: lab}}\nbroker: {{url: "{mosquitto.url}"}}\n')
+    exe = str(Path(sys.executable).with_name("edgeprobe"))
+    proc = subprocess.Popen([exe, "agent", "run", "-c", str(conf)], stderr=subprocess.DEVNULL)
+
+    async def watch() -> list[str]:
+        states: list[str] = []
+        async with aiomqtt.Client(mosquitto.host, mosquitto.port) as client:
+            await client.subscribe("edgeprobe/v1/lab/kill-a1/status", qos=1)
+            killed = False
+            async with asyncio.timeout(20):
+                async for msg in client.messages:
+                    states.append(msgspec.json.decode(bytes(msg.payload), type=Status).state)  # type: ignore[arg-type]
+                    if states[-1] == "online" and not killed:
+                        proc.send_signal(signal.SIGKILL)
+                        killed = True
+                    elif killed and states[-1] == "offline":
+                        return states
+        return states
+
+    try:
+        states = asyncio.run(watch())
+    finally:
+        proc.kill()
+        proc.wait()
+    assert states[-1] == "offline"
