@@ -20,7 +20,7 @@ def as_json_obj(obs: Observation) -> dict[str, Any]:
 
 
 def _ms(v: Any, digits: int = 3) -> str:
-    return "-" if v is None else f"{v:.{digits}f}"
+    return "-" if v is None else f"{v:.{digits}f}"  # None: not measured, never shown as 0
 
 
 def error_line(obs: Observation) -> str | None:
@@ -34,7 +34,7 @@ def render_icmp(obs: Observation) -> list[str]:
     f = obs.fields
     address = f.get("address") or obs.target
     lines = [
-        f"PING {obs.target} ({address}): {f.get('size_bytes', '?')} data bytes, {f.get('socket', '?')} socket"
+        f"PING {obs.target} ({address}) over a {f.get('socket', '?')} ICMP socket"
     ]
     rtts = f.get("rtts_ms") or []
     assert isinstance(rtts, list)
@@ -100,7 +100,7 @@ def render_http(obs: Observation) -> list[str]:
     status = f.get("status")
     lines = [
         f"{obs.target} → {f.get('address', '?')}  status {status if status is not None else '-'}"
-        f"  {f.get('bytes', '-')} bytes" + (f"  {f.get('tls_version')}" if f.get("tls_version") else "")
+        f"  {_ms(f.get('bytes'), 0)} bytes" + (f"  {f.get('tls_version')}" if f.get("tls_version") else "")
     ]
     for name, key, meaning in HTTP_PHASES:
         lines.append(f"  {name:<8} {_ms(f.get(key)):>10} ms   {meaning}")
