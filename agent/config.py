@@ -18,10 +18,19 @@ from probes.broker import BROKER_ENV, BrokerConfig
 from probes.configfile import ConfigError, convert, load
 from probes.kind import AnyKind
 from probes.registry import KINDS
-from probes.schema import NAME_RE
+from probes.schema import BASE_FIELD_KEYS, NAME_RE, RESERVED_TAG_KEYS
 
-# Tags the collector writes itself; labels may not shadow them.
-RESERVED_TAGS = frozenset({"agent", "site", "target", "outcome", "job", "kind"})
+
+def _reserved_label_keys() -> frozenset[str]:
+    """Keys a label may not take: the collector's own tags and fields, and every kind's result names."""
+    names: set[str] = set(RESERVED_TAG_KEYS) | set(BASE_FIELD_KEYS)
+    for kind in KINDS.values():
+        names.update(kind.result_type.__struct_fields__)
+        names.update(kind.tag_fields)
+    return frozenset(names)
+
+
+RESERVED_LABEL_KEYS = _reserved_label_keys()
 LABEL_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 
 
@@ -29,10 +38,8 @@ def _check_labels(labels: Mapping[str, str], where: str) -> None:
     for key, value in labels.items():
         if not LABEL_KEY_RE.match(key):
             raise ValueError(f"{where}: expected label keys like 'tier' or 'pop_name', got {key!r}")
-        if key in RESERVED_TAGS:
-            raise ValueError(
-                f"{where}: label {key!r} is reserved (reserved: {', '.join(sorted(RESERVED_TAGS))})"
-            )
+        if key in RESERVED_LABEL_KEYS:
+            raise ValueError(f"{where}: label {key!r} is reserved: it names a tag or field edgeprobe writes itself")
         if not value:
             raise ValueError(f"{where}: label {key!r} has an empty value")
 
@@ -115,7 +122,7 @@ def build_jobs(cfg: AgentConfig, source: str) -> list[Job]:
             _check_labels(job.labels, "labels")
         except ValueError as err:
             raise ConfigError(f"{source}: {where}.{err}") from None
-        run_s = kind.deadline_s(options)
+        run_s = kind.max_run_s(options)
         if job.interval_s < run_s:
             raise ConfigError(
                 f"{source}: {where}.interval_s: {job.interval_s:g} s is shorter than one run may take "
@@ -123,9 +130,7 @@ def build_jobs(cfg: AgentConfig, source: str) -> list[Job]:
             )
         name = job.name or (job.kind if sum(j.kind == job.kind for j in cfg.jobs) == 1 else f"{job.kind}-{i}")
         if not NAME_RE.match(name):
-            raise ConfigError(
-                f"{source}: {where}.name: expected letters, digits, '.', '_' or '-', got {name!r}"
-            )
+            raise ConfigError(f"{source}: {where}.name: expected letters, digits, '.', '_' or '-', got {name!r}")
         if name in seen:
             raise ConfigError(f"{source}: {where}.name: job name {name!r} is used twice")
         seen.add(name)

@@ -179,6 +179,7 @@ class _ServerProcess:
         self._fixed_port = port
         self._port = port
         self._workdir: Path | None = None
+        self._state_kept = False  # stopped with keep_state: the next start reuses workdir and port
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_offsets: dict[Path, int] = {}
 
@@ -249,6 +250,10 @@ class _ServerProcess:
 
     def start(self) -> Self:
         """Start on free ports (or the fixed ``port``) and wait until ready. Returns self."""
+        if self._state_kept:
+            self._state_kept = False
+            self._run_attempts(new_ports=False)
+            return self
         self._prepare_start()
         try:
             self._run_attempts(new_ports=self._fixed_port is None)
@@ -259,6 +264,10 @@ class _ServerProcess:
 
     async def astart(self) -> Self:
         """``start`` without blocking the event loop (the child is spawned in the loop's thread)."""
+        if self._state_kept:
+            self._state_kept = False
+            await self._arun_attempts(new_ports=False)
+            return self
         self._prepare_start()
         try:
             await self._arun_attempts(new_ports=self._fixed_port is None)
@@ -267,13 +276,21 @@ class _ServerProcess:
             raise
         return self
 
-    def stop(self) -> None:
-        """SIGTERM, wait ``stop_grace_s``, SIGKILL; then remove the workdir unless ``keep``."""
-        self._terminate()
-        self._remove_workdir()
+    def stop(self, *, keep_state: bool = False) -> None:
+        """SIGTERM, wait ``stop_grace_s``, SIGKILL; then remove the workdir unless ``keep``.
 
-    async def astop(self) -> None:
-        await asyncio.to_thread(self.stop)
+        With ``keep_state`` the workdir and port stay, and the next ``start`` comes back with the
+        persisted state (mosquitto's sessions and queues, InfluxDB's data): an outage, not a reset.
+        """
+        self._terminate()
+        if keep_state:
+            self._state_kept = True
+        else:
+            self._state_kept = False
+            self._remove_workdir()
+
+    async def astop(self, *, keep_state: bool = False) -> None:
+        await asyncio.to_thread(lambda: self.stop(keep_state=keep_state))
 
     def restart(self) -> None:
         """Stop and start again on the same port(s) and workdir, so persisted state survives."""

@@ -33,7 +33,7 @@ _ERRNO_OUTCOME: dict[int, Outcome] = {
 }
 
 
-# Added to a kind's own longest run time to make the hard limit (see ProbeKind.deadline_s).
+# Added to a kind's own longest run time to make the hard limit (see ProbeKind.max_run_s).
 HANDLER_GRACE_S = 1.0
 
 
@@ -71,7 +71,7 @@ async def run_probe(
 
     Cancellation (shutdown) propagates: a run cut short by the caller is not a measurement.
     """
-    deadline_s = kind.deadline_s(config) + HANDLER_GRACE_S
+    deadline_s = kind.max_run_s(config) + HANDLER_GRACE_S
     started_at_ns = time.time_ns()
     t0 = time.perf_counter_ns()
     sched_lag_ms = None if scheduled_at_ns is None else max(0.0, (started_at_ns - scheduled_at_ns) / 1e6)

@@ -282,5 +282,5 @@ KIND: Final = ProbeKind(
     result_type=HttpResult,
     run=probe,
     check_target=check_target,
-    deadline_s=lambda config: config.timeout_s,
+    max_run_s=lambda config: config.timeout_s,
 )

@@ -67,7 +67,7 @@ class IcmpResult(RttSummary, kw_only=True):
     errors: int  # echoes answered by an ICMP error (unreachable, time exceeded) or not sendable
 
 
-def deadline_s(config: IcmpConfig) -> float:
+def max_run_s(config: IcmpConfig) -> float:
     return (config.count - 1) * config.interval_s + config.timeout_s
 
 
@@ -559,6 +559,6 @@ KIND = ProbeKind(
     result_type=IcmpResult,
     run=probe,
     check_target=check_target,
-    deadline_s=deadline_s,
+    max_run_s=max_run_s,
     tag_fields=("family",),
 )

@@ -22,7 +22,7 @@ class ProbeKind(Generic[C, R]):
     check_target: Callable[[str], str | None]  # None when fine, else what is wrong with it
     # The longest one run may take with this config, its own timeouts included. The handler's hard
     # limit is this plus HANDLER_GRACE_S, so a probe's own typed timeout fires first.
-    deadline_s: Callable[[C], float]
+    max_run_s: Callable[[C], float]
     tag_fields: tuple[str, ...] = ()  # result fields of low cardinality stored as InfluxDB tags
 
     @property

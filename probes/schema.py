@@ -27,6 +27,11 @@ NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 FieldValue = bool | int | float | str | None | list[float | None]
 
+# Tag keys the collector writes itself (plus "time", which InfluxDB refuses as a tag key), and the
+# field keys every point may have. Labels may use neither (nor a kind's result field names).
+RESERVED_TAG_KEYS: Final = frozenset({"agent", "site", "target", "outcome", "job", "kind", "time"})
+BASE_FIELD_KEYS: Final = ("id", "seq", "duration_ms", "sched_lag_ms", "reason")
+
 
 class Observation(msgspec.Struct, kw_only=True, omit_defaults=True):
     id: str  # unique per observation (uuid4 hex)

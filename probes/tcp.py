@@ -132,7 +132,7 @@ async def probe(target: str, config: TcpConfig, ctx: ProbeContext) -> TcpResult:
     return result
 
 
-def deadline_s(config: TcpConfig) -> float:
+def max_run_s(config: TcpConfig) -> float:
     """One DNS lookup and ``count`` attempts, each bounded by ``timeout_s``, plus the gaps."""
     return config.timeout_s * (config.count + 1) + config.interval_s * (config.count - 1)
 
@@ -144,5 +144,5 @@ KIND: Final = ProbeKind(
     result_type=TcpResult,
     run=probe,
     check_target=check_target,
-    deadline_s=deadline_s,
+    max_run_s=max_run_s,
 )

@@ -252,7 +252,7 @@ def test_config_validation() -> None:
 
 def test_kind() -> None:
     assert http.KIND.name == "http"
-    assert http.KIND.deadline_s(HttpConfig(timeout_s=4)) == 4
+    assert http.KIND.max_run_s(HttpConfig(timeout_s=4)) == 4
     assert http.KIND.tag_fields == ()
 
 

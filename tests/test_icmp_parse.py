@@ -327,8 +327,8 @@ def test_config_defaults_and_bounds() -> None:
 
 
 def test_deadline_covers_every_echo_and_its_timeout() -> None:
-    assert icmp.deadline_s(IcmpConfig(count=5, interval_s=1.0, timeout_s=2.0)) == 4.0 + 2.0
-    assert icmp.deadline_s(IcmpConfig(count=1, timeout_s=0.5)) == 0.5
+    assert icmp.max_run_s(IcmpConfig(count=5, interval_s=1.0, timeout_s=2.0)) == 4.0 + 2.0
+    assert icmp.max_run_s(IcmpConfig(count=1, timeout_s=0.5)) == 0.5
 
 
 @pytest.mark.parametrize(

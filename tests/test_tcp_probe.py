@@ -86,7 +86,7 @@ def test_kind() -> None:
     assert tcp.KIND.name == "tcp"
     assert tcp.KIND.measurement == "edgeprobe_tcp"
     # DNS (timeout_s) + 3 attempts (timeout_s each) + 2 gaps + 1 s
-    assert tcp.KIND.deadline_s(TcpConfig()) == pytest.approx(3 * 4 + 0.5 * 2)
+    assert tcp.KIND.max_run_s(TcpConfig()) == pytest.approx(3 * 4 + 0.5 * 2)
 
 
 # ---- against local listeners ---------------------------------------------------------------

@@ -1,0 +1,271 @@
+"""Observations to InfluxDB line protocol (pure).
+
+One observation is one point::
+
+    <measurement>,<tags> <fields> <started_at_ns>
+
+* **measurement**: ``KINDS[kind].measurement`` (``edgeprobe_icmp``, ``edgeprobe_tcp`` …).
+* **tags** (sorted by key): ``agent``, ``site``, ``target``, ``outcome``, ``job`` (when set), the
+  kind's ``tag_fields`` (when not null), then the agent's labels and the job's labels (a job label
+  overrides an agent label of the same key). Labels never shadow the collector's own names: a label
+  whose key is a reserved tag (:data:`RESERVED_TAG_KEYS`), a ``tag_fields`` name or a field name of
+  the point is left out and counted (``label_clash``); the agent rejects such labels in its config.
+  Keys are never re-encoded: a key that is empty, ``time`` or holds a backslash, LF or CR is left
+  out and counted (``bad_key``).
+* **fields**: ``id`` (string), ``seq`` (integer), ``duration_ms`` (float), ``sched_lag_ms`` (float,
+  when measured), ``reason`` (string, when present), then every scalar of the kind's result:
+  bool → ``true``/``false``, int → ``123i``, float → always written as a float (``5.0``, ``1e+16``)
+  so that InfluxDB never infers an integer for a float field, str → ``"…"``. ``None`` (not
+  measured) is left out. Lists (per-packet series such as ``rtts_ms``, ``connects_ms``) are left
+  out: InfluxDB fields are scalars; the summary fields (``rtt_p95_ms`` …) describe the series.
+  NaN and ±Inf can't be stored by InfluxDB and are left out and counted (``nonfinite_field``);
+  integers outside int64 likewise (``int_out_of_range``).
+* **timestamp**: ``started_at_ns`` in nanoseconds: a redelivered observation (MQTT QoS 1 is
+  at-least-once) lands on the same series and time and overwrites itself.
+
+Escaping (line-protocol spec, checked against InfluxDB 1.6): measurement ``,`` and space; tag
+keys, tag values and field keys ``,`` ``=`` and space get a backslash; string field values escape
+``\\`` and ``"``; newlines, CR, tabs and any other character go in as they are (1.6 stores
+and returns them unchanged).
+
+**Tag values that line protocol can't carry** are stored in a reversible form. InfluxDB reads a
+backslash in a tag literally unless it precedes ``,`` ``=`` or space, so a value ending in a
+backslash is refused, a newline or CR can't be written at all, an empty value is refused, and
+``\\\\`` is read as two backslashes by 1.x but may be read as one escaped backslash by other
+line-protocol parsers. Such values are written as::
+
+    ~ep~<value with % → %25, LF → %0A, CR → %0D, \\ → %5C>
+
+This applies to a value that is empty, contains LF or CR, contains a backslash that is last or is
+followed by ``\\`` ``,`` ``=`` or space, or itself starts with ``~ep~``. Every other value (spaces,
+commas, quotes, tabs, non-ASCII, emoji, ``C:\\temp``) is stored exactly as it is. Readers get the
+original back with :func:`decode_tag_value` (any stored value may be passed; values without the
+prefix come back unchanged). In InfluxQL, the empty string is ``"target" = '~ep~'``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from probes.kind import AnyKind
+from probes.schema import BASE_FIELD_KEYS, RESERVED_TAG_KEYS, Observation
+
+TAG_MARKER: Final = "~ep~"
+
+
+INT64_MIN: Final = -(2**63)
+INT64_MAX: Final = 2**63 - 1
+
+# Why a part of a point was left out (keys of Encoded.omitted / CollectorStats.omitted).
+OMIT_LABEL_CLASH: Final = "label_clash"
+OMIT_BAD_KEY: Final = "bad_key"
+OMIT_NONFINITE: Final = "nonfinite_field"
+OMIT_INT_RANGE: Final = "int_out_of_range"
+OMIT_FIELD_CLASH: Final = "field_clash"
+OMIT_UNKNOWN_KIND: Final = "unknown_kind"
+
+_NEEDS_MARKER_RE = re.compile(r"[\n\r]|\\(?:[\\,= ]|$)")
+_PCT_ENCODE = {"%": "%25", "\n": "%0A", "\r": "%0D", "\\": "%5C"}
+_PCT_ENCODE_RE = re.compile(r"[%\n\r\\]")
+_PCT_DECODE = {v: k for k, v in _PCT_ENCODE.items()}
+_PCT_DECODE_RE = re.compile(r"%(?:25|0A|0D|5C)")
+
+
+def encode_tag_value(value: str) -> str:
+    """The value as InfluxDB will store it: unchanged, or ``~ep~`` + percent-encoding when needed."""
+    if value and not value.startswith(TAG_MARKER) and not _NEEDS_MARKER_RE.search(value):
+        return value
+    return TAG_MARKER + _PCT_ENCODE_RE.sub(lambda m: _PCT_ENCODE[m.group()], value)
+
+
+def decode_tag_value(stored: str) -> str:
+    """Inverse of :func:`encode_tag_value`: the original value of a tag read back from InfluxDB."""
+    if not stored.startswith(TAG_MARKER):
+        return stored
+    return _PCT_DECODE_RE.sub(lambda m: _PCT_DECODE[m.group()], stored[len(TAG_MARKER) :])
+
+
+def tag_key_ok(key: str) -> bool:
+    """Whether ``key`` can be a tag or field key as it is (keys are never re-encoded)."""
+    return bool(key) and key != "time" and not any(c in key for c in "\\\n\r")
+
+
+def _escape_key(text: str) -> str:
+    """Tag key, tag value or field key: backslash before ``,`` ``=`` and space."""
+    return text.replace(",", "\\,").replace("=", "\\=").replace(" ", "\\ ")
+
+
+def escape_measurement(name: str) -> str:
+    return name.replace(",", "\\,").replace(" ", "\\ ")
+
+
+def escape_tag_value(value: str) -> str:
+    """Line-protocol text of a tag value (after the reversible encoding)."""
+    return _escape_key(encode_tag_value(value))
+
+
+def escape_field_string(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def format_float(value: float) -> str:
+    """A finite float as line protocol that InfluxDB always types as float."""
+    return repr(float(value))  # '5.0', '1e+16', '-0.0': never an integer token, never an 'i' suffix
+
+
+def format_field_value(value: Any) -> str | None:
+    """Line-protocol text of a scalar field value, or None when it is not stored.
+
+    Raises ValueError for a value InfluxDB can't store (NaN/±Inf, integers beyond int64).
+    """
+    if value is None or isinstance(value, list | tuple | dict):
+        return None
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        if not INT64_MIN <= value <= INT64_MAX:
+            raise OverflowError(f"integer {value} is outside int64")
+        return f"{value}i"
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"{value!r} can't be stored in InfluxDB")
+        return format_float(value)
+    if isinstance(value, str):
+        return escape_field_string(value)
+    return None
+
+
+def _tag_text(value: Any) -> str | None:
+    """A result value used as a tag (``tag_fields``), as text; None when not set."""
+    if value is None or isinstance(value, list | tuple | dict):
+        return None
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return format_float(value) if math.isfinite(value) else None
+    return str(value)
+
+
+@dataclass(frozen=True, slots=True)
+class Encoded:
+    line: str
+    omitted: tuple[str, ...] = ()  # one OMIT_* class per part left out
+
+
+def encode_observation(
+    obs: Observation,
+    *,
+    agent: str,
+    site: str,
+    measurement: str,
+    tag_fields: Collection[str] = (),
+    agent_labels: Mapping[str, str] | None = None,
+) -> Encoded:
+    """One observation as one line of line protocol (no trailing newline)."""
+    omitted: list[str] = []
+    result = obs.fields
+
+    fields: dict[str, str] = {"id": escape_field_string(obs.id), "seq": f"{obs.seq}i"}
+    base: list[tuple[str, Any]] = [("duration_ms", float(obs.duration_ms))]
+    if obs.sched_lag_ms is not None:
+        base.append(("sched_lag_ms", float(obs.sched_lag_ms)))
+    if obs.reason is not None:
+        base.append(("reason", obs.reason))
+    for key, value in base:
+        try:
+            text = format_field_value(value)
+        except (ValueError, OverflowError):
+            omitted.append(OMIT_NONFINITE)
+            continue
+        if text is not None:
+            fields[key] = text
+
+    tags: dict[str, str] = {"agent": agent, "site": site, "target": obs.target, "outcome": obs.outcome}
+    if obs.job is not None:
+        tags["job"] = obs.job
+    for name in tag_fields:
+        if name in RESERVED_TAG_KEYS or not tag_key_ok(name):
+            omitted.append(OMIT_FIELD_CLASH)
+            continue
+        text_value = _tag_text(result.get(name))
+        if text_value is not None:
+            tags[name] = text_value
+
+    tag_field_set = set(tag_fields)
+    for key, value in result.items():
+        if key in tag_field_set:
+            continue
+        if key in fields or key in BASE_FIELD_KEYS or key in RESERVED_TAG_KEYS or key in tags:
+            omitted.append(OMIT_FIELD_CLASH)
+            continue
+        if not tag_key_ok(key):
+            omitted.append(OMIT_BAD_KEY)
+            continue
+        try:
+            text = format_field_value(value)
+        except OverflowError:
+            omitted.append(OMIT_INT_RANGE)
+            continue
+        except ValueError:
+            omitted.append(OMIT_NONFINITE)
+            continue
+        if text is not None:
+            fields[key] = text
+
+    labels = dict(agent_labels or {})
+    labels.update(obs.labels)
+    for key, value in labels.items():
+        if key in RESERVED_TAG_KEYS or key in tags or key in fields or key in tag_field_set:
+            omitted.append(OMIT_LABEL_CLASH)
+        elif not tag_key_ok(key):
+            omitted.append(OMIT_BAD_KEY)
+        else:
+            tags[key] = value
+
+    tag_text = ",".join(f"{_escape_key(k)}={escape_tag_value(tags[k])}" for k in sorted(tags))
+    field_text = ",".join(f"{_escape_key(k)}={v}" for k, v in fields.items())
+    line = f"{escape_measurement(measurement)},{tag_text} {field_text} {obs.started_at_ns}"
+    return Encoded(line, tuple(omitted))
+
+
+@dataclass(slots=True)
+class Batch:
+    lines: list[str] = field(default_factory=list)
+    omitted: Counter[str] = field(default_factory=Counter)
+
+
+def encode_batch(
+    observations: Iterable[Observation],
+    *,
+    agent: str,
+    site: str,
+    kinds: Mapping[str, AnyKind],
+    agent_labels: Mapping[str, str] | None = None,
+) -> Batch:
+    """The lines of one envelope's (already validated) observations.
+
+    An observation of a kind missing from ``kinds`` is left out and counted (``unknown_kind``);
+    :func:`collector.decode.decode_message` rejects those before they get here.
+    """
+    batch = Batch()
+    for obs in observations:
+        kind = kinds.get(obs.kind)
+        if kind is None:
+            batch.omitted[OMIT_UNKNOWN_KIND] += 1
+            continue
+        enc = encode_observation(
+            obs,
+            agent=agent,
+            site=site,
+            measurement=kind.measurement,
+            tag_fields=kind.tag_fields,
+            agent_labels=agent_labels,
+        )
+        batch.lines.append(enc.line)
+        batch.omitted.update(enc.omitted)
+    return batch
