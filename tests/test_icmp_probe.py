@@ -218,7 +218,10 @@ def in_netns(scenario: str, sysctls: dict[str, str], *, lo_up: bool = True, user
     steps += [f"sysctl -qw {shlex.quote(f'{key}={value}')}" for key, value in sysctls.items()]
     run = [sys.executable, str(Path(__file__).resolve()), *scenario.split()]
     if user is not None:
-        run = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *run]
+        # Unprivileged as far as ICMP goes: every capability dropped (no CAP_NET_RAW) and the
+        # given gid (ping_group_range is checked against it). The uid stays the owner of the
+        # checkout, so the test runs from a clone in a private (0700) directory too.
+        run = ["setpriv", f"--regid={user}", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all", *run]
     script = " && ".join([*steps, "exec " + shlex.join(run)])
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
