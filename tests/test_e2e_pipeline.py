@@ -117,6 +117,7 @@ async def test_agent_to_influx_exactly_once(mosquitto: Any, influxdb: Any, influ
         await runner.cleanup()
 
     by_kind = collections.Counter(o.kind for o in produced)
+    print(f"\ne2e: produced {len(produced)} observations {dict(by_kind)}; InfluxDB count(seq) = {got}")
     assert by_kind["icmp"] >= 6 and by_kind["tcp"] >= 3 and by_kind["http"] >= 3, by_kind
     assert got == len(produced)
 
@@ -127,6 +128,7 @@ async def test_agent_to_influx_exactly_once(mosquitto: Any, influxdb: Any, influ
     ids = collections.Counter(r["id"] for r in stored)
     assert set(ids) == {o.id for o in produced}
     assert max(ids.values()) == 1  # exactly once
+    print(f"e2e: {len(stored)} points read back, {len(ids)} distinct ids, max copies per id {max(ids.values())}")
     for r in stored:
         assert r["agent"] == "e2e-a1" and r["site"] == "lab-1" and r["tier"] == "pop"
         assert r["outcome"] == "ok", r
