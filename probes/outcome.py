@@ -21,6 +21,12 @@ class Outcome(StrEnum):
     HTTP_ERROR = "http_error"  # the server answered with a status the probe treats as failure
     PROTOCOL_ERROR = "protocol_error"  # the peer spoke, but not the protocol we expected
     PERMISSION_DENIED = "permission_denied"  # e.g. no raw socket and no ICMP datagram socket
+    # Streamed responses (the inference probe): the server answered 2xx, but the stream was not right.
+    NOT_STREAMING = "not_streaming"  # a complete body (e.g. JSON) where a stream was asked for
+    STREAM_ERROR = "stream_error"  # the provider reported an error inside the stream
+    STREAM_CUT = "stream_cut"  # the stream ended (connection closed) before its end marker
+    MALFORMED_STREAM = "malformed_stream"  # events that are not the API's JSON
+    NO_CONTENT = "no_content"  # the stream ended properly but carried no generated text
     CANCELLED = "cancelled"  # stopped by shutdown before it finished
     ERROR = "error"  # anything else; the reason says what
 

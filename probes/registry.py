@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from probes import http, icmp, tcp
+from probes import http, icmp, inference, tcp
 from probes.kind import AnyKind
 
-KINDS: dict[str, AnyKind] = {k.name: k for k in (icmp.KIND, tcp.KIND, http.KIND)}
+KINDS: dict[str, AnyKind] = {k.name: k for k in (icmp.KIND, tcp.KIND, http.KIND, inference.KIND)}
 
 
 def get_kind(name: str) -> AnyKind:
