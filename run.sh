@@ -3,6 +3,7 @@
 #
 #   ./run.sh test [pytest args...]   ruff check, mypy, then pytest (e.g. ./run.sh test -k localstack)
 #   ./run.sh demo [args...]          edgeprobe demo: local mosquitto + influxd + agent + collector
+#   ./run.sh bench [args...]         measurement-truth benchmarks (root; tests/benchmarks/truth.py)
 #
 # Set-up: missing system packages are installed with apt-get when run as root (else the exact
 # `sudo apt-get install` command is printed), a .venv is created in the repo, and the package is
@@ -22,6 +23,7 @@ usage() {
     cat <<'EOF'
 usage: ./run.sh test [pytest args...]   lint, type-check and run the tests
        ./run.sh demo [args...]          run the local demo (edgeprobe demo)
+       ./run.sh bench [args...]         accuracy benchmarks vs ping/curl/fping in a netns lab (root)
 EOF
 }
 
@@ -97,6 +99,11 @@ cmd_test() {
     fi
 }
 
+cmd_bench() {
+    # Prints a table per benchmark; figures go to bench-results/truth.json (--out to change).
+    exec "$VENV/bin/python" -m tests.benchmarks.truth "$@"
+}
+
 cmd_demo() {
     exec "$VENV/bin/edgeprobe" demo "$@"
 }
@@ -104,7 +111,7 @@ cmd_demo() {
 main() {
     local cmd="${1:-}"
     case "$cmd" in
-        test | demo) shift ;;
+        test | demo | bench) shift ;;
         -h | --help | help) usage; exit 0 ;;
         *) usage >&2; exit 2 ;;
     esac

@@ -1,19 +1,33 @@
-"""When each (job, target) runs.
+"""When each (job, target) runs, and whether the agent keeps up.
 
 Slots are aligned to the wall clock at ``k * interval + offset``, with an offset derived from the
 agent id, job and target (a hash), so a fleet with the same config does not fire in lock step,
 and one agent's targets spread over the interval. A slot that could not start before the next
 one was due is skipped and counted, never run late in a burst.
+
+One timer for all targets: a single task keeps every (job, target)'s next slot in a heap, sleeps
+until the earliest, and starts each due run as its own task; a finished run puts its target's
+next slot back. A thousand targets cost one wake-up per distinct due time, not a thousand
+sleeping tasks with a timer each.
+
+Overload: every observation carries ``sched_lag_ms`` (how late its run started: timer, event
+loop and the ``max_concurrent_probes`` limit together). A run later than
+:func:`overload_threshold_ms` is flagged ``overloaded: true``, counted, and a warning is logged at
+most every :data:`OVERLOAD_WARN_EVERY_S`; the agent reports itself overloaded (:attr:`Scheduler.overloaded`)
+until :data:`OVERLOAD_HOLD_S` have passed without such a run.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import heapq
 import itertools
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
 
 from agent.config import Job
 from probes.context import ProbeContext
@@ -21,6 +35,11 @@ from probes.handler import run_probe
 from probes.schema import Observation
 
 log = logging.getLogger("edgeprobe.agent.scheduler")
+
+OVERLOAD_LAG_MS: Final = 50.0  # a run starting later than this is "overloaded" …
+OVERLOAD_INTERVAL_SHARE: Final = 0.1  # … or later than this share of its job's interval, if less
+OVERLOAD_WARN_EVERY_S: Final = 10.0  # at most one overload (and one skipped-slot) warning per this
+OVERLOAD_HOLD_S: Final = 60.0  # the agent stays "overloaded" this long after the last late run
 
 
 def offset_ns(agent_id: str, job: str, target: str, interval_ns: int) -> int:
@@ -33,6 +52,53 @@ def next_slot_ns(now_ns: int, interval_ns: int, offset: int) -> int:
     """The first slot ``k * interval + offset`` at or after ``now_ns`` (pure)."""
     k = -((offset - now_ns) // interval_ns)  # ceil((now - offset) / interval)
     return k * interval_ns + offset
+
+
+def overload_threshold_ms(interval_s: float) -> float:
+    """How late a run of a job with this interval may start before it counts as overloaded (pure)."""
+    return min(OVERLOAD_LAG_MS, OVERLOAD_INTERVAL_SHARE * interval_s * 1000.0)
+
+
+def following_slot_ns(slot_ns: int, ended_ns: int, interval_ns: int, offset: int) -> tuple[int, int]:
+    """(the next slot to run after the run of ``slot_ns`` ended at ``ended_ns``, slots skipped) (pure).
+
+    Normally the slot after ``slot_ns``; when the run ended after that one was due, the first slot
+    at or after the end, and the ones in between are skipped.
+    """
+    following = slot_ns + interval_ns
+    if ended_ns <= following:
+        return following, 0
+    resumed = next_slot_ns(ended_ns, interval_ns, offset)
+    return resumed, (resumed - following) // interval_ns
+
+
+class RateLimitedCount:
+    """Counts events and says when to report them: at the first, then at most every ``every_s``
+    (pure given the clock readings passed in)."""
+
+    def __init__(self, every_s: float) -> None:
+        self.every_s = every_s
+        self.pending = 0  # events since the last report
+        self.worst = 0.0  # the largest value since the last report
+        self._last_report_s: float | None = None
+
+    def note(self, now_s: float, value: float = 0.0, n: int = 1) -> tuple[int, float] | None:
+        """Record ``n`` events; returns (events, worst value) to report now, or None to stay quiet."""
+        self.pending += n
+        self.worst = max(self.worst, value)
+        if self._last_report_s is not None and now_s - self._last_report_s < self.every_s:
+            return None
+        report = (self.pending, self.worst)
+        self.pending, self.worst, self._last_report_s = 0, 0.0, now_s
+        return report
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    job: Job
+    target: str
+    interval_ns: int
+    offset: int
 
 
 class Scheduler:
@@ -53,55 +119,139 @@ class Scheduler:
         self.produced = 0
         self.skipped_slots = 0
         self.in_flight = 0
+        self.overloaded_runs = 0  # runs flagged overloaded since start
+        self._last_overload_s: float | None = None  # monotonic
+        self._overload_warn = RateLimitedCount(OVERLOAD_WARN_EVERY_S)
+        self._skip_warn = RateLimitedCount(OVERLOAD_WARN_EVERY_S)
+        self._heap: list[tuple[int, int]] = []  # (slot, entry index)
+        self._entries: list[_Entry] = []
+        self._waiter: asyncio.Future[None] | None = None
+        self._timer_at_ns: int | None = None  # the slot the timer is set for
+        self._stopping = False
+
+    # ------------------------------------------------------------ health
+
+    @property
+    def overloaded(self) -> bool:
+        """Whether a run started later than its overload threshold within the last OVERLOAD_HOLD_S."""
+        last = self._last_overload_s
+        return last is not None and time.monotonic() - last < OVERLOAD_HOLD_S
+
+    def _note_lag(self, obs: Observation, job: Job, target: str) -> None:
+        lag = obs.sched_lag_ms
+        if lag is None:
+            return
+        threshold = overload_threshold_ms(job.interval_s)
+        obs.overloaded = lag > threshold
+        if not obs.overloaded:
+            return
+        self.overloaded_runs += 1
+        now = time.monotonic()
+        self._last_overload_s = now
+        report = self._overload_warn.note(now, lag)
+        if report is not None:
+            runs, worst = report
+            log.warning(
+                "agent overloaded: %d run(s) started later than their threshold (%.0f ms for %s) since the "
+                "last warning, worst %.0f ms late (%s %s); they are published with overloaded=true. "
+                "Lower the probe rate (fewer targets, longer interval_s, smaller count) or raise "
+                "agent.max_concurrent_probes",
+                runs,
+                threshold,
+                job.name,
+                worst,
+                job.name,
+                target,
+            )
+
+    # ------------------------------------------------------------ the timer
+
+    def _poke(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     async def run(self, stop: asyncio.Event, grace_s: float) -> None:
         """Run every (job, target) until ``stop`` is set; then let runs in flight finish for up to
         ``grace_s`` before cancelling them."""
-        tasks = [
-            asyncio.create_task(self._loop(job, target, stop), name=f"probe:{job.name}:{target}")
-            for job in self.jobs
-            for target in job.targets
-        ]
-        if not tasks:
+        self._entries = []
+        for job in self.jobs:
+            interval_ns = round(job.interval_s * 1e9)
+            for target in job.targets:
+                self._entries.append(
+                    _Entry(job, target, interval_ns, offset_ns(self.agent_id, job.name, target, interval_ns))
+                )
+        if not self._entries:
             await stop.wait()
             return
+        loop = asyncio.get_running_loop()
+        now = time.time_ns()
+        self._heap = [(next_slot_ns(now, e.interval_ns, e.offset), i) for i, e in enumerate(self._entries)]
+        heapq.heapify(self._heap)
+        self._stopping = False
+        runs: set[asyncio.Task[None]] = set()
+        stop_watch = asyncio.ensure_future(stop.wait())
+        stop_watch.add_done_callback(lambda _: self._poke())
         try:
-            await stop.wait()
-            _, pending = await asyncio.wait(tasks, timeout=grace_s)
-            if pending:
-                log.info("cancelling %d probe run(s) still in flight at shutdown", len(pending))
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-    async def _loop(self, job: Job, target: str, stop: asyncio.Event) -> None:
-        interval_ns = round(job.interval_s * 1e9)
-        offset = offset_ns(self.agent_id, job.name, target, interval_ns)
-        slot = next_slot_ns(time.time_ns(), interval_ns, offset)
-        while not stop.is_set():
-            delay_s = (slot - time.time_ns()) / 1e9
-            if delay_s > 0:
+            while not stop.is_set():
+                now = time.time_ns()
+                heap = self._heap
+                while heap and heap[0][0] <= now:
+                    slot, index = heapq.heappop(heap)
+                    entry = self._entries[index]
+                    name = f"probe:{entry.job.name}:{entry.target}"
+                    task = asyncio.create_task(self._run_slot(index, slot), name=name)
+                    runs.add(task)
+                    task.add_done_callback(runs.discard)
+                self._waiter = loop.create_future()
+                handle = None
+                if heap:
+                    self._timer_at_ns = heap[0][0]
+                    handle = loop.call_later(max(0.0, (heap[0][0] - time.time_ns()) / 1e9), self._poke)
                 try:
-                    await asyncio.wait_for(stop.wait(), delay_s)
-                    return
-                except TimeoutError:
-                    pass
-            await self.run_once(job, target, slot)
-            now = time.time_ns()
-            following = slot + interval_ns
-            if now >= following:
-                missed = (now - following) // interval_ns + 1
-                self.skipped_slots += missed
+                    await self._waiter
+                finally:
+                    self._waiter = None
+                    self._timer_at_ns = None
+                    if handle is not None:
+                        handle.cancel()
+            self._stopping = True
+            if runs:
+                _, pending = await asyncio.wait(set(runs), timeout=grace_s)
+                if pending:
+                    log.info("cancelling %d probe run(s) still in flight at shutdown", len(pending))
+        finally:
+            self._stopping = True
+            stop_watch.cancel()
+            for task in list(runs):
+                task.cancel()
+            await asyncio.gather(*runs, stop_watch, return_exceptions=True)
+
+    async def _run_slot(self, index: int, slot: int) -> None:
+        entry = self._entries[index]
+        try:
+            await self.run_once(entry.job, entry.target, slot)
+        except Exception:  # a bug in emit or the like: log it, keep the target scheduled
+            log.exception("%s %s: run failed", entry.job.name, entry.target)
+        if self._stopping:
+            return
+        now = time.time_ns()
+        following, missed = following_slot_ns(slot, now, entry.interval_ns, entry.offset)
+        if missed:
+            self.skipped_slots += missed
+            report = self._skip_warn.note(time.monotonic(), (now - slot - entry.interval_ns) / 1e6, missed)
+            if report is not None:
                 log.warning(
-                    "%s %s: run ended %.0f ms after its next slot; skipped %d slot(s)",
-                    job.name,
-                    target,
-                    (now - following) / 1e6,
-                    missed,
+                    "%d slot(s) skipped since the last warning because a run outlasted its interval "
+                    "(worst %.0f ms over; last: %s %s)",
+                    report[0],
+                    report[1],
+                    entry.job.name,
+                    entry.target,
                 )
-                following = next_slot_ns(now, interval_ns, offset)
-            slot = following
+        heapq.heappush(self._heap, (following, index))
+        if self._timer_at_ns is None or following < self._timer_at_ns:
+            self._poke()
 
     async def run_once(self, job: Job, target: str, scheduled_at_ns: int | None) -> Observation:
         async with self._sem:
@@ -119,6 +269,7 @@ class Scheduler:
                 )
             finally:
                 self.in_flight -= 1
+        self._note_lag(obs, job, target)
         self.produced += 1
         self.emit(obs)
         return obs

@@ -6,8 +6,10 @@ Fields of :class:`HttpResult`, all in milliseconds from :func:`time.perf_counter
   ``dns_ms`` (getaddrinfo), ``connect_ms`` (TCP handshake), ``tls_ms`` (TLS handshake; None for
   ``http://``).
 * **cumulative from the probe's start** (curl's ``time_starttransfer`` / ``time_total``):
-  ``ttfb_ms`` — until the first byte of the final response arrived; ``total_ms`` — until its body
-  was read to the end (or to ``max_body_bytes``). With redirects followed, both include the earlier
+  ``ttfb_ms`` — until the first byte of the final response arrived; ``total_ms`` — until the last
+  byte of its body arrived (or the one reaching ``max_body_bytes``). Arrival is when the bytes
+  reached the stream's buffer (see :mod:`probes.netio`), not when the probe's task got round to
+  them. With redirects followed, both include the earlier
   hops, whose share is ``redirect_ms`` (curl's ``time_redirect``); ``ttfb_ms - redirect_ms`` is the
   final hop's own time to first byte.
 
@@ -212,14 +214,16 @@ async def _exchange(
         except netio.HttpParseError as exc:
             raise ProbeFailure(Outcome.PROTOCOL_ERROR, f"{conn.where}: {exc}") from exc
         hop.bytes, hop.truncated = 0, False
+        last_ns = head.complete_perf_ns  # when the last byte we used arrived (curl's time_total)
         async with aclosing(netio.iter_body(conn, framing, timeout_s=left_s())) as pieces:
             async for piece in pieces:
                 room = config.max_body_bytes - hop.bytes
                 hop.bytes += min(room, len(piece.data))
+                last_ns = max(last_ns, piece.received_perf_ns)
                 if len(piece.data) > room:
                     hop.truncated = True
                     break
-        hop.total_ms = _ms(time.perf_counter_ns() - t0)
+        hop.total_ms = _ms(last_ns - t0)
     finally:
         await conn.aclose()
 

@@ -3,8 +3,13 @@
 Each attempt opens a new connection and closes it (FIN) as soon as the handshake completes;
 nothing is sent. ``dns_ms`` is the duration of the one ``getaddrinfo`` before the attempts.
 ``connects_ms`` holds every attempt in order (None: refused, timed out or unreachable);
-``connect_ms`` is the **median** of the answered attempts, and ``connect_min/avg/max/stddev/p95_ms``
-summarise them (population stddev, linear-interpolated p95). Attempts start ``interval_s`` apart
+``connect_ms`` is the **median** of the answered attempts (also ``connect_p50_ms``), and
+``connect_min/avg/max/stddev/p95_ms`` summarise them (population stddev, linear-interpolated p95).
+Jitter of the series, under the same definitions as ICMP's (:func:`probes.stats.summarize_rtts`)
+with a ``connect_`` prefix: ``connect_jitter_rfc3550_ms`` (J += (|D| − J)/16 over consecutive
+answered attempts), ``connect_ipdv_mean_ms``/``connect_ipdv_p95_ms`` (|Cᵢ − Cᵢ₋₁|, RFC 3393) and
+``connect_pdv_p95_ms`` (p95 − min, RFC 5481); None with fewer than two answered attempts.
+Failed attempts are never zero-time samples and stay in ``loss_ratio``. Attempts start ``interval_s`` apart
 (start to start, like ``ping -i``); one that takes longer delays the next. A run where some
 attempts failed is ``ok`` with ``loss_ratio`` > 0; a run where all failed raises the most common
 failure (``refused``, ``timeout`` …) with the partial result.
@@ -48,6 +53,11 @@ class TcpResult(msgspec.Struct, kw_only=True):
     connect_max_ms: float | None = None
     connect_stddev_ms: float | None = None
     connect_p95_ms: float | None = None
+    connect_p50_ms: float | None = None  # the same as connect_ms, named like rtt_p50_ms
+    connect_jitter_rfc3550_ms: float | None = None
+    connect_ipdv_mean_ms: float | None = None
+    connect_ipdv_p95_ms: float | None = None
+    connect_pdv_p95_ms: float | None = None
     connects_ms: list[float | None] = []  # per attempt, in order; None: no handshake
 
 
@@ -91,7 +101,10 @@ def fill_stats(result: TcpResult, connects_ms: list[float | None]) -> None:
     result.sent, result.received, result.loss_ratio = s.sent, s.received, s.loss_ratio
     result.connect_ms, result.connect_min_ms, result.connect_avg_ms = s.rtt_p50_ms, s.rtt_min_ms, s.rtt_avg_ms
     result.connect_max_ms, result.connect_stddev_ms = s.rtt_max_ms, s.rtt_stddev_ms
-    result.connect_p95_ms = s.rtt_p95_ms
+    result.connect_p95_ms, result.connect_p50_ms = s.rtt_p95_ms, s.rtt_p50_ms
+    result.connect_jitter_rfc3550_ms = s.jitter_rfc3550_ms
+    result.connect_ipdv_mean_ms, result.connect_ipdv_p95_ms = s.ipdv_mean_ms, s.ipdv_p95_ms
+    result.connect_pdv_p95_ms = s.pdv_p95_ms
 
 
 async def probe(target: str, config: TcpConfig, ctx: ProbeContext) -> TcpResult:
