@@ -139,6 +139,174 @@ def http(url: str, as_json: bool, header: tuple[str, ...], insecure: bool, **opt
     _finish(_run_adhoc("http", url, options, as_json))
 
 
+def _run_ttft(url: str, options: dict[str, Any], count: int, interval_s: float, as_json: bool) -> int:
+    import os
+
+    from agent import render
+    from probes import inference
+
+    given = {k: v for k, v in options.items() if v is not None}
+    try:
+        config = convert(given, inference.InferenceConfig, "command line")
+    except ConfigError as err:
+        click.echo(f"edgeprobe ttft: {err}", err=True)
+        return EXIT_USAGE
+    problem = inference.check_target(url)
+    if problem is not None:
+        click.echo(f"edgeprobe ttft: {problem}", err=True)
+        return EXIT_USAGE
+    if config.api_key_env is not None and not os.environ.get(config.api_key_env):
+        click.echo(
+            f"edgeprobe ttft: --api-key-env: environment variable {config.api_key_env} is not set or is empty", err=True
+        )
+        return EXIT_USAGE
+    done: list[Observation] = []
+
+    def show(obs: Observation, i: int) -> None:
+        if as_json:
+            click.echo(json.dumps(render.as_json_obj(obs), ensure_ascii=False))
+            failure = render.error_line(obs)
+            if failure:
+                click.echo(failure, err=True)
+            return
+        if count > 1:
+            click.echo(f"request {i + 1}/{count}")
+        for line in render.render(obs):
+            click.echo(line, err=line.startswith("edgeprobe "))
+
+    async def go() -> None:
+        async with ProbeContext() as ctx:
+            for i in range(count):
+                if i:
+                    await asyncio.sleep(interval_s)
+                obs = await run_probe(inference.KIND, url, config, ctx, seq=i)
+                done.append(obs)
+                show(obs, i)
+
+    try:
+        asyncio.run(go())
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+    if count > 1 and not as_json:
+        for line in render.inference_summary(done):
+            click.echo(line)
+    if len(done) < count:
+        return EXIT_FAILED
+    return EXIT_OK if all(o.outcome == Outcome.OK for o in done) else EXIT_FAILED
+
+
+API_CHOICES = ("openai-chat", "openai-completions", "ollama-chat", "ollama-generate", "tgi", "anthropic")
+
+
+@main.command()
+@click.argument("url")
+@click.option("-m", "--model", required=True, help="Model name (sent in the request; stored as a tag).")
+@click.option("--api", type=click.Choice(API_CHOICES), help="Wire format (default openai-chat).")
+@click.option("-c", "--count", type=click.IntRange(1, 100_000), default=1, show_default=True, help="Requests.")
+@click.option(
+    "-i", "--interval", "interval_s", type=click.FloatRange(0, 3600), default=1.0, show_default=True,
+    help="Seconds between one request's end and the next one's start.",
+)  # fmt: skip
+@click.option("-p", "--prompt", help="Prompt text (default: a one-sentence request).")
+@click.option("--max-tokens", type=int, help="Largest answer asked for, in tokens (default 16).")
+@click.option("--api-key-env", help="Name of the environment variable that holds the API key.")
+@click.option("--api-key-header", help="Send the key in this header as-is (default: the API's own).")
+@click.option("-H", "--header", "header", multiple=True, help="Extra header 'Name: value' (repeatable).")
+@click.option(
+    "--connection", type=click.Choice(["new", "reuse"]), default="reuse", show_default=True,
+    help="reuse: one kept-alive connection for all requests; new: a fresh connection for each.",
+)  # fmt: skip
+@click.option("--no-usage", is_flag=True, help="Do not ask for the usage report (stream_options / details).")
+@click.option("--no-net-rtt", is_flag=True, help="Skip the separate TCP connect that measures net_rtt_ms.")
+@click.option("-k", "--insecure", is_flag=True, help="Do not verify the server's TLS certificate.")
+@click.option("-W", "--timeout", "timeout_s", type=float, help="Seconds for each whole request (default 30).")
+@click.option("--first-token-timeout", "first_token_timeout_s", type=float, help="Seconds to the first token (15).")
+@click.option("-4", "family", flag_value="ipv4", help="IPv4 only.")
+@click.option("-6", "family", flag_value="ipv6", help="IPv6 only.")
+@json_option
+def ttft(
+    url: str,
+    as_json: bool,
+    count: int,
+    interval_s: float,
+    header: tuple[str, ...],
+    no_usage: bool,
+    no_net_rtt: bool,
+    insecure: bool,
+    **options: Any,
+) -> None:
+    """Streaming LLM request: time to first token, token cadence, network vs server.
+
+    URL is the endpoint's base (http://host:8000 or https://api.example.net/v1); the API's
+    path is appended. With --count N, N requests (on one kept-alive connection unless
+    --connection new), each printed, then a summary. --json prints one object per request.
+    """
+    options["extra_headers"] = _headers(header)
+    if no_usage:
+        options["include_usage"] = False
+    if no_net_rtt:
+        options["measure_net_rtt"] = False
+    if insecure:
+        options["verify_tls"] = False
+    _finish(_run_ttft(url, options, count, interval_s, as_json))
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port (0: any free).")
+@click.option("--ttft-ms", type=float, help="Time to first token (default 200).")
+@click.option("--token-interval-ms", type=float, help="Time between tokens (default 20).")
+@click.option("--jitter-ms", type=float, help="Uniform ± jitter on every send time (default 0).")
+@click.option("--tokens", type=int, help="Tokens per answer, unless the request asks for fewer (default 32).")
+@click.option("--load-ms", type=float, help="Share of the TTFT that Ollama answers report as load_duration.")
+@click.option("--seed", type=int, help="Seed for the jitter (default: unpredictable).")
+@click.option("--model-suffix", help="Appended to the model name it reports (edgeprobe-responder-<suffix>).")
+@click.option(
+    "--fail", type=click.Choice(["429", "500", "json", "cut", "silent", "error-event"]),
+    help="Answer every request with this failure (per request: header x-edgeprobe-fail).",
+)  # fmt: skip
+@click.option(
+    "--log-level", default="warning", type=click.Choice(["debug", "info", "warning", "error"]), show_default=True
+)
+def responder(host: str, port: int, log_level: str, **options: Any) -> None:
+    """A streaming endpoint with known timing to probe against (not a language model).
+
+    Speaks OpenAI chat/completions SSE, Ollama NDJSON, TGI and Anthropic streams. Headers
+    x-edgeprobe-ttft-ms, -token-interval-ms, -jitter-ms, -tokens, -load-ms and -fail override
+    the settings per request.
+    """
+    from agent.responder import ResponderSettings, model_name, serve_responder
+
+    given = {k: v for k, v in options.items() if v is not None}
+    try:
+        settings = convert(given, ResponderSettings, "command line")
+    except ConfigError as err:
+        click.echo(f"edgeprobe responder: {err}", err=True)
+        sys.exit(EXIT_USAGE)
+    setup_logging(log_level)
+
+    async def serve() -> None:
+        # agent.responder.run_responder, but saying where it listens once it does (port 0: any)
+        async with serve_responder(host, port, settings) as running:
+            s = settings
+            click.echo(
+                f"edgeprobe responder on {running.url} (model {model_name(s)}, not a language model): "
+                f"ttft {s.ttft_ms:g} ms, {s.token_interval_ms:g} ms per token ± {s.jitter_ms:g} ms, "
+                f"{s.tokens} tokens" + (f", failing with {s.fail}" if s.fail else ""),
+                err=True,
+            )
+            await asyncio.Event().wait()
+
+    try:
+        asyncio.run(serve())
+    except KeyboardInterrupt:
+        pass
+    except OSError as err:
+        shown = f"[{host}]" if ":" in host else host
+        click.echo(f"edgeprobe responder: cannot listen on {shown}:{port}: {err.strerror or err}", err=True)
+        sys.exit(EXIT_FAILED)
+
+
 config_option = click.option(
     "-c", "--config", "config_path", required=True, type=click.Path(dir_okay=False), help="YAML config file."
 )
@@ -167,10 +335,15 @@ def agent_run(config_path: str, log_level: str) -> None:
     """Run the agent: probe on schedule, publish to MQTT. Stops cleanly on SIGTERM/SIGINT."""
     from agent.config import load_agent_config
     from agent.daemon import run_agent
+    from agent.spool import SpoolError
 
     cfg, jobs = _load_or_exit(load_agent_config, config_path)
     setup_logging(log_level)
-    asyncio.run(run_agent(cfg, jobs))
+    try:
+        asyncio.run(run_agent(cfg, jobs))
+    except SpoolError as err:
+        click.echo(f"edgeprobe: spool error: {err}", err=True)
+        sys.exit(EXIT_USAGE)
 
 
 @agent.command("check")
@@ -181,8 +354,38 @@ def agent_check(config_path: str) -> None:
 
     cfg, jobs = _load_or_exit(load_agent_config, config_path)
     click.echo(f"{config_path}: ok: agent {cfg.agent.id} at {cfg.agent.site}, broker {cfg.broker.url}")
+    spool_path = cfg.spool.resolved_path(cfg.agent.id)
+    click.echo(f"  spool: {spool_path or 'in memory (spool.path: null)'}")
     for job in jobs:
         click.echo(f"  {job.name}: {job.kind.name} every {job.interval_s:g} s → {', '.join(job.targets)}")
+
+
+@agent.command("spool")
+@config_option
+@json_option
+def agent_spool(config_path: str, as_json: bool) -> None:
+    """Show the agent's spool: depth, oldest entry, drop counts (safe while the agent runs)."""
+    from agent.config import load_agent_config
+    from agent.spool import SpoolError, inspect_spool, spool_lines
+
+    cfg, _ = _load_or_exit(load_agent_config, config_path)
+    path = cfg.spool.resolved_path(cfg.agent.id)
+    if path is None:
+        click.echo(f"{config_path}: spool.path is null: the spool is in memory, inside the running agent only")
+        return
+    try:
+        info = inspect_spool(path)
+    except SpoolError as err:
+        click.echo(f"edgeprobe: {err}", err=True)
+        sys.exit(EXIT_FAILED)
+    if as_json:
+        import dataclasses
+
+        limits = {"max_bytes": cfg.spool.max_bytes, "max_age_s": cfg.spool.max_age_s}
+        click.echo(json.dumps({**dataclasses.asdict(info), **limits}))
+        return
+    for line in spool_lines(info, cfg.spool.max_bytes, cfg.spool.max_age_s):
+        click.echo(line)
 
 
 @main.group()
@@ -197,10 +400,15 @@ def collector_run(config_path: str, log_level: str) -> None:
     """Run the collector. Stops cleanly on SIGTERM/SIGINT."""
     from collector.config import load_collector_config
     from collector.service import run_collector
+    from collector.spool import SpoolError as CollectorSpoolError
 
     cfg = _load_or_exit(load_collector_config, config_path)
     setup_logging(log_level)
-    asyncio.run(run_collector(cfg))
+    try:
+        asyncio.run(run_collector(cfg))
+    except CollectorSpoolError as err:  # can't open the spool (in use, unwritable, corrupt)
+        click.echo(f"edgeprobe: collector spool error: {err}", err=True)
+        sys.exit(EXIT_FAILED)
 
 
 @main.command()

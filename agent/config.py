@@ -10,7 +10,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -68,9 +68,38 @@ class AgentIdentity(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_
 class PublishConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     batch_max_observations: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 500
     flush_interval_s: Annotated[float, msgspec.Meta(gt=0, le=60)] = 1.0
-    queue_max_observations: Annotated[int, msgspec.Meta(ge=1, le=10_000_000)] = 100_000
     status_interval_s: Annotated[float, msgspec.Meta(ge=1, le=3600)] = 30.0
     flush_timeout_s: Annotated[float, msgspec.Meta(ge=0, le=600)] = 5.0  # at shutdown
+    # Observations per second at most (token bucket, one second of burst): a backlog after an
+    # outage goes out in order at this rate, so a fleet reconnecting at once does not flatten
+    # the broker. Must exceed what the jobs produce (checked at load).
+    replay_max_per_s: Annotated[float, msgspec.Meta(gt=0, le=10_000_000)] = 2000.0
+    ack_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=600)] = 10.0  # no PUBACK by then: reconnect
+    health_interval_s: Annotated[float, msgspec.Meta(ge=0.1, le=3600)] = 30.0  # …/health messages
+
+
+DEFAULT_SPOOL_PATH = "/var/lib/edgeprobe/{agent}/spool.db"
+
+
+class SpoolConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """Where observations wait for the broker (agent/spool.py). ``path: null``: in memory only."""
+
+    path: str | None = DEFAULT_SPOOL_PATH  # "{agent}" becomes the agent id
+    max_bytes: Annotated[int, msgspec.Meta(ge=1024, le=2**40)] = 256 * 1024 * 1024
+    max_age_s: Annotated[float, msgspec.Meta(gt=0, le=366 * 86_400)] = 7 * 86_400.0
+    # Group commit: an observation is durable once the commit of its group ran.
+    commit_interval_s: Annotated[float, msgspec.Meta(gt=0, le=10)] = 0.05
+    commit_max_observations: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 1000
+    # full: every commit is fsynced (survives power loss); normal: survives a process crash only.
+    synchronous: Literal["full", "normal"] = "full"
+    commit_log: str | None = None  # debugging/tests: append every committed observation id here
+
+    def __post_init__(self) -> None:
+        if self.path is not None and not self.path.strip():
+            raise ValueError("path: expected a file path, or null for an in-memory spool")
+
+    def resolved_path(self, agent_id: str) -> str | None:
+        return None if self.path is None else self.path.replace("{agent}", agent_id)
 
 
 class JobConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -86,6 +115,7 @@ class AgentConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_on
     agent: AgentIdentity
     broker: BrokerConfig = BrokerConfig()
     publish: PublishConfig = PublishConfig()
+    spool: SpoolConfig = SpoolConfig()
     jobs: list[JobConfig] = []
 
 
@@ -144,7 +174,18 @@ def build_jobs(cfg: AgentConfig, source: str) -> list[Job]:
                 labels=dict(job.labels),
             )
         )
+    check_replay_rate(cfg, jobs, source)
     return jobs
+
+
+def check_replay_rate(cfg: AgentConfig, jobs: list[Job], source: str) -> None:
+    """A backlog can only drain if publishing may go faster than the jobs produce."""
+    produced_per_s = sum(len(job.targets) / job.interval_s for job in jobs)
+    if produced_per_s >= cfg.publish.replay_max_per_s:
+        raise ConfigError(
+            f"{source}: publish.replay_max_per_s: {cfg.publish.replay_max_per_s:g}/s is not above what the jobs "
+            f"produce ({produced_per_s:g} observations/s): a backlog would never drain; raise it"
+        )
 
 
 def load_agent_config(

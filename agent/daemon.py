@@ -1,4 +1,4 @@
-"""The agent daemon: scheduler → outbox → publisher, with a clean shutdown."""
+"""The agent daemon: scheduler → spool → publisher, with a clean shutdown."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from agent.config import AgentConfig, Job
-from agent.outbox import Outbox
-from agent.publisher import Publisher
+from agent.publisher import ProbeCounters, Publisher
 from agent.scheduler import Scheduler
+from agent.spool import Spool, open_spool
 from probes.context import ProbeContext
 from probes.registry import KINDS
 from probes.schema import Observation
@@ -23,9 +23,28 @@ log = logging.getLogger("edgeprobe.agent")
 class AgentHandles:
     """What a running agent exposes to its caller (tests, the demo, the CLI)."""
 
-    outbox: Outbox
+    spool: Spool
     scheduler: Scheduler
     publisher: Publisher
+
+    @property
+    def outbox(self) -> Spool:  # the name before the spool existed
+        return self.spool
+
+
+class _LagMax:
+    """The largest sched_lag_ms since the last health sample."""
+
+    def __init__(self) -> None:
+        self.value: float | None = None
+
+    def see(self, obs: Observation) -> None:
+        if obs.sched_lag_ms is not None and (self.value is None or obs.sched_lag_ms > self.value):
+            self.value = obs.sched_lag_ms
+
+    def take(self) -> float | None:
+        value, self.value = self.value, None
+        return value
 
 
 async def run_agent(
@@ -39,15 +58,29 @@ async def run_agent(
     """Run until ``stop`` is set (or SIGTERM/SIGINT when ``stop`` is None).
 
     ``tap``, when given, sees every observation as it is produced (live views, tests).
+    Raises :class:`agent.spool.SpoolError` when the spool cannot be opened.
     """
     own_signals = stop is None
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
+    spool = await open_spool(cfg.spool, cfg.agent.id)
     if own_signals:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-    outbox = Outbox(cfg.publish.queue_max_observations)
-    publisher = Publisher(cfg, outbox, sorted(KINDS))
+    lag = _LagMax()
+    scheduler: Scheduler | None = None
+
+    def probe_counters() -> ProbeCounters:
+        if scheduler is None:
+            return ProbeCounters(sched_lag_max_ms=lag.take())
+        return ProbeCounters(
+            produced=scheduler.produced,
+            skipped_slots=scheduler.skipped_slots,
+            in_flight=scheduler.in_flight,
+            sched_lag_max_ms=lag.take(),
+        )
+
+    publisher = Publisher(cfg, spool, sorted(KINDS), probe_counters)
     n_targets = sum(len(j.targets) for j in jobs)
     log.info(
         "agent %s at site %s: %d job(s), %d target(s), broker %s",
@@ -57,32 +90,38 @@ async def run_agent(
         n_targets,
         cfg.broker.url,
     )
-    async with ProbeContext() as ctx:
+    try:
+        async with ProbeContext() as ctx:
 
-        def emit(obs: Observation) -> None:
-            outbox.put(obs)
-            if tap is not None:
-                tap(obs)
+            def emit(obs: Observation) -> None:
+                spool.put(obs)
+                lag.see(obs)
+                if tap is not None:
+                    tap(obs)
 
-        scheduler = Scheduler(cfg.agent.id, jobs, ctx, emit, cfg.agent.max_concurrent_probes)
-        handles = AgentHandles(outbox=outbox, scheduler=scheduler, publisher=publisher)
-        if started is not None:
-            started.set_result(handles)
-        publish_stop = asyncio.Event()
-        pub_task = asyncio.create_task(publisher.run(publish_stop), name="publisher")
-        try:
-            await scheduler.run(stop, cfg.agent.shutdown_grace_s)
-        finally:
-            publish_stop.set()  # flush what the scheduler produced, then disconnect
-            await pub_task
-    if own_signals:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
+            scheduler = Scheduler(cfg.agent.id, jobs, ctx, emit, cfg.agent.max_concurrent_probes)
+            handles = AgentHandles(spool=spool, scheduler=scheduler, publisher=publisher)
+            if started is not None:
+                started.set_result(handles)
+            publish_stop = asyncio.Event()
+            pub_task = asyncio.create_task(publisher.run(publish_stop), name="publisher")
+            try:
+                await scheduler.run(stop, cfg.agent.shutdown_grace_s)
+            finally:
+                publish_stop.set()  # flush what the scheduler produced, then disconnect
+                await pub_task
+    finally:
+        await spool.aclose()
+        if own_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+    left = len(spool)
     log.info(
-        "agent stopped: %d produced, %d published, %d dropped, %d left undelivered",
+        "agent stopped: %d produced, %d published, %d dropped, %d left undelivered%s",
         scheduler.produced,
-        publisher.stats.published_observations,
-        outbox.dropped,
-        len(outbox),
+        publisher.stats.acknowledged_observations,
+        spool.dropped,
+        left,
+        " (kept in the spool for the next start)" if left and spool.durable else "",
     )
     return handles

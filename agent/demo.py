@@ -138,11 +138,16 @@ async def run_demo(duration_s: float | None, interval_s: float, console: Console
         runner, http_port = await _http_target()
         database = "edgeprobe"
         ccfg = convert(
-            {"broker": {"url": broker.url}, "influx": {"api": "v1", "url": influx.url, "database": database}},
+            {
+                "broker": {"url": broker.url},
+                "influx": {"api": "v1", "url": influx.url, "database": database},
+                "spool": {"path": str(influx.workdir / "collector-spool.sqlite")},  # removed with the workdir
+            },
             CollectorConfig,
             "demo",
         )
         raw = agent_config(broker.url, http_port, interval_s)
+        raw["spool"] = {"path": str(broker.workdir / "agent-spool.db")}  # removed with the workdir
         acfg = convert(raw, AgentConfig, "demo")
         jobs = build_jobs(acfg, "demo")
         header = (

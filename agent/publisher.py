@@ -1,9 +1,12 @@
-"""Publishing observations to the broker: batches at QoS 1, retained presence, reconnect loop.
+"""Publishing observations to the broker: batches at QoS 1, presence, health, reconnect loop.
 
 The connection is an async context manager (aiomqtt); this module owns the reconnect loop.
-A batch leaves the outbox only when the broker has acknowledged it (PUBACK); a failed or
-interrupted publish puts it back at the front, so a reconnect re-sends it (at least once; the
-collector's writes are idempotent by timestamp and tags).
+Observations are taken from the spool (agent/spool.py) oldest first and deleted from it only
+when the broker has acknowledged them (PUBACK); a failed or interrupted publish releases what
+was not acknowledged, so a reconnect re-sends it first (at least once: a PUBACK lost with the
+connection means the broker may have it twice; the collector's writes are idempotent by
+timestamp and tags). Publishing is paced by a token bucket (``publish.replay_max_per_s``), so a
+backlog after an outage goes out in order at a bounded rate.
 """
 
 from __future__ import annotations
@@ -12,18 +15,21 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import aiomqtt
+import msgspec
 
 from agent.config import AgentConfig
-from agent.outbox import Outbox
+from agent.spool import Spool, SpoolEntry
 from probes.schema import (
     SCHEMA_VERSION,
+    AgentHealth,
     Envelope,
-    Observation,
     Status,
     encode,
+    health_topic,
     obs_topic,
     status_topic,
 )
@@ -36,11 +42,24 @@ MAX_MESSAGE_BYTES = 512 * 1024  # a batch is split below this (collectors accept
 
 @dataclass
 class PublisherStats:
-    published_observations: int = 0
-    published_messages: int = 0
-    publish_failures: int = 0
+    published_observations: int = 0  # sent (a re-send counts again)
+    acknowledged_observations: int = 0  # PUBACK received: deleted from the spool
+    published_messages: int = 0  # obs messages acknowledged
+    publish_failures: int = 0  # batches not (fully) acknowledged
     connects: int = 0
+    reconnects: int = 0
     connected: bool = False
+    replay_throttled_s: float = 0.0
+
+
+@dataclass
+class ProbeCounters:
+    """What the scheduler side reports into the health message (see :class:`AgentHealth`)."""
+
+    produced: int = 0
+    skipped_slots: int = 0
+    in_flight: int = 0
+    sched_lag_max_ms: float | None = None
 
 
 def backoff_s(attempt: int, min_s: float, max_s: float, rng: random.Random) -> float:
@@ -49,19 +68,49 @@ def backoff_s(attempt: int, min_s: float, max_s: float, rng: random.Random) -> f
     return cap / 2 + rng.random() * cap / 2
 
 
-def encode_batches(envelope_base: Envelope, observations: list[Observation], max_bytes: int) -> list[bytes]:
-    """Encode observations into one or more envelopes, each under ``max_bytes`` (pure)."""
-    env = Envelope(
+class TokenBucket:
+    """``rate_per_s`` tokens a second, at most ``burst`` saved up; starts full (pure given ``now``)."""
+
+    def __init__(self, rate_per_s: float, burst: float) -> None:
+        self.rate_per_s = rate_per_s
+        self.burst = burst
+        self.tokens = burst
+        self._at: float | None = None
+
+    def reserve(self, n: int, now: float) -> float:
+        """Take ``n`` tokens (going into debt if need be); return how long to wait before using them."""
+        if self._at is not None:
+            self.tokens = min(self.burst, self.tokens + (now - self._at) * self.rate_per_s)
+        self._at = now
+        self.tokens -= n
+        return max(0.0, -self.tokens / self.rate_per_s)
+
+
+class _RawEnvelope(msgspec.Struct, kw_only=True):
+    """:class:`probes.schema.Envelope` with observations already encoded (spool payloads)."""
+
+    v: int
+    agent: str
+    site: str
+    sent_at_ns: int
+    labels: dict[str, str] = {}
+    observations: list[msgspec.Raw]
+
+
+def encode_batches(envelope_base: Envelope, observations: Sequence[bytes], max_bytes: int) -> list[tuple[bytes, int]]:
+    """Encode encoded observations into envelopes, each under ``max_bytes`` when it holds more than
+    one; return (payload, number of observations) in order (pure)."""
+    env = _RawEnvelope(
         v=envelope_base.v,
         agent=envelope_base.agent,
         site=envelope_base.site,
         sent_at_ns=envelope_base.sent_at_ns,
         labels=envelope_base.labels,
-        observations=observations,
+        observations=[msgspec.Raw(o) for o in observations],
     )
     payload = encode(env)
     if len(payload) <= max_bytes or len(observations) == 1:
-        return [payload]
+        return [(payload, len(observations))]
     half = len(observations) // 2
     return encode_batches(envelope_base, observations[:half], max_bytes) + encode_batches(
         envelope_base, observations[half:], max_bytes
@@ -69,19 +118,35 @@ def encode_batches(envelope_base: Envelope, observations: list[Observation], max
 
 
 class Publisher:
-    def __init__(self, cfg: AgentConfig, outbox: Outbox, kinds: list[str]) -> None:
+    def __init__(
+        self,
+        cfg: AgentConfig,
+        spool: Spool,
+        kinds: list[str],
+        probe_counters: Callable[[], ProbeCounters] | None = None,
+    ) -> None:
         self.cfg = cfg
-        self.outbox = outbox
+        self.spool = spool
         self.kinds = kinds
+        self.probe_counters = probe_counters
         self.stats = PublisherStats()
         ident = cfg.agent
         prefix = cfg.broker.topic_prefix
         self.obs_topic = obs_topic(prefix, ident.site, ident.id)
         self.status_topic = status_topic(prefix, ident.site, ident.id)
+        self.health_topic = health_topic(prefix, ident.site, ident.id)
+        self.started_at_ns = time.time_ns()
+        self._started_mono = time.monotonic()
         self._rng = random.Random()
+        pub = cfg.publish
+        self._bucket = TokenBucket(pub.replay_max_per_s, max(float(pub.batch_max_observations), pub.replay_max_per_s))
+        # Called with what a failed publish gives back to the spool (tests, debugging).
+        self.on_release: Callable[[list[SpoolEntry]], None] | None = None
+        self._flush_deadline: float | None = None
 
     def status(self, state: str) -> Status:
         ident = self.cfg.agent
+        spool = self.spool.stats()
         return Status(
             v=SCHEMA_VERSION,
             agent=ident.id,
@@ -93,9 +158,45 @@ class Publisher:
             labels=dict(ident.labels),
             latitude=ident.latitude,
             longitude=ident.longitude,
-            queued=len(self.outbox),
-            dropped=self.outbox.dropped,
+            queued=spool.depth,
+            dropped=spool.dropped_bytes_limit + spool.dropped_age_limit,
+            published=self.stats.acknowledged_observations,
+        )
+
+    def health(self) -> AgentHealth:
+        ident = self.cfg.agent
+        spool = self.spool.stats()
+        probes = self.probe_counters() if self.probe_counters is not None else ProbeCounters()
+        now_ns = time.time_ns()
+        return AgentHealth(
+            v=SCHEMA_VERSION,
+            agent=ident.id,
+            site=ident.site,
+            at_ns=now_ns,
+            started_at_ns=self.started_at_ns,
+            version=VERSION,
+            labels=dict(ident.labels),
+            uptime_s=round(time.monotonic() - self._started_mono, 3),
+            spool_durable=spool.durable,
+            spool_depth=spool.depth,
+            spool_bytes=spool.bytes,
+            spool_oldest_age_s=spool.oldest_age_s(now_ns),
+            spool_in_flight=spool.in_flight,
+            spool_errors=spool.errors,
+            dropped_bytes_limit=spool.dropped_bytes_limit,
+            dropped_age_limit=spool.dropped_age_limit,
+            produced=probes.produced,
             published=self.stats.published_observations,
+            acknowledged=self.stats.acknowledged_observations,
+            publish_failures=self.stats.publish_failures,
+            messages_published=self.stats.published_messages,
+            connects=self.stats.connects,
+            reconnects=self.stats.reconnects,
+            connected=self.stats.connected,
+            replay_throttled_s=round(self.stats.replay_throttled_s, 3),
+            skipped_slots=probes.skipped_slots,
+            probes_in_flight=probes.in_flight,
+            sched_lag_max_ms=probes.sched_lag_max_ms,
         )
 
     def _client(self) -> aiomqtt.Client:
@@ -106,96 +207,126 @@ class Publisher:
             clean_session=True,
         )
 
+    def _left(self) -> str:
+        n = len(self.spool)
+        where = "kept in the spool for the next start" if self.spool.durable else "lost (in-memory spool)"
+        return f"{n} observation(s) not delivered, {where}" if n else "nothing left to deliver"
+
+    async def _publish_status(self, client: aiomqtt.Client, state: str) -> None:
+        await client.publish(
+            self.status_topic, encode(self.status(state)), qos=1, retain=True, timeout=self.cfg.publish.ack_timeout_s
+        )
+
+    def _shutdown_deadline(self) -> float:
+        """When flushing at shutdown ends (set the first time someone asks after ``stop``)."""
+        if self._flush_deadline is None:
+            self._flush_deadline = asyncio.get_running_loop().time() + self.cfg.publish.flush_timeout_s
+        return self._flush_deadline
+
+    async def _connected(self, stop: asyncio.Event, attempt: int) -> None:
+        """One connection: presence, then publish until stopped and flushed (or an MqttError)."""
+        broker = self.cfg.broker
+        async with self._client() as client:
+            self.stats.connects += 1
+            if self.stats.connects > 1:
+                self.stats.reconnects += 1
+            self.stats.connected = True
+            if attempt:
+                log.info("connected to broker %s after %d failed attempt(s)", broker.url, attempt)
+            else:
+                log.info("connected to broker %s", broker.url)
+            backlog = self.spool.available()
+            if backlog:
+                log.info(
+                    "sending %d spooled observation(s), oldest first, at most %g/s",
+                    backlog,
+                    self.cfg.publish.replay_max_per_s,
+                )
+            await self._publish_status(client, "online")
+            await self._pump(client, stop)
+            await self._publish_status(client, "offline")
+            self.stats.connected = False
+
     async def run(self, stop: asyncio.Event) -> None:
-        """Publish until ``stop`` is set and the outbox is flushed (or the flush timeout ends)."""
+        """Publish until ``stop`` is set and the spool is flushed; once stopped, keep trying
+        (reconnecting if need be) for at most ``publish.flush_timeout_s``."""
         attempt = 0
         broker = self.cfg.broker
+        loop = asyncio.get_running_loop()
+        self._flush_deadline = None
         while True:
             try:
-                async with self._client() as client:
-                    self.stats.connects += 1
-                    self.stats.connected = True
-                    if attempt:
-                        log.info("connected to broker %s after %d failed attempt(s)", broker.url, attempt)
-                    else:
-                        log.info("connected to broker %s", broker.url)
-                    attempt = 0
-                    await client.publish(self.status_topic, encode(self.status("online")), qos=1, retain=True)
-                    await self._pump(client, stop)
-                    await client.publish(
-                        self.status_topic, encode(self.status("offline")), qos=1, retain=True
-                    )
-                    self.stats.connected = False
-                    return
-            except aiomqtt.MqttError as err:
-                self.stats.connected = False
                 if stop.is_set():
-                    log.warning(
-                        "stopping without broker (%s): %d observation(s) not delivered", err, len(self.outbox)
-                    )
-                    return
+                    async with asyncio.timeout_at(self._shutdown_deadline()):
+                        await self._connected(stop, attempt)
+                else:
+                    await self._connected(stop, attempt)
+                return
+            except (aiomqtt.MqttError, TimeoutError) as err:
+                self.stats.connected = False
+                if isinstance(err, TimeoutError) and not stop.is_set():
+                    raise
+                if stop.is_set():
+                    await self.spool.flush()  # what the scheduler produced last
+                    if not self.spool.available() or loop.time() >= self._shutdown_deadline():
+                        log.warning("stopping without broker (%s): %s", str(err) or "flush timeout", self._left())
+                        return
                 delay = backoff_s(attempt, broker.reconnect_min_s, broker.reconnect_max_s, self._rng)
                 attempt += 1
+                spool = self.spool.stats()
                 log.warning(
-                    "broker %s unreachable or lost (%s); retrying in %.1f s (%d queued, %d dropped so far)",
+                    "broker %s unreachable or lost (%s); retrying in %.1f s (%d spooled, %d dropped so far)",
                     broker.url,
                     err,
                     delay,
-                    len(self.outbox),
-                    self.outbox.dropped,
+                    spool.depth,
+                    spool.dropped_bytes_limit + spool.dropped_age_limit,
                 )
+                if stop.is_set():
+                    await asyncio.sleep(max(0.0, min(delay, self._shutdown_deadline() - loop.time())))
+                    continue
                 try:
                     await asyncio.wait_for(stop.wait(), delay)
                 except TimeoutError:
                     pass
-                if stop.is_set() and not len(self.outbox):
-                    return
                 if stop.is_set():
-                    # One last attempt to flush what is queued, bounded by the flush timeout.
-                    try:
-                        async with asyncio.timeout(self.cfg.publish.flush_timeout_s):
-                            async with self._client() as client:
-                                await self._pump(client, stop)
-                                await client.publish(
-                                    self.status_topic, encode(self.status("offline")), qos=1, retain=True
-                                )
-                    except (aiomqtt.MqttError, TimeoutError) as last:
-                        log.warning(
-                            "gave up flushing at shutdown (%s): %d not delivered", last, len(self.outbox)
-                        )
-                    return
+                    await self.spool.flush()
+                    if not self.spool.available():
+                        return
 
     async def _pump(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
         pub = self.cfg.publish
         loop = asyncio.get_running_loop()
         next_status = loop.time() + pub.status_interval_s
-        flush_deadline: float | None = None
+        next_health = loop.time()  # one right after connecting, then every health_interval_s
+        flush_ns = round(pub.flush_interval_s * 1e9)
         while True:
+            now = loop.time()
+            if now >= next_health:
+                await client.publish(self.health_topic, encode(self.health()), qos=1, timeout=pub.ack_timeout_s)
+                next_health = now + pub.health_interval_s
             if stop.is_set():
-                flush_deadline = flush_deadline or loop.time() + pub.flush_timeout_s
-                if not len(self.outbox) or loop.time() >= flush_deadline:
-                    if len(self.outbox):
-                        log.warning(
-                            "flush timeout at shutdown: %d observation(s) not delivered", len(self.outbox)
-                        )
+                await self.spool.flush()  # what the scheduler produced last becomes available
+                if not self.spool.available() or loop.time() >= self._shutdown_deadline():
+                    if self.spool.available():
+                        log.warning("flush timeout at shutdown: %s", self._left())
                     return
                 await self._publish_batch(client)
                 continue
-            now = loop.time()
             if now >= next_status:
-                await client.publish(self.status_topic, encode(self.status("online")), qos=1, retain=True)
+                await self._publish_status(client, "online")
                 next_status = now + pub.status_interval_s
-            oldest = self.outbox.oldest_enqueued_at()
-            if oldest is not None and (
-                len(self.outbox) >= pub.batch_max_observations or now - oldest >= pub.flush_interval_s
-            ):
+            available = self.spool.available()
+            oldest = self.spool.oldest_available_at_ns()
+            now_ns = time.time_ns()
+            if available and (available >= pub.batch_max_observations or oldest is None or now_ns - oldest >= flush_ns):
                 await self._publish_batch(client)
                 continue
-            wait_s = next_status - now
-            if oldest is not None:
-                wait_s = min(wait_s, oldest + pub.flush_interval_s - now)
+            wait_s = min(next_status, next_health) - now
+            if available and oldest is not None:
+                wait_s = min(wait_s, (oldest + flush_ns - now_ns) / 1e9)
             stop_wait = asyncio.ensure_future(stop.wait())
-            changed = asyncio.ensure_future(self.outbox.wait_changed(max(0.0, wait_s)))
+            changed = asyncio.ensure_future(self.spool.wait_changed(max(0.0, wait_s)))
             try:
                 await asyncio.wait({stop_wait, changed}, return_when=asyncio.FIRST_COMPLETED)
             finally:
@@ -203,8 +334,16 @@ class Publisher:
                 changed.cancel()
 
     async def _publish_batch(self, client: aiomqtt.Client) -> None:
-        batch = self.outbox.take(self.cfg.publish.batch_max_observations)
-        if not batch:
+        pub = self.cfg.publish
+        n = min(self.spool.available(), pub.batch_max_observations)
+        if n <= 0:
+            return
+        delay = self._bucket.reserve(n, asyncio.get_running_loop().time())
+        if delay > 0:
+            self.stats.replay_throttled_s += delay
+            await asyncio.sleep(delay)
+        entries = await self.spool.take(n)
+        if not entries:
             return
         ident = self.cfg.agent
         base = Envelope(
@@ -215,15 +354,21 @@ class Publisher:
             labels=dict(ident.labels),
             observations=[],
         )
-        observations = [obs for _, obs in batch]
+        done = 0
         try:
-            for payload in encode_batches(base, observations, MAX_MESSAGE_BYTES):
-                await client.publish(self.obs_topic, payload, qos=1)
+            for payload, count in encode_batches(base, [e.payload for e in entries], MAX_MESSAGE_BYTES):
+                self.stats.published_observations += count
+                await client.publish(self.obs_topic, payload, qos=1, timeout=pub.ack_timeout_s)
+                self.spool.ack(entries[done : done + count])
+                done += count
                 self.stats.published_messages += 1
+                self.stats.acknowledged_observations += count
         except BaseException:
-            # Not acknowledged as a whole: all of it goes back (a part may be delivered twice,
-            # which the collector's idempotent writes absorb).
+            # What the broker did not acknowledge goes back, first in line (it may have arrived
+            # anyway, PUBACK lost: delivered twice, which the collector's idempotent writes absorb).
             self.stats.publish_failures += 1
-            self.outbox.put_back(batch)
+            rest = entries[done:]
+            self.spool.release(rest)
+            if self.on_release is not None:
+                self.on_release(rest)
             raise
-        self.stats.published_observations += len(observations)

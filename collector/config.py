@@ -15,6 +15,9 @@ Example::
       database: edgeprobe
     limits:
       max_message_bytes: 1048576
+    spool:
+      path: /var/lib/edgeprobe/collector-pop-collector-1.spool.sqlite   # the default for root
+    health_interval_s: 10
 
 Environment variables override keys (values are strings): see :data:`COLLECTOR_ENV`.
 """
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
@@ -65,12 +69,19 @@ def check_http_url(url: str) -> None:
 
 class SubscriptionConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     topic: str | None = None  # default: <broker.topic_prefix>/v1/+/+/obs
-    qos: Literal[0, 1, 2] = 1
+    # Agents' own health messages; default <broker.topic_prefix>/v1/+/+/health. Off: health: false.
+    health: bool = True
+    health_topic: str | None = None
+    # 1: at least once, acknowledged after the spool commit. 0: at most once (the broker keeps
+    # nothing). QoS 2 is not offered: paho completes its first half (PUBREC) before the collector
+    # sees the message, so a crash in between would lose it.
+    qos: Literal[0, 1] = 1
     shared_group: str | None = None  # MQTT shared subscription: $share/<group>/<topic>
 
     def __post_init__(self) -> None:
-        if self.topic is not None and (not self.topic or self.topic.startswith("$share/")):
-            raise ValueError(f"topic: expected a topic filter (use shared_group for $share), got {self.topic!r}")
+        for key, value in (("topic", self.topic), ("health_topic", self.health_topic)):
+            if value is not None and (not value or value.startswith("$share/")):
+                raise ValueError(f"{key}: expected a topic filter (use shared_group for $share), got {value!r}")
         if self.shared_group is not None and (not self.shared_group or any(c in self.shared_group for c in "/+#")):
             raise ValueError(f"shared_group: expected a name without '/', '+' or '#', got {self.shared_group!r}")
 
@@ -125,10 +136,64 @@ class InfluxConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_o
 
 class LimitsConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     max_message_bytes: Annotated[int, msgspec.Meta(ge=1024, le=256 * 1024 * 1024)] = 1024 * 1024
-    # Lines held in memory while InfluxDB is unreachable; beyond that the oldest are dropped.
-    max_buffered_lines: Annotated[int, msgspec.Meta(ge=1)] = 200_000
-    shutdown_flush_s: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 10.0  # last flush on stop
+    # On stop, try this long to write what the spool holds; the rest waits in it for the next start.
+    shutdown_flush_s: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 10.0
     log_interval_s: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 10.0  # per-reason log rate limit
+
+
+def default_state_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """Where the collector keeps its spool and dead-letter file unless the config says otherwise.
+
+    ``$STATE_DIRECTORY`` (systemd's ``StateDirectory=``), else ``/var/lib/edgeprobe`` for root,
+    else ``$XDG_STATE_HOME/edgeprobe`` (``~/.local/state/edgeprobe``).
+    """
+    env = os.environ if environ is None else environ
+    if env.get("STATE_DIRECTORY"):
+        return Path(env["STATE_DIRECTORY"].split(":")[0])
+    if os.geteuid() == 0:
+        return Path("/var/lib/edgeprobe")
+    base = env.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "edgeprobe"
+
+
+DEFAULT_SPOOL_PATH = "{state_dir}/collector-{name}.spool.sqlite"
+DEFAULT_DEAD_LETTER_PATH = "{spool_dir}/collector-{name}.dead-letter.jsonl"
+_PATH_PLACEHOLDERS = {"state_dir": "/s", "spool_dir": "/d", "name": "n"}
+
+
+class SpoolConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """The collector's durable queue (SQLite, WAL) between MQTT and InfluxDB, and its dead letters.
+
+    Paths may use ``{state_dir}`` (:func:`default_state_dir`), ``{name}`` (the collector's name)
+    and, in ``dead_letter_path``, ``{spool_dir}`` (the spool file's directory).
+    """
+
+    # null: in memory (not durable: a crash loses what was acknowledged and not yet written).
+    path: str | None = DEFAULT_SPOOL_PATH
+    # Points InfluxDB refused for good (400), one JSON object a line. null, or the default while the
+    # spool is in memory: only logged and counted.
+    dead_letter_path: str | None = DEFAULT_DEAD_LETTER_PATH
+    # When the spool holds this much line protocol, the collector stops taking messages (they stay
+    # with the broker) until InfluxDB has drained it below the limit.
+    max_bytes: Annotated[int, msgspec.Meta(ge=1024 * 1024)] = 1024 * 1024 * 1024
+    # full: a commit survives power loss (fsync per commit); normal: survives a crash of the
+    # collector but maybe not of the machine (SQLite WAL with synchronous=NORMAL).
+    synchronous: Literal["full", "normal"] = "full"
+
+    def __post_init__(self) -> None:
+        for key, value in (("path", self.path), ("dead_letter_path", self.dead_letter_path)):
+            if value is None:
+                continue
+            if not value.strip() or "\0" in value:
+                raise ValueError(f"{key}: expected a file path, got {value!r}")
+            try:
+                value.format(**_PATH_PLACEHOLDERS)
+            except (KeyError, IndexError, ValueError) as err:
+                raise ValueError(
+                    f"{key}: only {{state_dir}}, {{spool_dir}} and {{name}} may appear in braces, got {value!r}"
+                ) from err
+            if key == "path" and "{spool_dir}" in value:
+                raise ValueError("path: {spool_dir} is the directory of this path; use {state_dir}")
 
 
 class CollectorConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -137,24 +202,57 @@ class CollectorConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, k
     subscription: SubscriptionConfig = SubscriptionConfig()
     influx: InfluxConfig = InfluxConfig()
     limits: LimitsConfig = LimitsConfig()
+    spool: SpoolConfig = SpoolConfig()
+    # The collector's own health point (measurement edgeprobe_health, source=collector); null: off.
+    health_interval_s: Annotated[float, msgspec.Meta(gt=0, le=86400)] | None = 10.0
 
     def __post_init__(self) -> None:
         if not NAME_RE.match(self.name):
             raise ValueError(f"name: expected letters, digits, '.', '_' or '-', got {self.name!r}")
-        if self.limits.max_buffered_lines < self.influx.batch_max_lines:
-            raise ValueError("limits: max_buffered_lines must be >= influx.batch_max_lines")
 
     @property
     def default_client_id(self) -> str:
         return f"edgeprobe-collector-{self.name}"
 
-    @property
-    def topic_filter(self) -> str:
-        """The filter to subscribe to, with the ``$share/<group>/`` prefix when shared."""
-        topic = self.subscription.topic or f"{self.broker.topic_prefix}/v1/+/+/obs"
+    def _shared(self, topic: str) -> str:
         if self.subscription.shared_group:
             return f"$share/{self.subscription.shared_group}/{topic}"
         return topic
+
+    @property
+    def topic_filter(self) -> str:
+        """The observation filter to subscribe to, with the ``$share/<group>/`` prefix when shared."""
+        return self._shared(self.subscription.topic or f"{self.broker.topic_prefix}/v1/+/+/obs")
+
+    @property
+    def health_topic_filter(self) -> str | None:
+        """The agents' health filter (None when ``subscription.health`` is off)."""
+        if not self.subscription.health:
+            return None
+        return self._shared(self.subscription.health_topic or f"{self.broker.topic_prefix}/v1/+/+/health")
+
+    @property
+    def topic_filters(self) -> list[str]:
+        return [t for t in (self.topic_filter, self.health_topic_filter) if t is not None]
+
+    def spool_path(self, environ: Mapping[str, str] | None = None) -> Path | None:
+        """The spool file, or None for a spool in memory (``spool.path: null``)."""
+        if self.spool.path is None:
+            return None
+        text = self.spool.path.format(state_dir=default_state_dir(environ), spool_dir="", name=self.name)
+        return Path(text).expanduser()
+
+    def dead_letter_path(self, environ: Mapping[str, str] | None = None) -> Path | None:
+        """The dead-letter file, or None when refused points are only logged."""
+        template = self.spool.dead_letter_path
+        if template is None:
+            return None
+        spool = self.spool_path(environ)
+        if spool is None and "{spool_dir}" in template:
+            return None
+        spool_dir = spool.parent if spool is not None else ""
+        text = template.format(state_dir=default_state_dir(environ), spool_dir=spool_dir, name=self.name)
+        return Path(text).expanduser()
 
 
 def load_collector_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> CollectorConfig:

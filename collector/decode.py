@@ -10,12 +10,25 @@ stable. Fields the struct doesn't know (from a newer agent) are dropped.
 
 Every reject has a short ``reason`` class (the keys of :data:`REASONS`, used as counter names) and
 a one-line ``detail`` for the log.
+
+Bounds (hostile or broken senders): ``started_at_ns`` (and a health message's ``at_ns``) must lie
+in [2000-01-01, now + 1 day] (``bad_timestamp``: a broken agent clock is the usual cause);
+``duration_ms`` and ``sched_lag_ms`` in [0, 1 day] and finite; ``seq`` in int64; ``id`` at most
+128 characters; ``target`` at most 2048; ``job`` at most 256 (``bad_value``). Invalid UTF-8 and
+nesting deeper than msgspec's limit are ``bad_json`` (inside one observation:
+``bad_observation``, that observation alone). Integers beyond int64 and non-finite numbers in
+result fields are not rejected: :mod:`collector.lineproto` leaves those fields out and counts
+them. Details and ids in rejects are one printable line (they go to logs).
+
+Agents' health messages (``<prefix>/v1/<site>/<agent>/health``, :class:`probes.schema.AgentHealth`)
+are decoded by :func:`decode_health` with the same whole-message checks.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -24,7 +37,7 @@ from typing import Any, Final
 import msgspec
 
 from probes.kind import AnyKind
-from probes.schema import NAME_RE, SUPPORTED_VERSIONS, Observation, parse_obs_topic
+from probes.schema import NAME_RE, SUPPORTED_VERSIONS, AgentHealth, Observation, parse_agent_topic, parse_obs_topic
 
 # Whole-message rejects.
 TOO_LARGE: Final = "too_large"
@@ -38,6 +51,7 @@ BAD_OBSERVATION: Final = "bad_observation"
 UNKNOWN_KIND: Final = "unknown_kind"
 BAD_FIELDS: Final = "bad_fields"
 BAD_VALUE: Final = "bad_value"
+BAD_TIMESTAMP: Final = "bad_timestamp"
 
 REASONS: Final = {
     TOO_LARGE: "message larger than limits.max_message_bytes (not parsed)",
@@ -49,15 +63,24 @@ REASONS: Final = {
     BAD_OBSERVATION: "observation not of the v1 shape (missing or mistyped key)",
     UNKNOWN_KIND: "probe kind unknown to this collector",
     BAD_FIELDS: "fields don't match the kind's result type",
-    BAD_VALUE: "a value out of range (negative duration, bad timestamp …)",
+    BAD_VALUE: "a value out of range (negative or absurd duration, seq, empty id …)",
+    BAD_TIMESTAMP: "timestamp before 2000-01-01 or more than a day in the future (agent clock?)",
 }
 
-# InfluxDB's timestamp range (ns); 0 and earlier means a broken clock.
-MAX_TIMESTAMP_NS: Final = 9223372036854775806
+# Accepted timestamps: from 2000-01-01T00:00:00Z to a day after the collector's clock.
+MIN_TIMESTAMP_NS: Final = 946_684_800_000_000_000
+MAX_FUTURE_NS: Final = 86_400 * 1_000_000_000
+MAX_DURATION_MS: Final = 86_400_000.0  # one day: no probe runs that long
 INT64_MAX: Final = 2**63 - 1
 OUTCOME_RE: Final = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+MAX_ID_CHARS: Final = 128
 MAX_TARGET_CHARS: Final = 2048
+MAX_JOB_CHARS: Final = 256
 MAX_DETAIL_CHARS: Final = 200
+# What msgspec raises on input that is not (valid) JSON: malformed, invalid UTF-8 inside a string,
+# or nested deeper than its recursion limit.
+_NOT_JSON: Final = (UnicodeDecodeError, RecursionError)
+_JSON_ERRORS: Final = (msgspec.DecodeError, *_NOT_JSON)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,8 +128,14 @@ class _RawEnvelope(msgspec.Struct, kw_only=True):
     observations: list[msgspec.Raw]
 
 
-def _short(text: str) -> str:
+def _printable(text: str) -> str:
+    """One line with no control characters: details and ids go to logs."""
     text = " ".join(text.split())
+    return text if text.isprintable() else "".join(c if c.isprintable() else "?" for c in text)
+
+
+def _short(text: str) -> str:
+    text = _printable(text[: MAX_DETAIL_CHARS * 4])
     return text if len(text) <= MAX_DETAIL_CHARS else text[: MAX_DETAIL_CHARS - 1] + "…"
 
 
@@ -114,89 +143,209 @@ def _whole(reason: str, detail: str) -> Decoded:
     return Decoded(meta=None, rejects=[Reject(reason, _short(detail))])
 
 
+def check_timestamp(name: str, value_ns: int, now_ns: int) -> str | None:
+    """Why ``value_ns`` is not a plausible timestamp, or None."""
+    if value_ns < MIN_TIMESTAMP_NS:
+        return f"{name} {value_ns} is before 2000-01-01"
+    if value_ns > now_ns + MAX_FUTURE_NS:
+        return f"{name} {value_ns} is {(value_ns - now_ns) / 1e9:.0f} s ahead of the collector's clock"
+    return None
+
+
+def _check_duration(name: str, value: float | None) -> str | None:
+    if value is None or (math.isfinite(value) and 0 <= value <= MAX_DURATION_MS):
+        return None
+    return f"{name} {value} is negative, non-finite or longer than a day"
+
+
 def _check_values(obs: Observation) -> str | None:
-    """What is out of range in an observation, or None."""
-    if not obs.id:
-        return "empty id"
+    """What is out of range in an observation (timestamps aside), or None."""
+    if not obs.id or len(obs.id) > MAX_ID_CHARS:
+        return f"id empty or longer than {MAX_ID_CHARS} characters"
     if not 0 <= obs.seq <= INT64_MAX:
         return f"seq {obs.seq} out of range"
-    if not 0 < obs.started_at_ns <= MAX_TIMESTAMP_NS:
-        return f"started_at_ns {obs.started_at_ns} out of range"
-    if not math.isfinite(obs.duration_ms) or obs.duration_ms < 0:
-        return f"negative or non-finite duration_ms {obs.duration_ms}"
-    if obs.sched_lag_ms is not None and (not math.isfinite(obs.sched_lag_ms) or obs.sched_lag_ms < 0):
-        return f"negative or non-finite sched_lag_ms {obs.sched_lag_ms}"
+    problem = _check_duration("duration_ms", obs.duration_ms) or _check_duration("sched_lag_ms", obs.sched_lag_ms)
+    if problem is not None:
+        return problem
     if not OUTCOME_RE.match(obs.outcome):
         return f"outcome {obs.outcome[:40]!r} is not an outcome name"
     if not obs.target or len(obs.target) > MAX_TARGET_CHARS:
         return f"target empty or longer than {MAX_TARGET_CHARS} characters"
+    if obs.job is not None and len(obs.job) > MAX_JOB_CHARS:
+        return f"job longer than {MAX_JOB_CHARS} characters"
     return None
 
 
-def decode_observation(raw: bytes, kinds: Mapping[str, AnyKind], index: int = 0) -> Observation | Reject:
+def _short_id(oid: object) -> str | None:
+    """An observation id as it may appear in a log line (reject details only)."""
+    return _printable(oid[:MAX_ID_CHARS]) if isinstance(oid, str) else None
+
+
+def decode_observation(
+    raw: bytes, kinds: Mapping[str, AnyKind], index: int = 0, *, now_ns: int | None = None
+) -> Observation | Reject:
     """One observation of an envelope: validated and with its fields normalised, or a reject."""
     try:
         obs = msgspec.json.decode(raw, type=Observation)
-    except msgspec.DecodeError as err:
+    except _JSON_ERRORS as err:
         oid: Any = None
         try:
             loose = msgspec.json.decode(raw)
             oid = loose.get("id") if isinstance(loose, dict) else None
-        except msgspec.DecodeError:
+        except _JSON_ERRORS:
             pass
-        return Reject(BAD_OBSERVATION, _short(str(err)), oid if isinstance(oid, str) else None, index)
+        return Reject(BAD_OBSERVATION, _short(str(err) or type(err).__name__), _short_id(oid), index)
+    oid = _short_id(obs.id)
     kind = kinds.get(obs.kind)
     if kind is None:
-        return Reject(UNKNOWN_KIND, _short(f"unknown kind {obs.kind!r}"), obs.id, index)
+        return Reject(UNKNOWN_KIND, _short(f"unknown kind {obs.kind!r}"), oid, index)
     problem = _check_values(obs)
     if problem is not None:
-        return Reject(BAD_VALUE, _short(problem), obs.id, index)
+        return Reject(BAD_VALUE, _short(problem), oid, index)
+    problem = check_timestamp("started_at_ns", obs.started_at_ns, time.time_ns() if now_ns is None else now_ns)
+    if problem is not None:
+        return Reject(BAD_TIMESTAMP, _short(problem), oid, index)
     if obs.fields:
         try:
             typed = msgspec.convert(obs.fields, kind.result_type)
         except msgspec.ValidationError as err:
-            return Reject(BAD_FIELDS, _short(f"{obs.kind}: {err}"), obs.id, index)
+            return Reject(BAD_FIELDS, _short(f"{obs.kind}: {err}"), oid, index)
         obs.fields = msgspec.to_builtins(typed)
     return obs
 
 
-def decode_message(topic: str, payload: bytes, *, prefix: str, max_bytes: int, kinds: Mapping[str, AnyKind]) -> Decoded:
-    """Decode one MQTT message from an agent. Never raises for bad input: it returns rejects."""
+def _head(payload: bytes) -> _Head | Reject:
+    """The schema version of a message, or the whole-message reject (JSON, shape, version)."""
+    try:
+        head = msgspec.json.decode(payload, type=_Head)
+    except msgspec.ValidationError as err:
+        try:  # msgspec stops at the first mismatch: tell broken JSON from JSON of another shape
+            msgspec.json.decode(payload)
+        except _JSON_ERRORS as syntax:
+            return Reject(BAD_JSON, _short(str(syntax) or type(syntax).__name__))
+        return Reject(BAD_ENVELOPE, _short(str(err)))
+    except _JSON_ERRORS as err:
+        return Reject(BAD_JSON, _short(str(err) or type(err).__name__))
+    if head.v not in SUPPORTED_VERSIONS:
+        return Reject(UNSUPPORTED_VERSION, f"unsupported schema version {head.v}")
+    return head
+
+
+def _check_sender(agent: str, site: str, topic_site: str, topic_agent: str) -> Reject | None:
+    if not NAME_RE.match(agent) or not NAME_RE.match(site):
+        return Reject(BAD_ENVELOPE, _short(f"bad agent or site name {agent[:40]!r}/{site[:40]!r}"))
+    if site != topic_site:
+        return Reject(TOPIC_MISMATCH, _short(f"topic names site {topic_site} but payload names {site[:40]}"))
+    if agent != topic_agent:
+        return Reject(TOPIC_MISMATCH, _short(f"topic names agent {topic_agent} but payload names {agent[:40]}"))
+    return None
+
+
+def _whole_reject(rej: Reject) -> Decoded:
+    return Decoded(meta=None, rejects=[rej])
+
+
+def decode_message(
+    topic: str,
+    payload: bytes,
+    *,
+    prefix: str,
+    max_bytes: int,
+    kinds: Mapping[str, AnyKind],
+    now_ns: int | None = None,
+) -> Decoded:
+    """Decode one MQTT message from an agent. Never raises for bad input: it returns rejects.
+
+    ``now_ns`` (default: the wall clock) bounds timestamps from the future.
+    """
     if len(payload) > max_bytes:
         return _whole(TOO_LARGE, f"{len(payload)} bytes > limit {max_bytes}")
     names = parse_obs_topic(prefix, topic)
     if names is None:
         return _whole(BAD_TOPIC, f"not an observation topic: {topic[:100]!r}")
     topic_site, topic_agent = names
-    try:
-        head = msgspec.json.decode(payload, type=_Head)
-    except msgspec.ValidationError as err:
-        try:  # msgspec stops at the first mismatch: tell broken JSON from JSON of another shape
-            msgspec.json.decode(payload)
-        except msgspec.DecodeError as syntax:
-            return _whole(BAD_JSON, str(syntax))
-        return _whole(BAD_ENVELOPE, str(err))
-    except msgspec.DecodeError as err:
-        return _whole(BAD_JSON, str(err))
-    if head.v not in SUPPORTED_VERSIONS:
-        return _whole(UNSUPPORTED_VERSION, f"unsupported schema version {head.v}")
+    head = _head(payload)
+    if isinstance(head, Reject):
+        return _whole_reject(head)
     try:
         env = msgspec.json.decode(payload, type=_RawEnvelope)
+    except _NOT_JSON as err:  # _head skipped over it: invalid UTF-8, or too deep
+        return _whole(BAD_JSON, str(err) or type(err).__name__)
     except msgspec.DecodeError as err:
         return _whole(BAD_ENVELOPE, str(err))
-    if not NAME_RE.match(env.agent) or not NAME_RE.match(env.site):
-        return _whole(BAD_ENVELOPE, f"bad agent or site name {env.agent[:40]!r}/{env.site[:40]!r}")
-    if env.site != topic_site:
-        return _whole(TOPIC_MISMATCH, f"topic names site {topic_site} but payload names {env.site}")
-    if env.agent != topic_agent:
-        return _whole(TOPIC_MISMATCH, f"topic names agent {topic_agent} but payload names {env.agent}")
+    bad_sender = _check_sender(env.agent, env.site, topic_site, topic_agent)
+    if bad_sender is not None:
+        return _whole_reject(bad_sender)
 
+    now = time.time_ns() if now_ns is None else now_ns
     meta = EnvelopeMeta(v=env.v, agent=env.agent, site=env.site, sent_at_ns=env.sent_at_ns, labels=env.labels)
     out = Decoded(meta=meta, total_observations=len(env.observations))
     for i, raw in enumerate(env.observations):
-        res = decode_observation(raw, kinds, i)
+        res = decode_observation(raw, kinds, i, now_ns=now)
         if isinstance(res, Reject):
             out.rejects.append(res)
         else:
             out.observations.append(res)
     return out
+
+
+# ---- agents' health messages ----------------------------------------------------------------------
+
+# AgentHealth attributes that are not fields of the point: the tags, the timestamp, the version.
+HEALTH_META_KEYS: Final = frozenset({"v", "agent", "site", "at_ns", "labels", "component"})
+
+
+@dataclass(slots=True)
+class DecodedHealth:
+    """One agent health message: the tags and fields of its point, or why it was rejected."""
+
+    agent: str | None = None
+    site: str | None = None
+    at_ns: int = 0
+    source: str = "agent"
+    labels: dict[str, str] = field(default_factory=dict)
+    fields: dict[str, Any] = field(default_factory=dict)
+    reject: Reject | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.reject is None
+
+
+def decode_health(
+    topic: str, payload: bytes, *, prefix: str, max_bytes: int, now_ns: int | None = None
+) -> DecodedHealth:
+    """Decode an agent's health message (:class:`probes.schema.AgentHealth`). Never raises."""
+    if len(payload) > max_bytes:
+        return DecodedHealth(reject=Reject(TOO_LARGE, f"{len(payload)} bytes > limit {max_bytes}"))
+    names = parse_agent_topic(prefix, topic)
+    if names is None or names[2] != "health":
+        return DecodedHealth(reject=Reject(BAD_TOPIC, _short(f"not a health topic: {topic[:100]!r}")))
+    topic_site, topic_agent, _ = names
+    head = _head(payload)
+    if isinstance(head, Reject):
+        return DecodedHealth(reject=head)
+    try:
+        health = msgspec.json.decode(payload, type=AgentHealth)
+    except _NOT_JSON as err:
+        return DecodedHealth(reject=Reject(BAD_JSON, _short(str(err) or type(err).__name__)))
+    except msgspec.DecodeError as err:
+        return DecodedHealth(reject=Reject(BAD_ENVELOPE, _short(str(err))))
+    bad_sender = _check_sender(health.agent, health.site, topic_site, topic_agent)
+    if bad_sender is not None:
+        return DecodedHealth(reject=bad_sender)
+    problem = check_timestamp("at_ns", health.at_ns, time.time_ns() if now_ns is None else now_ns)
+    if problem is not None:
+        return DecodedHealth(reject=Reject(BAD_TIMESTAMP, _short(problem)))
+    values = msgspec.structs.asdict(health)
+    fields = {k: v for k, v in values.items() if k not in HEALTH_META_KEYS and v is not None}
+    component = getattr(health, "component", "agent")
+    source = component if isinstance(component, str) and OUTCOME_RE.match(component) else "agent"
+    return DecodedHealth(
+        agent=health.agent,
+        site=health.site,
+        at_ns=health.at_ns,
+        source=source,
+        labels=dict(health.labels),
+        fields=fields,
+    )

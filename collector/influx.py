@@ -37,11 +37,12 @@ DATA_ERROR_STATUS = frozenset({400, 413})  # a problem with the lines themselves
 class WriteError(Exception):
     """A failed write. ``retryable``: the same lines may succeed later; ``status``: HTTP status."""
 
-    def __init__(self, message: str, *, retryable: bool, status: int | None = None) -> None:
+    def __init__(self, message: str, *, retryable: bool, status: int | None = None, timeout: bool = False) -> None:
         super().__init__(message)
         self.message = message
         self.retryable = retryable
         self.status = status
+        self.timeout = timeout  # no answer within influx.timeout_s (the server may be slow, or the batch large)
 
     @property
     def data_error(self) -> bool:
@@ -81,7 +82,7 @@ def line_body(lines: Sequence[str]) -> bytes:
 def _transport_error(exc: BaseException, what: str) -> WriteError:
     """A connection-level failure (no HTTP status). Messages name the exception, never credentials."""
     if isinstance(exc, asyncio.TimeoutError | TimeoutError):
-        return WriteError(f"{what}: timed out", retryable=True)
+        return WriteError(f"{what}: timed out", retryable=True, timeout=True)
     detail = str(exc) if isinstance(exc, OSError | aiohttp.ClientError) else ""
     detail = " ".join(detail.split())[:MAX_ERROR_CHARS]
     return WriteError(f"{what}: {type(exc).__name__}{': ' + detail if detail else ''}", retryable=True)

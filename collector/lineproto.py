@@ -10,10 +10,14 @@ One observation is one point::
   overrides an agent label of the same key). Labels never shadow the collector's own names: a label
   whose key is a reserved tag (:data:`RESERVED_TAG_KEYS`), a ``tag_fields`` name or a field name of
   the point is left out and counted (``label_clash``); the agent rejects such labels in its config.
-  Keys are never re-encoded: a key that is empty, ``time`` or holds a backslash, LF or CR is left
-  out and counted (``bad_key``).
+  Keys are never re-encoded: a key that is empty, ``time``, ``_field``, ``_measurement`` (reserved
+  by InfluxDB 2.x/3.x) or holds a backslash, LF or CR is left out and counted (``bad_key``).
+  InfluxDB refuses a series key (measurement + tags) longer than 65535 bytes: when labels or a
+  kind's tag fields would make it longer than :data:`MAX_SERIES_KEY_BYTES`, the longest of those
+  tags are left out until it fits, each counted (``key_too_long``).
 * **fields**: ``id`` (string), ``seq`` (integer), ``duration_ms`` (float), ``sched_lag_ms`` (float,
-  when measured), ``reason`` (string, when present), then every scalar of the kind's result:
+  when measured), ``overloaded`` (boolean, scheduled runs), ``reason`` (string, when present),
+  then every scalar of the kind's result:
   bool → ``true``/``false``, int → ``123i``, float → always written as a float (``5.0``, ``1e+16``)
   so that InfluxDB never infers an integer for a float field, str → ``"…"``. ``None`` (not
   measured) is left out. Lists (per-packet series such as ``rtts_ms``, ``connects_ms``) are left
@@ -61,6 +65,12 @@ TAG_MARKER: Final = "~ep~"
 INT64_MIN: Final = -(2**63)
 INT64_MAX: Final = 2**63 - 1
 
+# Series keys (measurement and tags, as sent) longer than this are not sent (InfluxDB: 65535).
+MAX_SERIES_KEY_BYTES: Final = 60_000
+# Keys InfluxDB refuses or reserves (1.x refuses "time"; 2.x/3.x reserve these two).
+RESERVED_KEYS: Final = frozenset({"time", "_field", "_measurement"})
+HEALTH_MEASUREMENT: Final = "edgeprobe_health"
+
 # Why a part of a point was left out (keys of Encoded.omitted / CollectorStats.omitted).
 OMIT_LABEL_CLASH: Final = "label_clash"
 OMIT_BAD_KEY: Final = "bad_key"
@@ -68,6 +78,7 @@ OMIT_NONFINITE: Final = "nonfinite_field"
 OMIT_INT_RANGE: Final = "int_out_of_range"
 OMIT_FIELD_CLASH: Final = "field_clash"
 OMIT_UNKNOWN_KIND: Final = "unknown_kind"
+OMIT_KEY_TOO_LONG: Final = "key_too_long"
 
 _NEEDS_MARKER_RE = re.compile(r"[\n\r]|\\(?:[\\,= ]|$)")
 _PCT_ENCODE = {"%": "%25", "\n": "%0A", "\r": "%0D", "\\": "%5C"}
@@ -92,7 +103,7 @@ def decode_tag_value(stored: str) -> str:
 
 def tag_key_ok(key: str) -> bool:
     """Whether ``key`` can be a tag or field key as it is (keys are never re-encoded)."""
-    return bool(key) and key != "time" and not any(c in key for c in "\\\n\r")
+    return bool(key) and key not in RESERVED_KEYS and not any(c in key for c in "\\\n\r")
 
 
 def _escape_key(text: str) -> str:
@@ -174,6 +185,8 @@ def encode_observation(
     base: list[tuple[str, Any]] = [("duration_ms", float(obs.duration_ms))]
     if obs.sched_lag_ms is not None:
         base.append(("sched_lag_ms", float(obs.sched_lag_ms)))
+    if obs.overloaded is not None:
+        base.append(("overloaded", obs.overloaded))
     if obs.reason is not None:
         base.append(("reason", obs.reason))
     for key, value in base:
@@ -227,9 +240,80 @@ def encode_observation(
         else:
             tags[key] = value
 
+    core = {"agent", "site", "target", "outcome", "job"}
+    line = _line(measurement, tags, fields, obs.started_at_ns, droppable=set(tags) - core, omitted=omitted)
+    return Encoded(line, tuple(omitted))
+
+
+def _series_key(measurement: str, tags: Mapping[str, str]) -> str:
     tag_text = ",".join(f"{_escape_key(k)}={escape_tag_value(tags[k])}" for k in sorted(tags))
+    return f"{escape_measurement(measurement)},{tag_text}" if tag_text else escape_measurement(measurement)
+
+
+def _line(
+    measurement: str,
+    tags: dict[str, str],
+    fields: Mapping[str, str],
+    timestamp_ns: int,
+    *,
+    droppable: set[str],
+    omitted: list[str],
+) -> str:
+    """Assemble a line; tags in ``droppable`` go, longest first, while the series key is too long."""
+    key = _series_key(measurement, tags)
+    while len(key.encode("utf-8")) > MAX_SERIES_KEY_BYTES and droppable:
+        longest = max(droppable, key=lambda k: (len(escape_tag_value(tags[k])) + len(k), k))
+        droppable.discard(longest)
+        del tags[longest]
+        omitted.append(OMIT_KEY_TOO_LONG)
+        key = _series_key(measurement, tags)
     field_text = ",".join(f"{_escape_key(k)}={v}" for k, v in fields.items())
-    line = f"{escape_measurement(measurement)},{tag_text} {field_text} {obs.started_at_ns}"
+    return f"{key} {field_text} {timestamp_ns}"
+
+
+def encode_point(
+    measurement: str,
+    *,
+    tags: Mapping[str, str],
+    fields: Mapping[str, Any],
+    timestamp_ns: int,
+    labels: Mapping[str, str] | None = None,
+) -> Encoded | None:
+    """A generic point (the ``edgeprobe_health`` points): ``tags`` are the writer's own, ``labels``
+    are added unless they clash with a tag or field; None when no field is left to write."""
+    omitted: list[str] = []
+    field_texts: dict[str, str] = {}
+    for key, value in fields.items():
+        if not tag_key_ok(key):
+            omitted.append(OMIT_BAD_KEY)
+            continue
+        try:
+            text = format_field_value(value)
+        except OverflowError:
+            omitted.append(OMIT_INT_RANGE)
+            continue
+        except ValueError:
+            omitted.append(OMIT_NONFINITE)
+            continue
+        if text is not None:
+            field_texts[key] = text
+    if not field_texts:
+        return None
+    all_tags: dict[str, str] = {}
+    for key, value in tags.items():
+        if tag_key_ok(key):
+            all_tags[key] = value
+        else:
+            omitted.append(OMIT_BAD_KEY)
+    own = set(all_tags)
+    for key, value in (labels or {}).items():
+        if key in RESERVED_TAG_KEYS or key in all_tags or key in field_texts:
+            omitted.append(OMIT_LABEL_CLASH)
+        elif not tag_key_ok(key):
+            omitted.append(OMIT_BAD_KEY)
+        else:
+            all_tags[key] = value
+    line = _line(measurement, all_tags, field_texts, timestamp_ns, droppable=set(all_tags) - own, omitted=omitted)
     return Encoded(line, tuple(omitted))
 
 

@@ -1,26 +1,45 @@
-"""The collector daemon: MQTT observations in, InfluxDB points out.
+"""The collector daemon: MQTT observations in, InfluxDB points out, nothing acknowledged early.
 
-Two tasks share an in-memory buffer of line-protocol lines:
+Delivery guarantee: **a message is acknowledged to the broker only after the points made from
+it are committed to the collector's durable spool** (:mod:`collector.spool`, SQLite WAL), and a
+point leaves the spool only after InfluxDB accepted it, or refused it for good and it was
+written to the dead-letter file. paho (under aiomqtt 2.x) would acknowledge QoS 1 messages as
+soon as they arrive; the collector turns that off (paho's ``manual_ack``) and sends each PUBACK
+itself. Acknowledging after the spool commit rather than after the InfluxDB write keeps the
+broker's in-flight window (mosquitto ``max_inflight_messages``, 20 by default) moving while a
+batch is being written or InfluxDB is down, and it is the same path in both cases.
 
-* the **consumer** keeps an MQTT session (persistent: ``clean_session=False``, so the broker queues
-  QoS 1 messages while the collector is away), subscribes to ``<prefix>/v1/+/+/obs`` and turns
-  every message into lines (:mod:`collector.decode`, :mod:`collector.lineproto`). Bad messages and
-  bad observations are counted by reason and logged at most once per ``limits.log_interval_s`` per
-  reason. On any :class:`aiomqtt.MqttError` it reconnects with capped exponential backoff
-  (``broker.reconnect_min_s`` … ``broker.reconnect_max_s``).
-* the **flusher** writes batches of up to ``influx.batch_max_lines`` when that many are buffered or
-  every ``influx.flush_interval_s``. Retryable write errors (unreachable, timeout, 5xx, 429) are
-  retried with capped backoff while the batch is kept; errors about the destination rather than the
-  data (401, 403, 404) are retried the same way, so the collector recovers once it is fixed. When
-  InfluxDB refuses the data (400, 413) the batch is bisected until the refused lines are alone; those
-  are logged with InfluxDB's reason and counted (``dead_lettered``) and the rest is written.
+Three tasks:
 
-The buffer is bounded (``limits.max_buffered_lines``): past it the oldest lines are dropped and
-counted (``dropped``). A durable spool is future work; so is acknowledging MQTT messages only
-after they are written (paho acknowledges QoS 1 messages on receipt).
+* the **consumer** keeps an MQTT session (persistent: ``clean_session=False``, so the broker
+  queues QoS 1 messages while the collector is away, and re-sends the unacknowledged ones after
+  a reconnect), subscribed to ``<prefix>/v1/+/+/obs`` and ``<prefix>/v1/+/+/health``. It takes
+  the messages that have arrived as a group, turns each into lines (:mod:`collector.decode`,
+  :mod:`collector.lineproto`), commits all the group's lines to the spool in one transaction,
+  then acknowledges the group's messages in arrival order. Rejected messages are acknowledged
+  too (they are counted by reason and logged at most once per ``limits.log_interval_s`` per
+  reason; re-sending them would not help). When the spool can't be written the session is
+  dropped without acknowledging, and the broker re-sends after the reconnect. When the spool
+  holds ``spool.max_bytes`` the consumer waits (the broker keeps the rest) until it drains.
+  On any :class:`aiomqtt.MqttError` it reconnects with capped exponential backoff.
+* the **flusher** writes the oldest spooled lines in batches of up to ``influx.batch_max_lines``
+  when that many are waiting or every ``influx.flush_interval_s``, then deletes them from the
+  spool. Retryable write errors (unreachable, timeout, 5xx, 429) are retried with capped
+  exponential backoff and jitter while the batch stays; errors about the destination rather
+  than the data (401, 403, 404) are retried the same way, so the collector recovers once it is
+  fixed. A batch that timed out is retried in halves, so one too large for ``influx.timeout_s``
+  can't time out forever. When InfluxDB refuses the data (400, 413) the batch is bisected until the refused lines
+  are alone; those go to the dead-letter file with InfluxDB's reason and the rest is written.
+* the **health** task adds the collector's own ``edgeprobe_health`` point to the spool every
+  ``health_interval_s`` (see :func:`health_fields`).
 
-On ``stop``: stop consuming, process what was already received, flush for at most
-``limits.shutdown_flush_s``, disconnect.
+Writes are idempotent by design: a point's key is its measurement, tags and timestamp (the
+probe's start), so a message re-sent by the broker, or a batch written again after a crash
+between the write and the spool delete, overwrites itself.
+
+On ``stop``: stop taking messages, take and acknowledge what already arrived, add a last health
+point, flush for at most ``limits.shutdown_flush_s``; what is left stays in the spool for the
+next start, which drains it first.
 """
 
 from __future__ import annotations
@@ -28,57 +47,131 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import signal
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import aiomqtt
 
 from collector.config import CollectorConfig
-from collector.decode import decode_message
+from collector.decode import REASONS, decode_health, decode_message
 from collector.influx import InfluxWriter, WriteError, make_writer
-from collector.lineproto import encode_batch
+from collector.lineproto import HEALTH_MEASUREMENT, encode_batch, encode_point
+from collector.spool import DeadLetters, Spool, SpoolError
 from probes.kind import AnyKind
+from probes.schema import parse_agent_topic
+from probes.stats import percentile
 
 log = logging.getLogger("edgeprobe.collector")
 
+P = ParamSpec("P")
+T = TypeVar("T")
+
 MAX_LOGGED_LINE_CHARS = 300
 INTERNAL_ERROR = "internal_error"  # a rejected-counter key: processing a message raised (a bug)
+MAX_GROUP_MESSAGES = 1000  # messages taken (and committed) together at most
+RECENT_WRITES = 1024  # write latencies and batch sizes kept for one health point at most
 
 
 @dataclass
 class CollectorStats:
-    """Counters of one collector run; tests and the status output read them."""
+    """Counters and gauges of one collector run; tests, logs and the health point read them."""
 
+    started_at_ns: int = field(default_factory=time.time_ns)
     received_messages: int = 0  # MQTT messages, good or bad
     received_observations: int = 0  # observations in envelopes that decoded (good + rejected alone)
-    accepted_observations: int = 0  # observations that became lines
+    accepted_observations: int = 0  # observations that became lines (and were spooled)
+    received_health: int = 0  # agent health messages that became points
+    acknowledged_messages: int = 0  # messages acknowledged after their spool commit
+    spooled_lines: int = 0  # lines committed to the spool (observations, agent and own health)
     written_points: int = 0  # lines InfluxDB accepted
+    writes: int = 0  # successful write requests
     rejected: Counter[str] = field(default_factory=Counter)  # by reason (collector.decode.REASONS)
     omitted: Counter[str] = field(default_factory=Counter)  # parts of points left out (lineproto OMIT_*)
     write_retries: int = 0  # failed write attempts that were retried
-    dead_lettered: int = 0  # lines InfluxDB refused permanently (logged)
-    dropped: int = 0  # lines dropped: buffer full, or not flushed within shutdown_flush_s
+    dead_lettered: int = 0  # lines InfluxDB refused permanently (in the dead-letter file)
+    spool_errors: int = 0  # failed spool commits/reads/deletes and dead-letter writes
+    backpressure_s: float = 0.0  # seconds the consumer waited because the spool was full
     connects: int = 0  # successful MQTT connect + subscribe
-    buffered_lines: int = 0  # lines waiting to be written (gauge)
+    connected: bool = False  # holding an MQTT session now (gauge)
+    spool_lines: int = 0  # lines waiting in the spool (gauge)
+    spool_bytes: int = 0  # their size (gauge)
+    spool_oldest_at_ns: int | None = None  # when the oldest waiting line was received (gauge)
+    spool_durable: bool = True  # False: spool.path is null (in memory)
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "received_messages": self.received_messages,
             "received_observations": self.received_observations,
             "accepted_observations": self.accepted_observations,
+            "received_health": self.received_health,
+            "acknowledged_messages": self.acknowledged_messages,
             "written_points": self.written_points,
             "rejected": dict(self.rejected),
             "omitted": dict(self.omitted),
             "write_retries": self.write_retries,
             "dead_lettered": self.dead_lettered,
-            "dropped": self.dropped,
+            "spool_errors": self.spool_errors,
             "connects": self.connects,
-            "buffered_lines": self.buffered_lines,
+            "spool_lines": self.spool_lines,
         }
+
+
+def health_fields(
+    stats: CollectorStats,
+    latencies_ms: Sequence[float],
+    batch_lines: Sequence[int],
+    now_ns: int,
+    uptime_s: float,
+) -> dict[str, Any]:
+    """The fields of the collector's ``edgeprobe_health`` point (pure).
+
+    Counters are cumulative since the process started (``started_at_ns``); ``latencies_ms`` and
+    ``batch_lines`` are the successful writes since the previous health point. Percentiles and
+    batch figures are absent (not 0) when there was no write.
+    """
+    fields: dict[str, Any] = {
+        "started_at_ns": stats.started_at_ns,
+        "uptime_s": float(uptime_s),
+        "received_messages": stats.received_messages,
+        "received_observations": stats.received_observations,
+        "accepted_observations": stats.accepted_observations,
+        "received_health": stats.received_health,
+        "acknowledged_messages": stats.acknowledged_messages,
+        "spooled_lines": stats.spooled_lines,
+        "written_points": stats.written_points,
+        "writes": stats.writes,
+        "write_retries": stats.write_retries,
+        "dead_lettered": stats.dead_lettered,
+        "rejected": sum(stats.rejected.values()),
+        "omitted": sum(stats.omitted.values()),
+        "spool_errors": stats.spool_errors,
+        "backpressure_s": float(stats.backpressure_s),
+        "connects": stats.connects,
+        "connected": stats.connected,
+        "spool_depth": stats.spool_lines,
+        "spool_bytes": stats.spool_bytes,
+        "spool_durable": stats.spool_durable,
+    }
+    for reason in (*REASONS, INTERNAL_ERROR):
+        fields[f"rejected_{reason}"] = stats.rejected.get(reason, 0)
+    if stats.spool_oldest_at_ns is not None:
+        fields["spool_oldest_age_s"] = max(0.0, (now_ns - stats.spool_oldest_at_ns) / 1e9)
+    if latencies_ms:
+        ordered = sorted(latencies_ms)
+        fields["write_latency_p50_ms"] = percentile(ordered, 50)
+        fields["write_latency_p95_ms"] = percentile(ordered, 95)
+        fields["write_latency_max_ms"] = float(ordered[-1])
+    if batch_lines:
+        fields["batch_lines_mean"] = sum(batch_lines) / len(batch_lines)
+        fields["batch_lines_max"] = max(batch_lines)
+        fields["batches"] = len(batch_lines)
+    return fields
 
 
 class RateLimitedLog:
@@ -119,8 +212,22 @@ class RateLimitedLog:
         return dict(self._suppressed)
 
 
-def _backoff(delay: float, maximum: float) -> float:
-    return min(delay * 2, maximum)
+class Backoff:
+    """Capped exponential backoff with jitter: each delay is drawn from [d/2, d], d doubling to ``max_s``."""
+
+    def __init__(self, min_s: float, max_s: float, rng: random.Random | None = None) -> None:
+        self.min_s = min_s
+        self.max_s = max_s
+        self._rng = rng or random.Random()
+        self._next = min_s
+
+    def next(self) -> float:
+        ceiling = self._next
+        self._next = min(self._next * 2, self.max_s)
+        return self._rng.uniform(ceiling / 2, ceiling)
+
+    def reset(self) -> None:
+        self._next = self.min_s
 
 
 async def _sleep_unless(event: asyncio.Event, seconds: float) -> None:
@@ -130,32 +237,89 @@ async def _sleep_unless(event: asyncio.Event, seconds: float) -> None:
             await event.wait()
 
 
+def enable_manual_ack(client: aiomqtt.Client) -> None:
+    """Make the client's paho instance leave PUBACKs to us (:func:`ack`). aiomqtt 2.5 has no option
+    for it, so this reaches into its (stable since 2.0) ``_client`` attribute."""
+    paho = getattr(client, "_client", None)
+    if paho is None or not hasattr(paho, "manual_ack_set") or not hasattr(paho, "ack"):
+        raise RuntimeError("this aiomqtt/paho version does not expose paho's manual acknowledgement")
+    paho.manual_ack_set(True)
+
+
+def ack(client: aiomqtt.Client, message: aiomqtt.Message) -> None:
+    """Send the PUBACK of a QoS 1 message (nothing for QoS 0). A lost connection makes it a no-op:
+    the broker re-sends the message after the reconnect."""
+    if message.qos > 0:
+        client._client.ack(message.mid, message.qos)
+
+
 class _Collector:
-    def __init__(self, config: CollectorConfig, stats: CollectorStats, kinds: Mapping[str, AnyKind]) -> None:
+    def __init__(
+        self,
+        config: CollectorConfig,
+        stats: CollectorStats,
+        kinds: Mapping[str, AnyKind],
+        spool: Spool,
+        dead_letters: DeadLetters,
+        executor: ThreadPoolExecutor,
+    ) -> None:
         self.config = config
         self.stats = stats
         self.kinds = kinds
+        self.spool = spool
+        self.dead_letters = dead_letters
+        self.executor = executor
         self.rlog = RateLimitedLog(log, config.limits.log_interval_s)
-        self.buffer: deque[str] = deque()
-        self.pending: deque[list[str]] = deque()  # the batch being written, split by bisection
-        self.pending_lines = 0
+        self.pending: deque[list[tuple[int, str]]] = deque()  # the batch being written, split by bisection
         self.wake = asyncio.Event()  # a full batch is waiting, or stopping
+        self.drained = asyncio.Event()  # the flusher removed lines from the spool
         self.stopping = asyncio.Event()
+        self.latencies_ms: deque[float] = deque(maxlen=RECENT_WRITES)
+        self.batch_lines: deque[int] = deque(maxlen=RECENT_WRITES)
+        self.started_monotonic = time.monotonic()
+        stats.spool_durable = spool.durable
+        self._update_gauges()
 
-    # ---- consuming ----------------------------------------------------------------------
+    async def _db(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run a spool call on the spool's single worker thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, lambda: fn(*args, **kwargs))
 
-    def ingest(self, topic: str, payload: bytes) -> None:
-        """Decode one message and buffer its lines. A bug here costs one message, not the collector."""
+    def _update_gauges(self) -> None:
+        state = self.spool.state()
+        self.stats.spool_lines = state.depth
+        self.stats.spool_bytes = state.bytes
+        self.stats.spool_oldest_at_ns = state.oldest_received_at_ns
+
+    # ---- turning messages into lines (no I/O) -----------------------------------------------
+
+    def process(self, topic: str, payload: bytes) -> list[str]:
+        """The lines one message makes (maybe none). A bug here costs one message, not the collector."""
+        self.stats.received_messages += 1
         try:
-            self._ingest(topic, payload)
+            names = parse_agent_topic(self.config.broker.topic_prefix, topic)
+            if names is not None and names[2] == "health":
+                return self._process_health(topic, payload)
+            return self._process_obs(topic, payload)
         except Exception:  # the boundary between one message and the long-running loop
             self.stats.rejected[INTERNAL_ERROR] += 1
             if self.rlog.allow(INTERNAL_ERROR):
                 log.exception("internal error while processing a message on %r", topic[:200])
+            return []
 
-    def _ingest(self, topic: str, payload: bytes) -> None:
+    def _reject(self, topic: str, reason: str, detail: str, what: str, ident: str = "") -> None:
+        self.stats.rejected[reason] += 1
+        self.rlog.warning(f"reject:{reason}", "rejected %s%s on %r (%s): %s", what, ident, topic[:200], reason, detail)
+
+    def _omitted(self, omitted: Mapping[str, int], site: str, agent: str) -> None:
+        for reason, count in omitted.items():
+            self.stats.omitted[reason] += count
+            self.rlog.warning(
+                f"omit:{reason}", "left %d part(s) out of points from %s/%s: %s", count, site, agent, reason
+            )
+
+    def _process_obs(self, topic: str, payload: bytes) -> list[str]:
         stats, cfg = self.stats, self.config
-        stats.received_messages += 1
         decoded = decode_message(
             topic,
             payload,
@@ -165,141 +329,221 @@ class _Collector:
         )
         stats.received_observations += decoded.total_observations
         for rej in decoded.rejects:
-            stats.rejected[rej.reason] += 1
             what = "message" if rej.observation_id is None and rej.index is None else "observation"
-            ident = f" {rej.observation_id}" if rej.observation_id else ""
-            self.rlog.warning(
-                f"reject:{rej.reason}",
-                "rejected %s%s on %r (%s): %s",
-                what,
-                ident,
-                topic[:200],
-                rej.reason,
-                rej.detail,
-            )
+            self._reject(topic, rej.reason, rej.detail, what, f" {rej.observation_id}" if rej.observation_id else "")
         meta = decoded.meta
         if meta is None or not decoded.observations:
-            return
+            return []
         batch = encode_batch(
             decoded.observations, agent=meta.agent, site=meta.site, kinds=self.kinds, agent_labels=meta.labels
         )
         stats.accepted_observations += len(batch.lines)
-        for reason, count in batch.omitted.items():
-            stats.omitted[reason] += count
-            self.rlog.warning(
-                f"omit:{reason}",
-                "left %d part(s) out of points from %s/%s: %s",
-                count,
-                meta.site,
-                meta.agent,
-                reason,
-            )
-        self._enqueue(batch.lines)
+        self._omitted(batch.omitted, meta.site, meta.agent)
+        return batch.lines
 
-    def _enqueue(self, lines: list[str]) -> None:
-        self.buffer.extend(lines)
-        overflow = len(self.buffer) + self.pending_lines - self.config.limits.max_buffered_lines
-        if overflow > 0:
-            overflow = min(overflow, len(self.buffer))
-            for _ in range(overflow):
-                self.buffer.popleft()
-            self.stats.dropped += overflow
-            self.rlog.warning(
-                "dropped",
-                "buffer full (%d lines): dropped the %d oldest",
-                self.config.limits.max_buffered_lines,
-                overflow,
-            )
-        self._update_gauge()
-        if len(self.buffer) >= self.config.influx.batch_max_lines:
+    def _process_health(self, topic: str, payload: bytes) -> list[str]:
+        cfg = self.config
+        health = decode_health(
+            topic, payload, prefix=cfg.broker.topic_prefix, max_bytes=cfg.limits.max_message_bytes
+        )
+        if health.reject is not None:
+            self._reject(topic, health.reject.reason, health.reject.detail, "health message")
+            return []
+        assert health.agent is not None and health.site is not None
+        enc = encode_point(
+            HEALTH_MEASUREMENT,
+            tags={"agent": health.agent, "site": health.site, "source": health.source},
+            fields=health.fields,
+            timestamp_ns=health.at_ns,
+            labels=health.labels,
+        )
+        if enc is None:
+            return []
+        self.stats.received_health += 1
+        self._omitted(Counter(enc.omitted), health.site, health.agent)
+        return [enc.line]
+
+    # ---- the spool -----------------------------------------------------------------------
+
+    async def spool_append(self, lines: Sequence[str]) -> None:
+        """Commit lines to the spool (raises SpoolError); wakes the flusher on a full batch."""
+        try:
+            await self._db(self.spool.append, list(lines))
+        except SpoolError:
+            self.stats.spool_errors += 1
+            raise
+        self.stats.spooled_lines += len(lines)
+        self._update_gauges()
+        if self.spool.depth >= self.config.influx.batch_max_lines:
             self.wake.set()
 
-    def _update_gauge(self) -> None:
-        self.stats.buffered_lines = len(self.buffer) + self.pending_lines
+    def spool_full(self) -> bool:
+        return self.spool.bytes >= self.config.spool.max_bytes
+
+    async def wait_for_room(self, stop: asyncio.Event) -> bool:
+        """Wait while the spool is full; False when ``stop`` was set meanwhile."""
+        if not self.spool_full():
+            return True
+        t0 = time.monotonic()
+        self.rlog.warning(
+            "spool_full",
+            "spool full (%d bytes >= spool.max_bytes %d): not taking messages until InfluxDB drains it",
+            self.spool.bytes,
+            self.config.spool.max_bytes,
+        )
+        try:
+            while self.spool_full():
+                if stop.is_set():
+                    return False
+                self.drained.clear()
+                await _sleep_unless(self.drained, 1.0)
+            return not stop.is_set()
+        finally:
+            self.stats.backpressure_s += time.monotonic() - t0
+
+    # ---- consuming ----------------------------------------------------------------------
+
+    async def take(self, client: aiomqtt.Client, messages: Sequence[aiomqtt.Message]) -> None:
+        """Spool a group of messages in one commit, then acknowledge them in arrival order."""
+        lines: list[str] = []
+        for message in messages:
+            lines.extend(self.process(message.topic.value, _payload_bytes(message.payload)))
+        if lines:
+            await self.spool_append(lines)
+        for message in messages:
+            ack(client, message)
+        self.stats.acknowledged_messages += len(messages)
 
     async def consume(self, stop: asyncio.Event) -> None:
         """Hold the MQTT session until ``stop`` is set, reconnecting as needed."""
         broker = self.config.broker
         kwargs = broker.client_kwargs(self.config.default_client_id)
-        delay = broker.reconnect_min_s
+        qos: int = self.config.subscription.qos
+        backoff = Backoff(broker.reconnect_min_s, broker.reconnect_max_s)
         while not stop.is_set():
             connected_at: float | None = None
             try:
-                async with aiomqtt.Client(**kwargs, clean_session=False) as client:
-                    granted = await client.subscribe(self.config.topic_filter, qos=self.config.subscription.qos)
-                    _check_granted(granted, self.config.topic_filter, self.config.subscription.qos)
+                client = aiomqtt.Client(**kwargs, clean_session=False)
+                enable_manual_ack(client)
+                async with client:
+                    filters = self.config.topic_filters
+                    granted = await client.subscribe([(f, qos) for f in filters])
+                    _check_granted(granted, filters, qos)
                     connected_at = time.monotonic()
                     self.stats.connects += 1
-                    log.info(
-                        "connected to %s as %s, subscribed to %s",
-                        broker.url,
-                        kwargs["identifier"],
-                        self.config.topic_filter,
-                    )
+                    self.stats.connected = True
+                    log.info("connected to %s as %s, subscribed to %s", broker.url, kwargs["identifier"], filters)
                     await self._pump(client, stop)
-            except aiomqtt.MqttError as exc:
+            except (aiomqtt.MqttError, SpoolError) as exc:
+                self.stats.connected = False
                 if stop.is_set():
                     break
                 if connected_at is not None and time.monotonic() - connected_at > broker.reconnect_max_s:
-                    delay = broker.reconnect_min_s  # it had been up for a while: start over
-                self.rlog.warning("mqtt", "MQTT broker %s: %s; reconnecting in %.1f s", broker.url, exc, delay)
+                    backoff.reset()  # it had been up for a while: start over
+                delay = backoff.next()
+                if isinstance(exc, SpoolError):
+                    log.error("%s; messages stay with the broker; reconnecting in %.1f s", exc, delay)
+                else:
+                    self.rlog.warning("mqtt", "MQTT broker %s: %s; reconnecting in %.1f s", broker.url, exc, delay)
                 await _sleep_unless(stop, delay)
-                delay = _backoff(delay, broker.reconnect_max_s)
+            finally:
+                self.stats.connected = False
 
     async def _pump(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
-        async def read() -> None:
-            async for message in client.messages:
-                self.ingest(message.topic.value, _payload_bytes(message.payload))
-
-        reader = asyncio.create_task(read())
-        stopper = asyncio.create_task(stop.wait())
+        iterator = client.messages
+        stopped = asyncio.create_task(stop.wait())
         try:
-            await asyncio.wait({reader, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stopper.cancel()
-            if not reader.done():
-                reader.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await reader
-        if reader.cancelled():
-            # Stopping: what the client already received was acknowledged, so process it now.
-            iterator = client.messages
+            while True:
+                nxt = asyncio.ensure_future(anext(iterator))
+                await asyncio.wait({nxt, stopped}, return_when=asyncio.FIRST_COMPLETED)
+                if not nxt.done():  # stopping
+                    nxt.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await nxt
+                    break
+                group = [nxt.result()]  # raises the MqttError that ended the session
+                while len(iterator) > 0 and len(group) < MAX_GROUP_MESSAGES:
+                    group.append(await anext(iterator))
+                if not await self.wait_for_room(stop):
+                    return  # stopping with a full spool: the broker keeps the group
+                await self.take(client, group)
+            # Stopping: take what has already arrived (else the broker re-sends it next time).
+            group = []
             while len(iterator) > 0:
-                message = await anext(iterator)
-                self.ingest(message.topic.value, _payload_bytes(message.payload))
-        else:
-            reader.result()  # raises the MqttError that ended the iteration
+                group.append(await anext(iterator))
+            if group and not self.spool_full():
+                await self.take(client, group)
+        finally:
+            stopped.cancel()
+
+    # ---- the collector's own health ------------------------------------------------------
+
+    def health_line(self) -> str | None:
+        now_ns = time.time_ns()
+        self._update_gauges()
+        uptime_s = time.monotonic() - self.started_monotonic
+        fields = health_fields(self.stats, list(self.latencies_ms), list(self.batch_lines), now_ns, uptime_s)
+        self.latencies_ms.clear()
+        self.batch_lines.clear()
+        enc = encode_point(
+            HEALTH_MEASUREMENT,
+            tags={"source": "collector", "collector": self.config.name},
+            fields=fields,
+            timestamp_ns=now_ns,
+        )
+        return None if enc is None else enc.line
+
+    async def add_health_point(self) -> None:
+        line = self.health_line()
+        if line is None:
+            return
+        try:
+            await self.spool_append([line])
+        except SpoolError as err:
+            self.rlog.warning("health", "could not spool the collector's health point: %s", err)
+
+    async def health_loop(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            await self.add_health_point()
 
     # ---- flushing -----------------------------------------------------------------------
 
     async def flush_loop(self, writer: InfluxWriter) -> None:
-        """Write batches until stopping and everything is written. Never raises WriteError."""
+        """Write the spool to InfluxDB until stopping and it is empty. Never raises WriteError."""
         influx = self.config.influx
         prepared = False
-        delay = influx.retry_min_s
+        backoff = Backoff(influx.retry_min_s, influx.retry_max_s)
         while True:
             if not self.pending:
-                if len(self.buffer) < influx.batch_max_lines and not self.stopping.is_set():
+                if self.spool.depth < influx.batch_max_lines and not self.stopping.is_set():
                     self.wake.clear()
                     await _sleep_unless(self.wake, influx.flush_interval_s)
-                if not self.buffer:
+                if self.spool.depth == 0:
                     if self.stopping.is_set():
                         return
                     continue
-                count = min(influx.batch_max_lines, len(self.buffer))
-                self.pending.append([self.buffer.popleft() for _ in range(count)])
-                self.pending_lines = count
+                try:
+                    rows = await self._db(self.spool.peek, influx.batch_max_lines)
+                except SpoolError as err:
+                    await self._spool_trouble(err, backoff)
+                    continue
+                if not rows:
+                    continue
+                self.pending.append(rows)
             chunk = self.pending[0]
             try:
                 if not prepared:
                     await self._prepare(writer)
                     prepared = True
-                await writer.write(chunk)
+                t0 = time.perf_counter_ns()
+                await writer.write([line for _, line in chunk])
+                elapsed_ms = (time.perf_counter_ns() - t0) / 1e6
             except WriteError as err:
                 if err.data_error:
                     self.pending.popleft()
                     if len(chunk) == 1:
-                        self._dead_letter(chunk[0], err)
+                        await self._dead_letter(chunk[0], err, backoff)
                     else:
                         mid = len(chunk) // 2
                         self.pending.appendleft(chunk[mid:])
@@ -308,17 +552,44 @@ class _Collector:
                 self.stats.write_retries += 1
                 if err.status == 404:
                     prepared = False  # e.g. the database was dropped: create it again first
+                if err.timeout and len(chunk) > 1:
+                    # Maybe the batch is too large to be written in influx.timeout_s: halve it (in
+                    # order) so a size-induced timeout can't repeat forever.
+                    self.pending.popleft()
+                    mid = len(chunk) // 2
+                    self.pending.appendleft(chunk[mid:])
+                    self.pending.appendleft(chunk[:mid])
+                delay = backoff.next()
                 self.rlog.warning(
                     "write", "writing %d lines failed: %s; retrying in %.1f s", len(chunk), err.message, delay
                 )
                 await asyncio.sleep(delay)
-                delay = _backoff(delay, influx.retry_max_s)
                 continue
-            self.pending.popleft()
-            self.pending_lines -= len(chunk)
+            self.stats.writes += 1
             self.stats.written_points += len(chunk)
-            self._update_gauge()
-            delay = influx.retry_min_s
+            self.latencies_ms.append(elapsed_ms)
+            self.batch_lines.append(len(chunk))
+            self.pending.popleft()
+            await self._forget_through(chunk[-1][0], backoff)
+            backoff.reset()
+
+    async def _forget_through(self, seq: int, backoff: Backoff) -> None:
+        """Delete written lines from the spool, retrying until it works (they are written already)."""
+        while True:
+            try:
+                await self._db(self.spool.delete_through, seq)
+            except SpoolError as err:
+                await self._spool_trouble(err, backoff)
+                continue
+            self._update_gauges()
+            self.drained.set()
+            return
+
+    async def _spool_trouble(self, err: Exception, backoff: Backoff) -> None:
+        self.stats.spool_errors += 1
+        delay = backoff.next()
+        self.rlog.warning("spool", "spool: %s; retrying in %.1f s", err, delay)
+        await asyncio.sleep(delay)
 
     async def _prepare(self, writer: InfluxWriter) -> None:
         try:
@@ -329,26 +600,29 @@ class _Collector:
             # e.g. no admin rights for CREATE DATABASE, or a server without it: try writing anyway.
             log.warning("could not prepare the InfluxDB destination (%s); writing anyway", err.message)
 
-    def _dead_letter(self, line: str, err: WriteError) -> None:
-        self.pending_lines -= 1
+    async def _dead_letter(self, row: tuple[int, str], err: WriteError, backoff: Backoff) -> None:
+        """Record a refused line in the dead-letter file (durably), then drop it from the spool."""
+        seq, line = row
+        while True:
+            try:
+                await self._db(self.dead_letters.append, line, err.message, err.status)
+                break
+            except OSError as exc:
+                await self._spool_trouble(
+                    SpoolError(f"dead-letter file {self.dead_letters.path}: {exc.strerror or exc}"), backoff
+                )
         self.stats.dead_lettered += 1
-        self._update_gauge()
         shown = line if len(line) <= MAX_LOGGED_LINE_CHARS else line[: MAX_LOGGED_LINE_CHARS - 1] + "…"
-        self.rlog.warning("dead_letter", "InfluxDB refused a point (%s): %s", err.message, shown)
-
-    def drop_unwritten(self) -> int:
-        lost = len(self.buffer) + sum(len(c) for c in self.pending)
-        self.buffer.clear()
-        self.pending.clear()
-        self.pending_lines = 0
-        self.stats.dropped += lost
-        self._update_gauge()
-        return lost
+        where = f"kept in {self.dead_letters.path}" if self.dead_letters.path is not None else "dropped"
+        self.rlog.warning("dead_letter", "InfluxDB refused a point (%s), %s: %s", err.message, where, shown)
+        await self._forget_through(seq, backoff)
 
 
-def _check_granted(granted: Sequence[Any], topic: str, qos: int) -> None:
-    """Raise MqttError when the broker refused the subscription (SUBACK 0x80 or a v5 failure code)."""
-    for code in granted:
+def _check_granted(granted: Sequence[Any], topics: str | Sequence[str], qos: int) -> None:
+    """Raise MqttError when the broker refused a subscription (SUBACK 0x80 or a v5 failure code)."""
+    names = [topics] if isinstance(topics, str) else list(topics)
+    for i, code in enumerate(granted):
+        topic = names[i] if i < len(names) else names[-1]
         value = int(getattr(code, "value", code))
         if getattr(code, "is_failure", value >= 0x80):
             raise aiomqtt.MqttError(f"the broker refused the subscription to {topic!r} ({code})")
@@ -375,8 +649,9 @@ async def run_collector(
 ) -> CollectorStats:
     """Run until ``stop`` is set (or SIGTERM/SIGINT when ``stop`` is None); returns the counters.
 
-    Cancelling the task stops at once, without the final flush. ``kinds`` defaults to
-    :data:`probes.registry.KINDS`.
+    Cancelling the task stops at once, without the final flush (the spool keeps what was not
+    written). ``kinds`` defaults to :data:`probes.registry.KINDS`. Raises SpoolError when the
+    spool can't be opened (e.g. another collector holds it).
     """
     if kinds is None:
         from probes.registry import KINDS
@@ -399,22 +674,60 @@ async def run_collector(
 async def _run(
     config: CollectorConfig, stop: asyncio.Event, stats: CollectorStats, kinds: Mapping[str, AnyKind]
 ) -> CollectorStats:
-    col = _Collector(config, stats, kinds)
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="collector-spool")
+    spool = Spool(config.spool_path(), synchronous=config.spool.synchronous)
+    try:
+        await asyncio.get_running_loop().run_in_executor(executor, spool.open)
+        try:
+            await _serve(config, stop, stats, kinds, spool, executor)
+        finally:
+            await asyncio.get_running_loop().run_in_executor(executor, spool.close)
+    finally:
+        executor.shutdown(wait=True)
+    log.info("collector %s stopped: %s", config.name, stats.as_dict())
+    return stats
+
+
+async def _serve(
+    config: CollectorConfig,
+    stop: asyncio.Event,
+    stats: CollectorStats,
+    kinds: Mapping[str, AnyKind],
+    spool: Spool,
+    executor: ThreadPoolExecutor,
+) -> None:
+    col = _Collector(config, stats, kinds, spool, DeadLetters(config.dead_letter_path()), executor)
     log.info(
-        "collector %s: MQTT %s → InfluxDB %s (api %s)",
+        "collector %s: MQTT %s → InfluxDB %s (api %s), spool %s",
         config.name,
         config.broker.url,
         config.influx.url,
         config.influx.api,
+        spool,
     )
+    if not spool.durable:
+        log.warning("spool.path is null: the spool is in memory, a crash loses what was acknowledged and not written")
+    if spool.depth:
+        log.info("the spool holds %d lines from before: writing them first", spool.depth)
     async with make_writer(config.influx) as writer:
         consumer = asyncio.create_task(col.consume(stop), name="collector-consume")
         flusher = asyncio.create_task(col.flush_loop(writer), name="collector-flush")
+        tasks = {consumer, flusher}
+        health: asyncio.Task[None] | None = None
+        if config.health_interval_s is not None:
+            health = asyncio.create_task(col.health_loop(config.health_interval_s), name="collector-health")
+            tasks.add(health)
         try:
-            await asyncio.wait({consumer, flusher}, return_when=asyncio.FIRST_COMPLETED)
-            if flusher.done():  # only on a bug: surface it
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            if consumer not in done:  # only on a bug: surface it
                 consumer.cancel()
-                flusher.result()
+                for task in done:
+                    task.result()
+            if health is not None:
+                health.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await health
+                await col.add_health_point()
             col.stopping.set()
             col.wake.set()
             await asyncio.wait({flusher}, timeout=config.limits.shutdown_flush_s)
@@ -422,17 +735,16 @@ async def _run(
                 flusher.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await flusher
-                lost = col.drop_unwritten()
-                log.error(
-                    "stopping: %d lines not written within %.1f s, dropped",
-                    lost,
+                col._update_gauges()
+                log.warning(
+                    "stopping: %d lines not written within %.1f s stay in the spool %s for the next start",
+                    spool.depth,
                     config.limits.shutdown_flush_s,
+                    spool,
                 )
             consumer.result()
         finally:
-            for task in (consumer, flusher):
+            for task in tasks:
                 if not task.done():
                     task.cancel()
-            await asyncio.gather(consumer, flusher, return_exceptions=True)
-    log.info("collector %s stopped: %s", config.name, stats.as_dict())
-    return stats
+            await asyncio.gather(*tasks, return_exceptions=True)

@@ -30,7 +30,7 @@ FieldValue = bool | int | float | str | None | list[float | None]
 # Tag keys the collector writes itself (plus "time", which InfluxDB refuses as a tag key), and the
 # field keys every point may have. Labels may use neither (nor a kind's result field names).
 RESERVED_TAG_KEYS: Final = frozenset({"agent", "site", "target", "outcome", "job", "kind", "time"})
-BASE_FIELD_KEYS: Final = ("id", "seq", "duration_ms", "sched_lag_ms", "reason")
+BASE_FIELD_KEYS: Final = ("id", "seq", "duration_ms", "sched_lag_ms", "overloaded", "reason")
 
 
 class Observation(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -43,6 +43,9 @@ class Observation(msgspec.Struct, kw_only=True, omit_defaults=True):
     outcome: str  # probes.outcome.Outcome value
     reason: str | None = None  # why, when outcome != ok
     sched_lag_ms: float | None = None  # how late the scheduler started the run
+    # Scheduled runs: True when sched_lag_ms exceeded the agent's overload threshold (the agent
+    # could not keep up; timings may be inflated). None for ad-hoc runs.
+    overloaded: bool | None = None
     job: str | None = None  # the agent job that produced it; None for ad-hoc runs
     labels: dict[str, str] = {}  # job labels, stored as tags
     fields: dict[str, FieldValue] = {}
@@ -75,12 +78,80 @@ class Status(msgspec.Struct, kw_only=True, omit_defaults=True):
     published: int | None = None
 
 
+class AgentHealth(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """An agent's own health, published every ``publish.health_interval_s`` (default 30 s) on
+    ``<prefix>/v1/<site>/<agent>/health`` at QoS 1, not retained. Additive to wire schema v1.
+
+    The collector writes one point per message to measurement ``edgeprobe_health`` at ``at_ns``,
+    tagged ``agent``, ``site``, ``component`` (here always ``"agent"``) and the agent ``labels``;
+    every other attribute below is a field (names as here; ``None`` means not known, not zero).
+    The ``agent``/``site`` in the payload must match the topic (else: rejected as spoofed).
+
+    Counts are of *observations* unless the name says otherwise. Counters marked "process" are
+    cumulative since ``started_at_ns`` (they restart from 0 when the agent restarts: use
+    ``non_negative_difference`` in queries); counters marked "spool" are cumulative over the
+    spool's lifetime and survive restarts (they are stored in the spool file).
+    """
+
+    v: int  # wire schema version (SCHEMA_VERSION)
+    agent: str
+    site: str
+    at_ns: int  # wall clock when sampled: the InfluxDB timestamp
+    started_at_ns: int  # wall clock when this agent process started
+    component: str = "agent"
+    version: str | None = None  # agent software version
+    labels: dict[str, str] = {}  # agent labels, stored as tags
+    uptime_s: float = 0.0  # monotonic seconds since the process started
+    # The spool (durable queue between scheduler and broker), at sampling time.
+    spool_durable: bool = False  # True: SQLite file; False: in-memory (spool.path: null)
+    spool_depth: int = 0  # observations waiting for a PUBACK (in flight included)
+    spool_bytes: int = 0  # their encoded size (msgspec JSON), bytes
+    spool_oldest_age_s: float | None = None  # wall-clock age of the oldest waiting one; None when empty
+    spool_in_flight: int = 0  # of spool_depth: sent, PUBACK not yet received
+    spool_errors: int = 0  # process: failed spool writes/commits (disk full, I/O error)
+    dropped_bytes_limit: int = 0  # spool: oldest dropped because spool.max_bytes was reached
+    dropped_age_limit: int = 0  # spool: dropped because older than spool.max_age_s
+    # The publisher, process counters.
+    produced: int = 0  # process: observations the scheduler produced (== put into the spool)
+    published: int = 0  # process: observations sent to the broker (a re-send counts again)
+    acknowledged: int = 0  # process: observations the broker acknowledged (PUBACK): left the spool
+    publish_failures: int = 0  # process: batches not acknowledged (timeout, lost connection)
+    messages_published: int = 0  # process: MQTT obs messages acknowledged
+    connects: int = 0  # process: successful broker connections (first one included)
+    reconnects: int = 0  # process: connections after a lost one (connects - 1 when connected)
+    connected: bool = False  # connected to the broker when sampled
+    replay_throttled_s: float = 0.0  # process: seconds the publisher waited on publish.replay_max_per_s
+    # The scheduler.
+    skipped_slots: int = 0  # process: slots skipped because the previous run was still going
+    probes_in_flight: int = 0  # probe runs in progress when sampled
+    sched_lag_max_ms: float | None = None  # largest sched_lag_ms since the previous health message
+
+
 def obs_topic(prefix: str, site: str, agent: str) -> str:
     return f"{prefix}/{TOPIC_VERSION}/{site}/{agent}/obs"
 
 
 def status_topic(prefix: str, site: str, agent: str) -> str:
     return f"{prefix}/{TOPIC_VERSION}/{site}/{agent}/status"
+
+
+def health_topic(prefix: str, site: str, agent: str) -> str:
+    return f"{prefix}/{TOPIC_VERSION}/{site}/{agent}/health"
+
+
+def parse_agent_topic(prefix: str, topic: str) -> tuple[str, str, str] | None:
+    """(site, agent, leaf) of ``<prefix>/v1/<site>/<agent>/<leaf>``, or None when not of that shape.
+
+    ``leaf`` is ``obs``, ``status`` or ``health`` for topics edgeprobe agents publish.
+    """
+    parts = topic.split("/")
+    pre = prefix.split("/")
+    if len(parts) != len(pre) + 4 or parts[: len(pre)] != pre:
+        return None
+    version, site, agent, leaf = parts[len(pre) :]
+    if version != TOPIC_VERSION:
+        return None
+    return site, agent, leaf
 
 
 def parse_obs_topic(prefix: str, topic: str) -> tuple[str, str] | None:

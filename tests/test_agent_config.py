@@ -56,7 +56,7 @@ def test_good_config_loads(tmp_path: Path) -> None:
 
 def test_unknown_top_level_key(tmp_path: Path) -> None:
     msg = error_of(tmp_path, GOOD + "brokr: {}\n")
-    assert "brokr: unknown key; expected one of: agent, broker, jobs, publish" in msg
+    assert "brokr: unknown key; expected one of: agent, broker, jobs, publish, spool" in msg
 
 
 def test_unknown_option_key_names_the_path(tmp_path: Path) -> None:
@@ -97,7 +97,7 @@ def test_bad_tcp_target(tmp_path: Path) -> None:
 
 def test_unknown_kind(tmp_path: Path) -> None:
     msg = error_of(tmp_path, GOOD.replace("kind: icmp", "kind: icmpp"))
-    assert "jobs[0].kind: unknown probe kind 'icmpp'; expected one of: http, icmp, tcp" in msg
+    assert "jobs[0].kind: unknown probe kind 'icmpp'; expected one of: http, icmp, inference, tcp" in msg
 
 
 def test_missing_required_key(tmp_path: Path) -> None:

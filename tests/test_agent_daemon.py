@@ -20,15 +20,19 @@ from agent.config import AgentConfig, build_jobs
 from agent.daemon import run_agent
 from collector.localstack import MosquittoServer, free_port
 from probes.configfile import convert
-from probes.schema import Envelope, Observation, Status
+from probes.schema import AgentHealth, Envelope, Observation, Status
 
 pytestmark = pytest.mark.integration
 
 
-def agent_cfg(broker_url: str, agent_id: str = "t-a1", reconnect_s: float = 0.1) -> AgentConfig:
+def agent_cfg(
+    broker_url: str, spool_path: Path | None, agent_id: str = "t-a1", reconnect_s: float = 0.1
+) -> AgentConfig:
+    """``spool_path`` None: the in-memory spool."""
     return convert(
         {
             "agent": {"id": agent_id, "site": "lab", "shutdown_grace_s": 1.0},
+            "spool": {"path": None if spool_path is None else str(spool_path)},
             "broker": {
                 "url": broker_url,
                 "reconnect_min_s": reconnect_s,
@@ -59,6 +63,7 @@ class Collect:
         self.identifier = f"collect-{id(self)}" if persistent else None
         self.ids: list[str] = []
         self.status: list[Status] = []
+        self.health: list[AgentHealth] = []
         self.ready = asyncio.Event()
 
     async def run(self) -> None:
@@ -77,6 +82,8 @@ class Collect:
                         if str(msg.topic).endswith("/obs"):
                             env = msgspec.json.decode(payload, type=Envelope)
                             self.ids.extend(o.id for o in env.observations)
+                        elif str(msg.topic).endswith("/health"):
+                            self.health.append(msgspec.json.decode(payload, type=AgentHealth))
                         else:
                             self.status.append(msgspec.json.decode(payload, type=Status))
             except aiomqtt.MqttError:
@@ -92,14 +99,15 @@ async def register_persistent(collect: Collect) -> None:
         await client.subscribe("edgeprobe/#", qos=1)
 
 
-async def test_broker_down_at_start_then_up(caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("spool", ["memory", "sqlite"])
+async def test_broker_down_at_start_then_up(caplog: pytest.LogCaptureFixture, tmp_path: Path, spool: str) -> None:
     """Broker unreachable at start: the agent keeps probing, retries, says so, and delivers later."""
     caplog.set_level(logging.INFO)
     async with MosquittoServer(port=free_port()) as server:
         collect = Collect(server, persistent=True)
         await register_persistent(collect)
         await server.astop(keep_state=True)  # the broker is down when the agent starts
-        cfg = agent_cfg(server.url)
+        cfg = agent_cfg(server.url, tmp_path / "spool.db" if spool == "sqlite" else None)
         produced: list[Observation] = []
         stop = asyncio.Event()
         started: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -109,7 +117,8 @@ async def test_broker_down_at_start_then_up(caplog: pytest.LogCaptureFixture) ->
         handles = await started
         await asyncio.sleep(1.5)
         assert len(produced) >= 3  # probing went on without a broker
-        assert handles.publisher.stats.connects == 0 and len(handles.outbox) == len(produced)
+        await handles.spool.flush()
+        assert handles.publisher.stats.connects == 0 and len(handles.spool) == len(produced)
         assert any("unreachable" in r.message for r in caplog.records)
         await server.astart()
         ctask = asyncio.create_task(collect.run())
@@ -119,14 +128,14 @@ async def test_broker_down_at_start_then_up(caplog: pytest.LogCaptureFixture) ->
         await asyncio.sleep(0.5)
         ctask.cancel()
     assert handles.publisher.stats.connects >= 1
-    assert handles.outbox.dropped == 0 and len(handles.outbox) == 0
+    assert handles.spool.dropped == 0 and len(handles.spool) == 0
     assert sorted(collect.ids) == sorted(o.id for o in produced)  # all of them, queued ones included
 
 
-async def test_broker_restart_mid_run_loses_nothing() -> None:
-    """The broker stops for 1.5 s and comes back on the same port: every observation arrives once."""
+async def test_broker_restart_mid_run_loses_nothing(tmp_path: Path) -> None:
+    """The broker stops for 1.5 s and comes back on the same port: every observation arrives."""
     async with MosquittoServer(port=free_port()) as server:
-        cfg = agent_cfg(server.url)
+        cfg = agent_cfg(server.url, tmp_path / "spool.db")
         produced: list[Observation] = []
         collect = Collect(server, persistent=True)  # the broker keeps its queue across the restart
         ctask = asyncio.create_task(collect.run())
@@ -135,7 +144,7 @@ async def test_broker_restart_mid_run_loses_nothing() -> None:
         task = asyncio.create_task(run_agent(cfg, build_jobs(cfg, "t"), stop=stop, tap=produced.append))
         await asyncio.sleep(1.0)
         await server.astop(keep_state=True)
-        await asyncio.sleep(1.5)  # observations pile up in the agent's outbox
+        await asyncio.sleep(1.5)  # observations pile up in the agent's spool
         await server.astart()
         await asyncio.sleep(2.0)
         stop.set()
@@ -143,7 +152,7 @@ async def test_broker_restart_mid_run_loses_nothing() -> None:
         await asyncio.sleep(0.5)
         ctask.cancel()
     assert handles.publisher.stats.connects >= 2
-    assert handles.outbox.dropped == 0 and len(handles.outbox) == 0
+    assert handles.spool.dropped == 0 and len(handles.spool) == 0
     assert set(collect.ids) == {o.id for o in produced}
 
 
@@ -155,6 +164,7 @@ def test_daemon_sigterm_is_clean_and_presence_is_visible(mosquitto: MosquittoSer
             agent: {{id: sig-a1, site: lab}}
             broker: {{url: "{mosquitto.url}"}}
             publish: {{flush_interval_s: 0.2}}
+            spool: {{path: "{tmp_path}/spool.db"}}
             jobs:
               - {{kind: icmp, targets: [127.0.0.1], interval_s: 0.5, options: {{count: 1, timeout_s: 0.2}}}}
             """
@@ -186,7 +196,9 @@ def test_daemon_sigterm_is_clean_and_presence_is_visible(mosquitto: MosquittoSer
 
 def test_last_will_marks_a_killed_agent_offline(mosquitto: MosquittoServer, tmp_path: Path) -> None:
     conf = tmp_path / "agent.yaml"
-    conf.write_text(f'agent: {{id: kill-a1, site: lab}}\nbroker: {{url: "{mosquitto.url}"}}\n')
+    conf.write_text(
+        f'agent: {{id: kill-a1, site: lab}}\nbroker: {{url: "{mosquitto.url}"}}\nspool: {{path: "{tmp_path}/s.db"}}\n'
+    )
     exe = str(Path(sys.executable).with_name("edgeprobe"))
     proc = subprocess.Popen([exe, "agent", "run", "-c", str(conf)], stderr=subprocess.DEVNULL)
 

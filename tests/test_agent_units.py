@@ -1,16 +1,15 @@
-"""Pure parts of the agent: slot arithmetic, offsets, the outbox, batch splitting, backoff."""
+"""Pure parts of the agent: slot arithmetic, offsets, batch splitting, pacing, backoff (the spool: test_spool.py)."""
 
 from __future__ import annotations
 
-import asyncio
 import random
 
 import msgspec
+import pytest
 
-from agent.outbox import Outbox
-from agent.publisher import backoff_s, encode_batches
+from agent.publisher import TokenBucket, backoff_s, encode_batches
 from agent.scheduler import next_slot_ns, offset_ns
-from probes.schema import Envelope, Observation
+from probes.schema import Envelope, Observation, encode
 
 S = 1_000_000_000
 
@@ -44,48 +43,36 @@ def test_offsets_are_deterministic_and_spread() -> None:
     assert max(buckets) < 67
 
 
-async def test_outbox_drops_oldest_and_counts() -> None:
-    box = Outbox(3)
-    for i in range(5):
-        box.put(obs(i))
-    assert len(box) == 3 and box.dropped == 2
-    batch = box.take(2)
-    assert [o.seq for _, o in batch] == [2, 3]
-    box.put(obs(5))
-    box.put_back(batch)  # back to the front, in order
-    assert [o.seq for _, o in box.take(10)] == [3, 4, 5]  # 4 items for 3 places: the oldest (2) went
-    assert box.dropped == 3
-
-
-async def test_outbox_put_back_keeps_order() -> None:
-    box = Outbox(10)
-    for i in range(4):
-        box.put(obs(i))
-    batch = box.take(2)
-    box.put(obs(4))
-    box.put_back(batch)
-    assert [o.seq for _, o in box.take(10)] == [0, 1, 2, 3, 4]
-    assert box.dropped == 0
-
-
-async def test_outbox_wait_changed_wakes_on_put() -> None:
-    box = Outbox(10)
-    waiter = asyncio.create_task(box.wait_changed(5))
-    await asyncio.sleep(0)
-    box.put(obs(1))
-    await asyncio.wait_for(waiter, 1)
-
-
 def test_encode_batches_splits_under_limit_and_loses_nothing() -> None:
     base = Envelope(v=1, agent="a", site="s", sent_at_ns=1, observations=[])
-    observations = [obs(i) for i in range(100)]
+    observations = [encode(obs(i)) for i in range(100)]
     one = encode_batches(base, observations, 10**9)
-    assert len(one) == 1
-    limit = len(one[0]) // 5
+    assert len(one) == 1 and one[0][1] == 100
+    # The raw envelope is the schema's Envelope, byte for byte.
+    full = Envelope(v=1, agent="a", site="s", sent_at_ns=1, observations=[obs(i) for i in range(100)])
+    assert one[0][0] == encode(full)
+    limit = len(one[0][0]) // 5
     parts = encode_batches(base, observations, limit)
-    assert len(parts) > 1 and all(len(p) <= limit for p in parts)
-    seqs = [o.seq for p in parts for o in msgspec.json.decode(p, type=Envelope).observations]
-    assert seqs == list(range(100))
+    assert len(parts) > 1 and all(len(p) <= limit for p, _ in parts)
+    decoded = [msgspec.json.decode(p, type=Envelope).observations for p, _ in parts]
+    assert [n for _, n in parts] == [len(d) for d in decoded]
+    assert [o.seq for d in decoded for o in d] == list(range(100))
+
+
+def test_token_bucket_paces_after_the_burst() -> None:
+    bucket = TokenBucket(rate_per_s=100, burst=50)
+    assert bucket.reserve(50, now=0.0) == 0.0  # the burst
+    assert bucket.reserve(50, now=0.0) == pytest.approx(0.5)  # then 100/s
+    assert bucket.reserve(10, now=0.5) == pytest.approx(0.1)
+    assert bucket.reserve(10, now=10.0) == 0.0  # refilled, capped at the burst
+    assert bucket.tokens == pytest.approx(40)
+    # A replay of 2000 observations at 100/s after a 50 burst: about 19.5 s of waiting in total.
+    b2, now, waited = TokenBucket(rate_per_s=100, burst=50), 0.0, 0.0
+    for _ in range(40):
+        delay = b2.reserve(50, now)
+        waited += delay
+        now += delay
+    assert waited == pytest.approx(19.5)
 
 
 def test_backoff_grows_and_is_capped() -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
+import msgspec
 import pytest
 
 from collector import decode as d
@@ -24,8 +25,9 @@ from collector.influx import V1Writer
 from collector.lineproto import decode_tag_value, encode_observation
 from collector.localstack import InfluxServer, MosquittoServer
 from collector.service import CollectorStats, run_collector
+from collector.spool import read_dead_letters
 from probes.configfile import convert
-from probes.schema import Observation, obs_topic
+from probes.schema import AgentHealth, Observation, encode, health_topic, obs_topic
 
 pytestmark = pytest.mark.integration
 
@@ -159,13 +161,22 @@ class Fleet:
         return obs_topic(self.prefix, site, agent)
 
 
-def collector_config(mosquitto: MosquittoServer, influxdb: InfluxServer, db: str, **influx: Any) -> CollectorConfig:
+def collector_config(
+    mosquitto: MosquittoServer,
+    influxdb: InfluxServer,
+    db: str,
+    state_dir: Path,
+    health_interval_s: float | None = None,
+    **influx: Any,
+) -> CollectorConfig:
     return convert(
         {
             "name": f"c-{db}",
             "broker": {"url": mosquitto.url, "topic_prefix": f"it-{db}", "reconnect_min_s": 0.1},
             "influx": {"url": influxdb.url, "database": db, "flush_interval_s": 0.1, **influx},
             "limits": {"max_message_bytes": 16 * 1024, "log_interval_s": 60},
+            "spool": {"path": str(state_dir / "spool.sqlite"), "synchronous": "normal"},
+            "health_interval_s": health_interval_s,
         },
         CollectorConfig,
         "test",
@@ -177,8 +188,10 @@ async def stored_ids(influxdb: InfluxServer, db: str) -> Counter[str]:
     return Counter(r["id"] for r in rows)
 
 
-async def test_garbage_stream(mosquitto: MosquittoServer, influxdb: InfluxServer, influx_db: str) -> None:
-    cfg = collector_config(mosquitto, influxdb, influx_db)
+async def test_garbage_stream(
+    mosquitto: MosquittoServer, influxdb: InfluxServer, influx_db: str, tmp_path: Path
+) -> None:
+    cfg = collector_config(mosquitto, influxdb, influx_db, tmp_path)
     fleet = Fleet(cfg.broker.topic_prefix)
     stats = CollectorStats()
     stop = asyncio.Event()
@@ -243,7 +256,7 @@ async def test_garbage_stream(mosquitto: MosquittoServer, influxdb: InfluxServer
         assert stats.rejected == expected_rejects
         assert stats.received_messages == len(messages)
         assert stats.accepted_observations == len(fleet.valid_ids) + 3
-        assert stats.dead_lettered == 0 and stats.dropped == 0 and stats.write_retries == 0
+        assert stats.dead_lettered == 0 and stats.write_retries == 0
 
         rows = await query_rows(influxdb, "SELECT * FROM edgeprobe_icmp", influx_db)
         assert rows and all(r["tier"] == "pop" and r["site"] == "pop1" for r in rows)
@@ -254,7 +267,7 @@ async def test_garbage_stream(mosquitto: MosquittoServer, influxdb: InfluxServer
         assert types[("edgeprobe_icmp", "rtt_min_ms")] == "float"  # JSON 11 in the minimal sample
         assert types[("edgeprobe_icmp", "sent")] == "integer"
         assert types[("edgeprobe_http", "body_truncated")] == "boolean"
-        assert types[("edgeprobe_tcp", "id")] == "string"
+        assert types[("edgeprobe_http", "id")] == "string"
     finally:
         stop.set()
         await asyncio.wait_for(task, 30)
@@ -264,13 +277,13 @@ async def test_garbage_stream(mosquitto: MosquittoServer, influxdb: InfluxServer
 
 
 async def test_field_type_conflict_is_bisected(
-    mosquitto: MosquittoServer, influxdb: InfluxServer, influx_db: str
+    mosquitto: MosquittoServer, influxdb: InfluxServer, influx_db: str, tmp_path: Path
 ) -> None:
     # dns_ms already exists as a string (in the shard of "now": field types are per shard in 1.x),
     # so a tcp point that carries dns_ms as a float is refused.
     line = f'edgeprobe_tcp,agent=x dns_ms="earlier" {time.time_ns()}'
     await asyncio.to_thread(influxdb.write, line, influx_db)
-    cfg = collector_config(mosquitto, influxdb, influx_db, flush_interval_s=0.5)
+    cfg = collector_config(mosquitto, influxdb, influx_db, tmp_path, flush_interval_s=0.5)
     fleet = Fleet(cfg.broker.topic_prefix)
     observations = []
     for _ in range(5):
@@ -294,17 +307,71 @@ async def test_field_type_conflict_is_bisected(
         stop.set()
         await asyncio.wait_for(task, 30)
     assert stats.dead_lettered == 1 and stats.written_points == len(observations) - 1
-    assert stats.write_retries == 0 and stats.dropped == 0
+    assert stats.write_retries == 0
     ids = await stored_ids(influxdb, influx_db)
     assert set(ids) == set(good_ids) and max(ids.values()) == 1
+    # the refused point is kept, with InfluxDB's reason, in the dead-letter file
+    (record,) = read_dead_letters(cfg.dead_letter_path())
+    assert record["status"] == 400 and "field type conflict" in str(record["reason"])
+    assert f'id="{bad["id"]}"' in str(record["line"]) and str(record["time"]).endswith("Z")
+
+
+# ---- health: the agents' and the collector's own ------------------------------------------------
+
+
+async def test_health_points(
+    mosquitto: MosquittoServer, influxdb: InfluxServer, influx_db: str, tmp_path: Path
+) -> None:
+    cfg = collector_config(mosquitto, influxdb, influx_db, tmp_path, health_interval_s=0.2)
+    prefix = cfg.broker.topic_prefix
+    now = time.time_ns()
+    health = AgentHealth(
+        v=1,
+        agent="a1",
+        site="pop1",
+        at_ns=now,
+        started_at_ns=now - 5 * 10**9,
+        labels={"tier": "pop"},
+        spool_depth=42,
+        spool_oldest_age_s=3.5,
+        dropped_bytes_limit=0,
+        connected=True,
+    )
+    stats = CollectorStats()
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_collector(cfg, stop=stop, stats=stats))
+    try:
+        await eventually(lambda: stats.connects >= 1, what="collector subscribed")
+        async with aiomqtt.Client(mosquitto.host, mosquitto.port, identifier=f"pub-{influx_db}") as pub:
+            await pub.publish(health_topic(prefix, "pop1", "a1"), encode(health), qos=1)
+            spoofed = msgspec.structs.replace(health, agent="a2", at_ns=now + 1)
+            await pub.publish(health_topic(prefix, "pop1", "a1"), encode(spoofed), qos=1)
+        await eventually(lambda: stats.received_health == 1 and stats.written_points >= 3, what="health written")
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    assert stats.rejected == {"topic_mismatch": 1}
+    rows = await query_rows(influxdb, "SELECT * FROM edgeprobe_health WHERE source = 'agent'", influx_db)
+    assert len(rows) == 1
+    row = rows[0]
+    assert (row["agent"], row["site"], row["tier"]) == ("a1", "pop1", "pop")
+    assert row["spool_depth"] == 42 and row["spool_oldest_age_s"] == 3.5 and row["connected"] is True
+    rows = await query_rows(influxdb, "SELECT * FROM edgeprobe_health WHERE source = 'collector'", influx_db)
+    assert len(rows) >= 2 and all(r["collector"] == cfg.name for r in rows)
+    last = rows[-1]  # the one written on stop
+    assert last["received_messages"] == 2 and last["received_health"] == 1 and last["rejected_topic_mismatch"] == 1
+    assert last["acknowledged_messages"] == 2 and last["connected"] in (True, False)
+    assert any(r.get("write_latency_p50_ms") is not None for r in rows)
 
 
 # ---- the collector rides out InfluxDB and broker outages ----------------------------------------
 
 
-async def test_influxdb_outage_is_retried(mosquitto: MosquittoServer, fresh_influxdb: InfluxServer) -> None:
+async def test_influxdb_outage_is_retried(
+    mosquitto: MosquittoServer, fresh_influxdb: InfluxServer, tmp_path: Path
+) -> None:
     db = "outage"
-    cfg = collector_config(mosquitto, fresh_influxdb, db, timeout_s=0.3, retry_min_s=0.1, retry_max_s=0.3)
+    cfg = collector_config(mosquitto, fresh_influxdb, db, tmp_path, timeout_s=0.3, retry_min_s=0.1, retry_max_s=0.3)
     fleet = Fleet(cfg.broker.topic_prefix)
     stats = CollectorStats()
     stop = asyncio.Event()
@@ -319,7 +386,7 @@ async def test_influxdb_outage_is_retried(mosquitto: MosquittoServer, fresh_infl
             for env in envelopes[1:]:
                 await pub.publish(fleet.topic(), fleet.envelope(env), qos=1)
             await eventually(lambda: stats.write_retries >= 3, what="retries")
-            assert stats.written_points == 3 and stats.buffered_lines == 9
+            assert stats.written_points == 3 and stats.spool_lines == 9
             fresh_influxdb.resume()
         await eventually(lambda: stats.written_points == 12, what="points written after the outage")
     finally:
@@ -329,13 +396,13 @@ async def test_influxdb_outage_is_retried(mosquitto: MosquittoServer, fresh_infl
         await asyncio.wait_for(task, 30)
     ids = await stored_ids(fresh_influxdb, db)
     assert set(ids) == {o["id"] for env in envelopes for o in env} and max(ids.values()) == 1
-    assert stats.dropped == 0 and stats.dead_lettered == 0
+    assert stats.dead_lettered == 0
 
 
 async def test_broker_restart_reconnects_with_persistent_session(
-    fresh_mosquitto: MosquittoServer, influxdb: InfluxServer, influx_db: str
+    fresh_mosquitto: MosquittoServer, influxdb: InfluxServer, influx_db: str, tmp_path: Path
 ) -> None:
-    cfg = collector_config(fresh_mosquitto, influxdb, influx_db)
+    cfg = collector_config(fresh_mosquitto, influxdb, influx_db, tmp_path)
     fleet = Fleet(cfg.broker.topic_prefix)
     stats = CollectorStats()
     collector_stop = asyncio.Event()
@@ -372,10 +439,10 @@ async def test_broker_restart_reconnects_with_persistent_session(
 
 
 async def test_sigterm_stops_with_a_final_flush(
-    mosquitto: MosquittoServer, influxdb: InfluxServer, influx_db: str
+    mosquitto: MosquittoServer, influxdb: InfluxServer, influx_db: str, tmp_path: Path
 ) -> None:
     # Nothing would be written before stopping: a large batch and a long flush interval.
-    cfg = collector_config(mosquitto, influxdb, influx_db, flush_interval_s=600, batch_max_lines=10_000)
+    cfg = collector_config(mosquitto, influxdb, influx_db, tmp_path, flush_interval_s=600, batch_max_lines=10_000)
     fleet = Fleet(cfg.broker.topic_prefix)
     observations = [fleet.obs() for _ in range(7)]
     stats = CollectorStats()
@@ -384,14 +451,14 @@ async def test_sigterm_stops_with_a_final_flush(
         await eventually(lambda: stats.connects >= 1, what="collector subscribed")
         async with aiomqtt.Client(mosquitto.host, mosquitto.port, identifier=f"pub-{influx_db}") as pub:
             await pub.publish(fleet.topic(), fleet.envelope(observations), qos=1)
-        await eventually(lambda: stats.buffered_lines == 7, what="lines buffered")
+        await eventually(lambda: stats.spool_lines == 7, what="lines buffered")
         assert stats.written_points == 0
         os.kill(os.getpid(), signal.SIGTERM)
         assert await asyncio.wait_for(task, 30) is stats
     finally:
         if not task.done():
             task.cancel()
-    assert stats.written_points == 7 and stats.buffered_lines == 0
+    assert stats.written_points == 7 and stats.spool_lines == 0
     ids = await stored_ids(influxdb, influx_db)
     assert set(ids) == {o["id"] for o in observations}
     # the handlers are gone again: SIGTERM has its default meaning outside run_collector

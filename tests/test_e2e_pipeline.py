@@ -59,7 +59,7 @@ async def wait_for_count(influxdb: Any, db: str, want: int, timeout_s: float = 2
     return got
 
 
-async def test_agent_to_influx_exactly_once(mosquitto: Any, influxdb: Any, influx_db: str) -> None:
+async def test_agent_to_influx_exactly_once(mosquitto: Any, influxdb: Any, influx_db: str, tmp_path: Any) -> None:
     runner, port = await http_target()
     try:
         acfg = convert(
@@ -67,6 +67,7 @@ async def test_agent_to_influx_exactly_once(mosquitto: Any, influxdb: Any, influ
                 "agent": {"id": "e2e-a1", "site": "lab-1", "labels": {"tier": "pop"}},
                 "broker": {"url": mosquitto.url},
                 "publish": {"flush_interval_s": 0.2},
+                "spool": {"path": str(tmp_path / "agent-spool.db")},
                 "jobs": [
                     {
                         "kind": "icmp",
@@ -97,6 +98,7 @@ async def test_agent_to_influx_exactly_once(mosquitto: Any, influxdb: Any, influ
             {
                 "broker": {"url": mosquitto.url, "client_id": f"e2e-collector-{influx_db}"},
                 "influx": {"api": "v1", "url": influxdb.url, "database": influx_db, "flush_interval_s": 0.2},
+                "spool": {"path": str(tmp_path / "collector-spool.sqlite")},
             },
             CollectorConfig,
             "e2e",
