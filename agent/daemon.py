@@ -70,14 +70,17 @@ async def run_agent(
     lag = _LagMax()
     scheduler: Scheduler | None = None
 
-    def probe_counters() -> ProbeCounters:
+    def probe_counters(take_lag: bool = True) -> ProbeCounters:
+        """Scheduler counters; ``take_lag`` also resets the max-lag window (health messages only)."""
         if scheduler is None:
-            return ProbeCounters(sched_lag_max_ms=lag.take())
+            return ProbeCounters(sched_lag_max_ms=lag.take() if take_lag else None)
         return ProbeCounters(
             produced=scheduler.produced,
             skipped_slots=scheduler.skipped_slots,
             in_flight=scheduler.in_flight,
-            sched_lag_max_ms=lag.take(),
+            sched_lag_max_ms=lag.take() if take_lag else None,
+            overloaded=scheduler.overloaded,
+            overloaded_runs=scheduler.overloaded_runs,
         )
 
     publisher = Publisher(cfg, spool, sorted(KINDS), probe_counters)

@@ -60,6 +60,8 @@ class ProbeCounters:
     skipped_slots: int = 0
     in_flight: int = 0
     sched_lag_max_ms: float | None = None
+    overloaded: bool = False  # the scheduler started a run late within the last OVERLOAD_HOLD_S
+    overloaded_runs: int = 0  # runs flagged overloaded since start
 
 
 def backoff_s(attempt: int, min_s: float, max_s: float, rng: random.Random) -> float:
@@ -123,7 +125,7 @@ class Publisher:
         cfg: AgentConfig,
         spool: Spool,
         kinds: list[str],
-        probe_counters: Callable[[], ProbeCounters] | None = None,
+        probe_counters: Callable[[bool], ProbeCounters] | None = None,
     ) -> None:
         self.cfg = cfg
         self.spool = spool
@@ -147,6 +149,7 @@ class Publisher:
     def status(self, state: str) -> Status:
         ident = self.cfg.agent
         spool = self.spool.stats()
+        probes = self.probe_counters(False) if self.probe_counters is not None else ProbeCounters()
         return Status(
             v=SCHEMA_VERSION,
             agent=ident.id,
@@ -161,12 +164,14 @@ class Publisher:
             queued=spool.depth,
             dropped=spool.dropped_bytes_limit + spool.dropped_age_limit,
             published=self.stats.acknowledged_observations,
+            overloaded=probes.overloaded,
+            overloaded_runs=probes.overloaded_runs,
         )
 
     def health(self) -> AgentHealth:
         ident = self.cfg.agent
         spool = self.spool.stats()
-        probes = self.probe_counters() if self.probe_counters is not None else ProbeCounters()
+        probes = self.probe_counters(True) if self.probe_counters is not None else ProbeCounters()
         now_ns = time.time_ns()
         return AgentHealth(
             v=SCHEMA_VERSION,
@@ -197,6 +202,8 @@ class Publisher:
             skipped_slots=probes.skipped_slots,
             probes_in_flight=probes.in_flight,
             sched_lag_max_ms=probes.sched_lag_max_ms,
+            overloaded=probes.overloaded,
+            overloaded_runs=probes.overloaded_runs,
         )
 
     def _client(self) -> aiomqtt.Client:

@@ -76,6 +76,8 @@ class Status(msgspec.Struct, kw_only=True, omit_defaults=True):
     queued: int | None = None
     dropped: int | None = None
     published: int | None = None
+    overloaded: bool | None = None  # the scheduler started runs late recently (see sched_lag_ms)
+    overloaded_runs: int | None = None  # runs flagged overloaded since the agent started
 
 
 class AgentHealth(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -83,7 +85,8 @@ class AgentHealth(msgspec.Struct, kw_only=True, omit_defaults=True):
     ``<prefix>/v1/<site>/<agent>/health`` at QoS 1, not retained. Additive to wire schema v1.
 
     The collector writes one point per message to measurement ``edgeprobe_health`` at ``at_ns``,
-    tagged ``agent``, ``site``, ``component`` (here always ``"agent"``) and the agent ``labels``;
+    tagged ``agent``, ``site``, ``source`` (from ``component``, here always ``"agent"``) and the agent
+    ``labels``;
     every other attribute below is a field (names as here; ``None`` means not known, not zero).
     The ``agent``/``site`` in the payload must match the topic (else: rejected as spoofed).
 
@@ -125,6 +128,8 @@ class AgentHealth(msgspec.Struct, kw_only=True, omit_defaults=True):
     skipped_slots: int = 0  # process: slots skipped because the previous run was still going
     probes_in_flight: int = 0  # probe runs in progress when sampled
     sched_lag_max_ms: float | None = None  # largest sched_lag_ms since the previous health message
+    overloaded: bool = False  # the scheduler started a run late within the last 60 s
+    overloaded_runs: int = 0  # process: runs flagged overloaded (started later than their threshold)
 
 
 def obs_topic(prefix: str, site: str, agent: str) -> str:

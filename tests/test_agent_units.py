@@ -80,3 +80,24 @@ def test_backoff_grows_and_is_capped() -> None:
     values = [backoff_s(a, 0.5, 30, rng) for a in range(12)]
     assert 0.25 <= values[0] <= 0.5
     assert all(15 <= v <= 30 for v in values[8:])
+
+
+def test_status_and_health_say_overloaded_and_status_does_not_steal_the_lag_window() -> None:
+    from agent.config import AgentConfig
+    from agent.publisher import ProbeCounters, Publisher
+    from agent.spool import MemorySpool
+    from probes.configfile import convert
+
+    cfg = convert({"agent": {"id": "a1", "site": "s1"}}, AgentConfig, "test")
+    calls: list[bool] = []
+
+    def counters(take_lag: bool) -> ProbeCounters:
+        calls.append(take_lag)
+        return ProbeCounters(overloaded=True, overloaded_runs=7, sched_lag_max_ms=120.0 if take_lag else None)
+
+    pub = Publisher(cfg, MemorySpool(max_bytes=10**6, max_age_s=3600), ["icmp"], counters)
+    status = pub.status("online")
+    assert status.overloaded is True and status.overloaded_runs == 7
+    health = pub.health()
+    assert health.overloaded is True and health.overloaded_runs == 7 and health.sched_lag_max_ms == 120.0
+    assert calls == [False, True]  # only the health message resets the max-lag window
