@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -102,9 +102,22 @@ class SpoolConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_on
         return None if self.path is None else self.path.replace("{agent}", agent_id)
 
 
+class TargetSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """A target with where it is (for the physical floor) and labels of its own (e.g. tier: edge)."""
+
+    target: str
+    latitude: Annotated[float, msgspec.Meta(ge=-90, le=90)] | None = None
+    longitude: Annotated[float, msgspec.Meta(ge=-180, le=180)] | None = None
+    labels: dict[str, str] = {}
+
+    def __post_init__(self) -> None:
+        if (self.latitude is None) != (self.longitude is None):
+            raise ValueError("longitude: latitude and longitude go together")
+
+
 class JobConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     kind: str
-    targets: Annotated[list[str], msgspec.Meta(min_length=1)]
+    targets: Annotated[list[str | TargetSpec], msgspec.Meta(min_length=1)]
     interval_s: Annotated[float, msgspec.Meta(gt=0, le=86_400)]
     name: str | None = None
     options: dict[str, Any] = {}
@@ -129,6 +142,13 @@ class Job:
     interval_s: float
     config: Any
     labels: dict[str, str]
+    # Per target: coordinates (latitude, longitude) and labels, when the config gave them.
+    target_at: dict[str, tuple[float, float]] = field(default_factory=dict)
+    target_labels: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    def labels_for(self, target: str) -> dict[str, str]:
+        extra = self.target_labels.get(target)
+        return {**self.labels, **extra} if extra else self.labels
 
 
 def build_jobs(cfg: AgentConfig, source: str) -> list[Job]:
@@ -142,11 +162,25 @@ def build_jobs(cfg: AgentConfig, source: str) -> list[Job]:
                 f"{source}: {where}.kind: unknown probe kind {job.kind!r}; expected one of: {', '.join(sorted(KINDS))}"
             )
         options = convert(job.options, kind.config_type, source, prefix=f"{where}.options")
-        for t, target in enumerate(job.targets):
+        targets: list[str] = []
+        target_at: dict[str, tuple[float, float]] = {}
+        target_labels: dict[str, dict[str, str]] = {}
+        for t, entry in enumerate(job.targets):
+            target = entry if isinstance(entry, str) else entry.target
             problem = kind.check_target(target)
             if problem is not None:
                 raise ConfigError(f"{source}: {where}.targets[{t}]: {problem}")
-        if len(set(job.targets)) != len(job.targets):
+            targets.append(target)
+            if isinstance(entry, TargetSpec):
+                if entry.latitude is not None and entry.longitude is not None:
+                    target_at[target] = (entry.latitude, entry.longitude)
+                if entry.labels:
+                    try:
+                        _check_labels(entry.labels, "labels")
+                    except ValueError as err:
+                        raise ConfigError(f"{source}: {where}.targets[{t}].{err}") from None
+                    target_labels[target] = dict(entry.labels)
+        if len(set(targets)) != len(targets):
             raise ConfigError(f"{source}: {where}.targets: a target is listed twice")
         try:
             _check_labels(job.labels, "labels")
@@ -168,10 +202,12 @@ def build_jobs(cfg: AgentConfig, source: str) -> list[Job]:
             Job(
                 name=name,
                 kind=kind,
-                targets=tuple(job.targets),
+                targets=tuple(targets),
                 interval_s=job.interval_s,
                 config=options,
                 labels=dict(job.labels),
+                target_at=target_at,
+                target_labels=target_labels,
             )
         )
     check_replay_rate(cfg, jobs, source)

@@ -102,7 +102,12 @@ async def run_agent(
                 if tap is not None:
                     tap(obs)
 
-            scheduler = Scheduler(cfg.agent.id, jobs, ctx, emit, cfg.agent.max_concurrent_probes)
+            agent_at = (
+                (cfg.agent.latitude, cfg.agent.longitude)
+                if cfg.agent.latitude is not None and cfg.agent.longitude is not None
+                else None
+            )
+            scheduler = Scheduler(cfg.agent.id, jobs, ctx, emit, cfg.agent.max_concurrent_probes, agent_at)
             handles = AgentHandles(spool=spool, scheduler=scheduler, publisher=publisher)
             if started is not None:
                 started.set_result(handles)

@@ -31,6 +31,7 @@ from typing import Final
 
 from agent.config import Job
 from probes.context import ProbeContext
+from probes.geo import physics
 from probes.handler import run_probe
 from probes.schema import Observation
 
@@ -109,8 +110,10 @@ class Scheduler:
         ctx: ProbeContext,
         emit: Callable[[Observation], None],
         max_concurrent: int,
+        agent_at: tuple[float, float] | None = None,
     ) -> None:
         self.agent_id = agent_id
+        self.agent_at = agent_at  # (latitude, longitude): with a target's, gives the physical floor
         self.jobs = jobs
         self.ctx = ctx
         self.emit = emit
@@ -264,11 +267,15 @@ class Scheduler:
                     self.ctx,
                     seq=next(self._seq),
                     job=job.name,
-                    labels=job.labels,
+                    labels=job.labels_for(target),
                     scheduled_at_ns=scheduled_at_ns,
                 )
             finally:
                 self.in_flight -= 1
+        target_at = job.target_at.get(target)
+        if self.agent_at is not None and target_at is not None:
+            for key, value in physics(obs.kind, target, obs.fields, self.agent_at, target_at).items():
+                setattr(obs, key, value)
         self._note_lag(obs, job, target)
         self.produced += 1
         self.emit(obs)

@@ -152,6 +152,10 @@ def check_timestamp(name: str, value_ns: int, now_ns: int) -> str | None:
     return None
 
 
+# Half the Earth's circumference is 20,015 km; a floor or ratio beyond a million is no measurement.
+MAX_PHYSICS_VALUE: Final = 1e6
+
+
 def _check_duration(name: str, value: float | None) -> str | None:
     if value is None or (math.isfinite(value) and 0 <= value <= MAX_DURATION_MS):
         return None
@@ -167,6 +171,10 @@ def _check_values(obs: Observation) -> str | None:
     problem = _check_duration("duration_ms", obs.duration_ms) or _check_duration("sched_lag_ms", obs.sched_lag_ms)
     if problem is not None:
         return problem
+    for key in ("distance_km", "floor_rtt_ms", "inflation_ratio", "floor_ttft_ms"):
+        value = getattr(obs, key)
+        if value is not None and not (math.isfinite(value) and 0 <= value <= MAX_PHYSICS_VALUE):
+            return f"{key} {value} is negative, non-finite or absurd"
     if not OUTCOME_RE.match(obs.outcome):
         return f"outcome {obs.outcome[:40]!r} is not an outcome name"
     if not obs.target or len(obs.target) > MAX_TARGET_CHARS:

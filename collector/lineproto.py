@@ -187,6 +187,10 @@ def encode_observation(
         base.append(("sched_lag_ms", float(obs.sched_lag_ms)))
     if obs.overloaded is not None:
         base.append(("overloaded", obs.overloaded))
+    for key in ("distance_km", "floor_rtt_ms", "inflation_ratio", "floor_ttft_ms"):
+        value = getattr(obs, key)
+        if value is not None:
+            base.append((key, float(value)))
     if obs.reason is not None:
         base.append(("reason", obs.reason))
     for key, value in base:

@@ -30,7 +30,12 @@ FieldValue = bool | int | float | str | None | list[float | None]
 # Tag keys the collector writes itself (plus "time", which InfluxDB refuses as a tag key), and the
 # field keys every point may have. Labels may use neither (nor a kind's result field names).
 RESERVED_TAG_KEYS: Final = frozenset({"agent", "site", "target", "outcome", "job", "kind", "time"})
-BASE_FIELD_KEYS: Final = ("id", "seq", "duration_ms", "sched_lag_ms", "overloaded", "reason")
+BASE_FIELD_KEYS: Final = (
+    "distance_km",
+    "floor_rtt_ms",
+    "inflation_ratio",
+    "floor_ttft_ms",
+    "id", "seq", "duration_ms", "sched_lag_ms", "overloaded", "reason")
 
 
 class Observation(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -48,6 +53,11 @@ class Observation(msgspec.Struct, kw_only=True, omit_defaults=True):
     overloaded: bool | None = None
     job: str | None = None  # the agent job that produced it; None for ad-hoc runs
     labels: dict[str, str] = {}  # job labels, stored as tags
+    # The physical floor (probes/geo.py), when both ends have coordinates. Additive to v1.
+    distance_km: float | None = None  # great-circle distance agent → target
+    floor_rtt_ms: float | None = None  # straight-fibre round trip over that distance
+    inflation_ratio: float | None = None  # measured minimum RTT / floor_rtt_ms
+    floor_ttft_ms: float | None = None  # inference: round trips a fresh request needs × floor_rtt_ms
     fields: dict[str, FieldValue] = {}
 
 
@@ -76,6 +86,15 @@ class Status(msgspec.Struct, kw_only=True, omit_defaults=True):
     queued: int | None = None
     dropped: int | None = None
     published: int | None = None
+    # The fleet (agent/control.py); additive to v1.
+    heartbeat_at_ns: int | None = None  # wall clock of this status message (same as at_ns when online)
+    accepts_commands: bool | None = None
+    accepts_config: bool | None = None
+    refused: int | None = None  # commands/configs refused since start
+    refusals: dict[str, int] = {}  # of those, by reason code (expired, replayed, policy_private, …)
+    last_refusal: str | None = None  # the last reason, in words
+    config_docs: list[str] = []  # central configuration documents in force (topic leaf names)
+    config_error: str | None = None  # why the last central configuration was refused (the old one kept)
     overloaded: bool | None = None  # the scheduler started runs late recently (see sched_lag_ms)
     overloaded_runs: int | None = None  # runs flagged overloaded since the agent started
 
@@ -130,6 +149,36 @@ class AgentHealth(msgspec.Struct, kw_only=True, omit_defaults=True):
     sched_lag_max_ms: float | None = None  # largest sched_lag_ms since the previous health message
     overloaded: bool = False  # the scheduler started a run late within the last 60 s
     overloaded_runs: int = 0  # process: runs flagged overloaded (started later than their threshold)
+
+
+class CommandReply(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """An agent's answer to an ad-hoc request, on ``<prefix>/v1/results/<request_id>/<agent>``."""
+
+    v: int
+    request_id: str
+    agent: str
+    site: str
+    at_ns: int
+    status: str  # "ok" (observation holds the result, whatever its outcome) | "refused"
+    code: str | None = None  # refusal code, stable (e.g. "expired", "policy_private")
+    reason: str | None = None  # refusal reason, in words
+    observation: Observation | None = None
+
+
+def cmd_topic(prefix: str, site: str, agent: str) -> str:
+    return f"{prefix}/{TOPIC_VERSION}/{site}/{agent}/cmd"
+
+
+def config_topic(prefix: str, site: str, agent: str) -> str:
+    return f"{prefix}/{TOPIC_VERSION}/{site}/{agent}/config"
+
+
+def group_config_topic(prefix: str, name: str) -> str:
+    return f"{prefix}/{TOPIC_VERSION}/config/group/{name}"
+
+
+def result_topic(prefix: str, request_id: str, agent: str) -> str:
+    return f"{prefix}/{TOPIC_VERSION}/results/{request_id}/{agent}"
 
 
 def obs_topic(prefix: str, site: str, agent: str) -> str:

@@ -153,3 +153,18 @@ def test_env_override_is_validated_too(tmp_path: Path) -> None:
     p = write(tmp_path, GOOD)
     with pytest.raises(ConfigError, match=r"broker\.url: expected an mqtt:// or mqtts:// URL"):
         load_agent_config(p, environ={"EDGEPROBE_BROKER_URL": "localhost:1883"})
+
+
+def test_target_with_half_coordinates(tmp_path: Path) -> None:
+    msg = error_of(tmp_path, GOOD.replace("targets: [127.0.0.1]", "targets: [{target: 127.0.0.1, latitude: 50}]"))
+    assert "jobs[0].targets[0].longitude: latitude and longitude go together" in msg
+
+
+def test_target_with_coordinates_and_labels(tmp_path: Path) -> None:
+    text = GOOD.replace(
+        "targets: [127.0.0.1]", "targets: [{target: 127.0.0.1, latitude: 50, longitude: 8, labels: {tier: edge}}]"
+    )
+    _, jobs = load_agent_config(write(tmp_path, text), environ={})
+    assert jobs[0].targets == ("127.0.0.1",)
+    assert jobs[0].target_at == {"127.0.0.1": (50, 8)}
+    assert jobs[0].labels_for("127.0.0.1") == {"tier": "edge"}

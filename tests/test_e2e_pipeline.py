@@ -64,14 +64,24 @@ async def test_agent_to_influx_exactly_once(mosquitto: Any, influxdb: Any, influ
     try:
         acfg = convert(
             {
-                "agent": {"id": "e2e-a1", "site": "lab-1", "labels": {"tier": "pop"}},
+                "agent": {
+                    "id": "e2e-a1",
+                    "site": "lab-1",
+                    "labels": {"tier": "pop"},
+                    "latitude": 50.1109,  # Frankfurt
+                    "longitude": 8.6821,
+                },
                 "broker": {"url": mosquitto.url},
                 "publish": {"flush_interval_s": 0.2},
                 "spool": {"path": str(tmp_path / "agent-spool.db")},
                 "jobs": [
                     {
                         "kind": "icmp",
-                        "targets": ["127.0.0.1", "::1"],
+                        "targets": [
+                            "127.0.0.1",
+                            # London, 637 km away: the physical floor is written with it
+                            {"target": "::1", "latitude": 51.5074, "longitude": -0.1278, "labels": {"city": "lon"}},
+                        ],
                         "interval_s": 1.0,
                         "options": {"count": 3, "interval_s": 0.05, "timeout_s": 0.5},
                         "labels": {"path": "loopback"},
@@ -137,6 +147,13 @@ async def test_agent_to_influx_exactly_once(mosquitto: Any, influxdb: Any, influ
         assert r["_measurement"] == f"edgeprobe_{r['job']}"
         if r["_measurement"] == "edgeprobe_icmp":
             assert r["target"] in ("127.0.0.1", "::1") and r["path"] == "loopback"
+            if r["target"] == "::1":
+                assert r["city"] == "lon"
+                assert 630 < r["distance_km"] < 645
+                assert r["floor_rtt_ms"] == pytest.approx(2 * r["distance_km"] / 204.218, rel=1e-4)
+                assert r["inflation_ratio"] == pytest.approx(r["rtt_min_ms"] / r["floor_rtt_ms"], rel=1e-3)
+            else:
+                assert r["distance_km"] is None and r["city"] is None  # no coordinates: no floor
             assert r["sent"] == 3 and r["received"] == 3 and r["loss_ratio"] == 0
             assert 0 < r["rtt_min_ms"] <= r["rtt_avg_ms"] <= r["rtt_max_ms"] < 20
         elif r["_measurement"] == "edgeprobe_tcp":
