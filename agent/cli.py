@@ -415,7 +415,9 @@ def collector_run(config_path: str, log_level: str) -> None:
 @click.option(
     "--duration", "duration_s", type=float, help="Stop after this many seconds (default: run until Ctrl-C)."
 )
-@click.option("--interval", "interval_s", type=float, default=5.0, show_default=True, help="Probe interval.")
+@click.option(
+    "--interval", "interval_s", type=click.FloatRange(min=4.0), default=5.0, show_default=True, help="Probe interval."
+)
 def demo(duration_s: float | None, interval_s: float) -> None:
     """Run the whole pipeline locally (mosquitto, InfluxDB, collector, agent) with a live view."""
     from agent.demo import main as demo_main

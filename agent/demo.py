@@ -25,13 +25,23 @@ from rich.text import Text
 
 from agent.config import AgentConfig, build_jobs
 from agent.daemon import run_agent
+from agent.responder import ResponderSettings, serve_responder
 from probes.configfile import convert
 from probes.schema import Observation
 
 SPARK = "▁▂▃▄▅▆▇█"
 
 # The headline latency of each kind, for the live view.
-HEADLINE = {"icmp": "rtt_p50_ms", "tcp": "connect_ms", "http": "ttfb_ms"}
+HEADLINE = {"icmp": "rtt_p50_ms", "tcp": "connect_ms", "http": "ttfb_ms", "inference": "ttft_ms"}
+# The jitter measure shown for each kind (named as stored, see the README).
+JITTER = {"icmp": "jitter_rfc3550_ms", "tcp": "connect_jitter_rfc3550_ms", "inference": "itl_p95_ms"}
+
+# Two local responders standing in for an edge and a core inference site. Their time to first
+# token is the server's own (queue + prefill stand-in): loopback adds no distance.
+RESPONDERS = {
+    "edge": {"ttft_ms": 40.0, "token_interval_ms": 15.0, "tokens": 24, "model_suffix": "edge"},
+    "core": {"ttft_ms": 120.0, "token_interval_ms": 25.0, "tokens": 24, "model_suffix": "core"},
+}
 
 
 def sparkline(values: list[float | None]) -> str:
@@ -60,7 +70,8 @@ class View:
     started_at: float = field(default_factory=time.monotonic)
 
     def add(self, obs: Observation) -> None:
-        row = self.rows.setdefault((obs.kind, obs.target), Row(obs.kind, obs.target))
+        shown = f"{obs.labels['tier']}: {obs.target}" if "tier" in obs.labels else obs.target
+        row = self.rows.setdefault((obs.kind, shown), Row(obs.kind, shown))
         row.count += 1
         row.failures += obs.outcome != "ok"
         row.last = obs
@@ -70,12 +81,14 @@ class View:
     def render(self, header: str, written: int | None) -> Group:
         table = Table(expand=False)
         for col in ("kind", "target", "n", "fail", "outcome", "latency ms", "loss", "jitter ms", "last 30"):
-            table.add_column(col, justify="right" if col in ("n", "fail", "latency ms", "loss") else "left")
+            table.add_column(
+                col, justify="right" if col in ("n", "fail", "latency ms", "loss", "jitter ms") else "left"
+            )
         for (kind, target), row in sorted(self.rows.items()):
             f = row.last.fields if row.last else {}
             lat = f.get(HEADLINE.get(kind, ""))
             loss = f.get("loss_ratio")
-            jit = f.get("jitter_rfc3550_ms")
+            jit = f.get(JITTER.get(kind, ""))
             outcome = row.last.outcome if row.last else "-"
             table.add_row(
                 kind,
@@ -89,7 +102,11 @@ class View:
                 sparkline(list(row.history)),
             )
         seen = sum(r.count for r in self.rows.values())
-        footer = f"{seen} observations produced, {'?' if written is None else written} in InfluxDB"
+        footer = (
+            f"{seen} observations produced, {'?' if written is None else written} in InfluxDB.  "
+            "latency: icmp rtt p50, tcp connect, http first byte, inference time to first token; "
+            "jitter: RFC 3550 (icmp/tcp), inter-token p95 (inference)"
+        )
         return Group(Text(header), table, Text(footer, style="dim"))
 
 
@@ -106,9 +123,10 @@ async def _http_target() -> tuple[web.AppRunner, int]:
     return runner, int(runner.addresses[0][1])
 
 
-def agent_config(broker_url: str, http_port: int, interval_s: float) -> dict[str, Any]:
+def agent_config(broker_url: str, http_port: int, responder_urls: dict[str, str], interval_s: float) -> dict[str, Any]:
+    """The demo agent's config: every kind, each run short enough for ``interval_s`` (>= 4 s)."""
     return {
-        "agent": {"id": "demo-agent", "site": "local", "labels": {"tier": "demo"}},
+        "agent": {"id": "demo-agent", "site": "local", "labels": {"pop": "demo"}},
         "broker": {"url": broker_url},
         "jobs": [
             {
@@ -117,8 +135,24 @@ def agent_config(broker_url: str, http_port: int, interval_s: float) -> dict[str
                 "interval_s": interval_s,
                 "options": {"count": 5, "interval_s": 0.1, "timeout_s": 1.0},
             },
-            {"kind": "tcp", "targets": [f"127.0.0.1:{http_port}"], "interval_s": interval_s},
-            {"kind": "http", "targets": [f"http://127.0.0.1:{http_port}/"], "interval_s": interval_s},
+            {
+                "kind": "tcp",
+                "targets": [f"127.0.0.1:{http_port}"],
+                "interval_s": interval_s,
+                "options": {"count": 3, "interval_s": 0.1, "timeout_s": 0.5},
+            },
+            {
+                "kind": "http",
+                "targets": [f"http://127.0.0.1:{http_port}/"],
+                "interval_s": interval_s,
+                "options": {"timeout_s": 2.0},
+            },
+            {
+                "kind": "inference",
+                "targets": [{"target": url, "labels": {"tier": tier}} for tier, url in responder_urls.items()],
+                "interval_s": interval_s,
+                "options": {"model": "demo", "max_tokens": 16, "timeout_s": 2.0, "first_token_timeout_s": 1.5},
+            },
         ],
     }
 
@@ -134,7 +168,15 @@ async def run_demo(duration_s: float | None, interval_s: float, console: Console
         loop.add_signal_handler(sig, stop.set)
     view = View()
     console.print("[bold]edgeprobe demo[/bold]: starting mosquitto and influxd on free loopback ports …")
-    async with MosquittoServer() as broker, InfluxServer() as influx:
+    async with contextlib.AsyncExitStack() as stack:
+        broker = await stack.enter_async_context(MosquittoServer())
+        influx = await stack.enter_async_context(InfluxServer())
+        responder_urls: dict[str, str] = {}
+        for tier, settings in RESPONDERS.items():
+            running = await stack.enter_async_context(
+                serve_responder("127.0.0.1", 0, convert(settings, ResponderSettings, "demo"))
+            )
+            responder_urls[tier] = running.url
         runner, http_port = await _http_target()
         database = "edgeprobe"
         ccfg = convert(
@@ -146,12 +188,14 @@ async def run_demo(duration_s: float | None, interval_s: float, console: Console
             CollectorConfig,
             "demo",
         )
-        raw = agent_config(broker.url, http_port, interval_s)
+        raw = agent_config(broker.url, http_port, responder_urls, interval_s)
         raw["spool"] = {"path": str(broker.workdir / "agent-spool.db")}  # removed with the workdir
         acfg = convert(raw, AgentConfig, "demo")
         jobs = build_jobs(acfg, "demo")
         header = (
-            f"mosquitto {broker.url}   InfluxDB {influx.url} database {database!r}\n"
+            f"mosquitto {broker.url}   InfluxDB {influx.url} database {database!r}   responders "
+            + "  ".join(f"{tier} {url}" for tier, url in responder_urls.items())
+            + "\n"
             f"Grafana: add an InfluxDB data source, query language InfluxQL, URL {influx.url}, "
             f"database {database}   (Ctrl-C stops everything)"
         )
@@ -184,9 +228,7 @@ async def run_demo(duration_s: float | None, interval_s: float, console: Console
             await asyncio.gather(agent_task, collector_task, return_exceptions=True)
             await runner.cleanup()
     produced = sum(r.count for r in view.rows.values())
-    console.print(
-        f"stopped: {produced} observations produced, {written} written to InfluxDB; nothing left running."
-    )
+    console.print(f"\nstopped: {produced} observations produced, {written} written to InfluxDB; nothing left running.")
     return 0
 
 
@@ -203,4 +245,7 @@ def count_points(influx: Any, database: str) -> int | None:
 
 def main(duration_s: float | None, interval_s: float) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    return asyncio.run(run_demo(duration_s, interval_s, Console()))
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=150)  # piped: wide enough for the table rather than 80 columns
+    return asyncio.run(run_demo(duration_s, interval_s, console))
