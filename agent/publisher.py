@@ -17,6 +17,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import aiomqtt
 import msgspec
@@ -27,6 +28,7 @@ from probes.schema import (
     SCHEMA_VERSION,
     AgentHealth,
     Envelope,
+    RawEnvelope,
     Status,
     encode,
     health_topic,
@@ -88,21 +90,12 @@ class TokenBucket:
         return max(0.0, -self.tokens / self.rate_per_s)
 
 
-class _RawEnvelope(msgspec.Struct, kw_only=True):
-    """:class:`probes.schema.Envelope` with observations already encoded (spool payloads)."""
-
-    v: int
-    agent: str
-    site: str
-    sent_at_ns: int
-    labels: dict[str, str] = {}
-    observations: list[msgspec.Raw]
 
 
 def encode_batches(envelope_base: Envelope, observations: Sequence[bytes], max_bytes: int) -> list[tuple[bytes, int]]:
     """Encode encoded observations into envelopes, each under ``max_bytes`` when it holds more than
     one; return (payload, number of observations) in order (pure)."""
-    env = _RawEnvelope(
+    env = RawEnvelope(
         v=envelope_base.v,
         agent=envelope_base.agent,
         site=envelope_base.site,
@@ -145,17 +138,30 @@ class Publisher:
         # Called with what a failed publish gives back to the spool (tests, debugging).
         self.on_release: Callable[[list[SpoolEntry]], None] | None = None
         self._flush_deadline: float | None = None
+        # Extra status fields (agent/control.py: refusals, central config), and a way to ask for
+        # the status to be republished now rather than at the next status_interval_s.
+        self.status_extra: Callable[[], dict[str, Any]] | None = None
+        self._status_due = False
+        self._status_poke: asyncio.Event | None = None
+
+    def request_status(self) -> None:
+        """Republish the retained status soon (something in it changed)."""
+        self._status_due = True
+        if self._status_poke is not None:
+            self._status_poke.set()
 
     def status(self, state: str) -> Status:
         ident = self.cfg.agent
         spool = self.spool.stats()
         probes = self.probe_counters(False) if self.probe_counters is not None else ProbeCounters()
-        return Status(
+        now_ns = time.time_ns()
+        status = Status(
             v=SCHEMA_VERSION,
             agent=ident.id,
             site=ident.site,
             state=state,
-            at_ns=time.time_ns(),
+            at_ns=now_ns,
+            heartbeat_at_ns=now_ns,
             version=VERSION,
             kinds=self.kinds,
             labels=dict(ident.labels),
@@ -167,6 +173,9 @@ class Publisher:
             overloaded=probes.overloaded,
             overloaded_runs=probes.overloaded_runs,
         )
+        if self.status_extra is not None:
+            status = msgspec.structs.replace(status, **self.status_extra())
+        return status
 
     def health(self) -> AgentHealth:
         ident = self.cfg.agent
@@ -320,7 +329,8 @@ class Publisher:
                     return
                 await self._publish_batch(client)
                 continue
-            if now >= next_status:
+            if now >= next_status or self._status_due:
+                self._status_due = False
                 await self._publish_status(client, "online")
                 next_status = now + pub.status_interval_s
             available = self.spool.available()
@@ -334,11 +344,15 @@ class Publisher:
                 wait_s = min(wait_s, (oldest + flush_ns - now_ns) / 1e9)
             stop_wait = asyncio.ensure_future(stop.wait())
             changed = asyncio.ensure_future(self.spool.wait_changed(max(0.0, wait_s)))
+            self._status_poke = poke = asyncio.Event()
+            poked = asyncio.ensure_future(poke.wait())
             try:
-                await asyncio.wait({stop_wait, changed}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait({stop_wait, changed, poked}, return_when=asyncio.FIRST_COMPLETED)
             finally:
+                self._status_poke = None
                 stop_wait.cancel()
                 changed.cancel()
+                poked.cancel()
 
     async def _publish_batch(self, client: aiomqtt.Client) -> None:
         pub = self.cfg.publish

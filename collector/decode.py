@@ -37,7 +37,15 @@ from typing import Any, Final
 import msgspec
 
 from probes.kind import AnyKind
-from probes.schema import NAME_RE, SUPPORTED_VERSIONS, AgentHealth, Observation, parse_agent_topic, parse_obs_topic
+from probes.schema import (
+    NAME_RE,
+    SUPPORTED_VERSIONS,
+    AgentHealth,
+    Observation,
+    RawEnvelope,
+    parse_agent_topic,
+    parse_obs_topic,
+)
 
 # Whole-message rejects.
 TOO_LARGE: Final = "too_large"
@@ -119,13 +127,6 @@ class _Head(msgspec.Struct):
     v: int
 
 
-class _RawEnvelope(msgspec.Struct, kw_only=True):
-    v: int
-    agent: str
-    site: str
-    sent_at_ns: int
-    labels: dict[str, str] = {}
-    observations: list[msgspec.Raw]
 
 
 def _printable(text: str) -> str:
@@ -276,7 +277,7 @@ def decode_message(
     if isinstance(head, Reject):
         return _whole_reject(head)
     try:
-        env = msgspec.json.decode(payload, type=_RawEnvelope)
+        env = msgspec.json.decode(payload, type=RawEnvelope)
     except _NOT_JSON as err:  # _head skipped over it: invalid UTF-8, or too deep
         return _whole(BAD_JSON, str(err) or type(err).__name__)
     except msgspec.DecodeError as err:

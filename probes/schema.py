@@ -70,6 +70,18 @@ class Envelope(msgspec.Struct, kw_only=True):
     observations: list[Observation]
 
 
+class RawEnvelope(msgspec.Struct, kw_only=True):
+    """:class:`Envelope` with its observations left encoded: the agent sends spooled payloads as they
+    are, and the collector decodes each observation on its own so one bad one stays alone."""
+
+    v: int
+    agent: str
+    site: str
+    sent_at_ns: int
+    labels: dict[str, str] = {}
+    observations: list[msgspec.Raw]
+
+
 class Status(msgspec.Struct, kw_only=True, omit_defaults=True):
     """Retained presence message on ``<prefix>/v1/<site>/<agent>/status`` (also the last will)."""
 
