@@ -8,11 +8,10 @@ query names is one edgeprobe writes.
 On data: two agents (two sites, with coordinates) probe loopback targets and two local responders
 (ICMP, TCP including a refused port, HTTP, and inference with 429, 500 and a silent endpoint) for
 a few seconds; their observations and health go agent → mosquitto → collector → a fresh InfluxDB
-database. What no producer writes yet is added through the collector's own encoder
-(``collector.lineproto.encode_observation``), each with its reason printed: today that is the
-speed-of-light fields (issue 6's physics, written by the lead) — the real observations are
-written again with ``distance_km``, ``floor_rtt_ms``, ``inflation_ratio`` (and ``floor_ttft_ms``)
-added, exactly as they will arrive. Then each query runs with Grafana's macros substituted,
+database. The targets are given coordinates, so the agents write the physical-floor fields
+(``distance_km``, ``floor_rtt_ms``, ``inflation_ratio``, ``floor_ttft_ms``) themselves; only
+health points a producer did not send are added through the collector's encoder. Then each
+query runs with Grafana's macros substituted,
 once with every template variable at "All" (``.*``) and once with real single values escaped the
 way Grafana escapes them, and must return at least one series.
 """
@@ -22,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
-import math
 import re
 import time
 import uuid
@@ -37,7 +35,7 @@ import msgspec
 import pytest
 import yaml
 
-from collector.lineproto import encode_observation, escape_tag_value, format_field_value
+from collector.lineproto import escape_tag_value, format_field_value
 from collector.localstack import InfluxServer, MosquittoServer, free_port
 from probes.registry import KINDS
 from probes.schema import BASE_FIELD_KEYS, AgentHealth, Observation
@@ -307,15 +305,6 @@ AGENTS = (  # id, site, latitude, longitude
 # Where the targets "are", for the physics fields (the loopback addresses play an edge site in
 # Amsterdam and a core site in Ashburn).
 TARGET_COORDS = {"127.0.0.1": (52.37, 4.90), "127.0.0.2": (39.04, -77.49)}
-FIBRE_KM_PER_MS = 299_792.458 / 1.468 / 1000  # ≈ 204 km per ms one way
-
-
-def great_circle_km(a: tuple[float, float], b: tuple[float, float]) -> float:
-    lat1, lon1, lat2, lon2 = map(math.radians, (*a, *b))
-    h = math.sin((lat2 - lat1) / 2) ** 2 + math.cos(lat1) * math.cos(lat2) * math.sin((lon2 - lon1) / 2) ** 2
-    return 2 * 6371.0088 * math.asin(math.sqrt(h))
-
-
 def target_host(target: str) -> str:
     if "://" in target:
         return urlsplit(target).hostname or ""
@@ -407,6 +396,13 @@ def agent_config(
     publish: dict[str, Any] = {"flush_interval_s": 0.2}
     if "health_interval_s" in PublishConfig.__struct_fields__:
         publish["health_interval_s"] = 1.0
+    for job in jobs:  # targets with coordinates: the agent writes the physical floor itself
+        job["targets"] = [
+            {"target": t, "latitude": TARGET_COORDS[target_host(t)][0], "longitude": TARGET_COORDS[target_host(t)][1]}
+            if isinstance(t, str) and target_host(t) in TARGET_COORDS
+            else t
+            for t in job["targets"]
+        ]
     cfg: dict[str, Any] = {
         "agent": {"id": aid, "site": site, "latitude": lat, "longitude": lon},
         "broker": {"url": broker, "topic_prefix": prefix},
@@ -478,50 +474,6 @@ async def run_pipeline(broker: MosquittoServer, filled: Filled, spool_dir: Path)
     filled.notes.append(f"pipeline: {want} observations from {len(AGENTS)} agents stored")
 
 
-def physics_fields(obs: Observation, site_coords: tuple[float, float]) -> dict[str, float] | None:
-    coords = TARGET_COORDS.get(target_host(obs.target))
-    if coords is None:
-        return None
-    distance = great_circle_km(site_coords, coords)
-    floor = 2 * distance / FIBRE_KM_PER_MS
-    out = {"distance_km": round(distance, 3), "floor_rtt_ms": round(floor, 6)}
-    measured = {"icmp": "rtt_min_ms", "tcp": "connect_ms", "http": "connect_ms", "inference": "net_rtt_ms"}
-    value = obs.fields.get(measured.get(obs.kind, ""))
-    if isinstance(value, int | float) and floor > 0:
-        out["inflation_ratio"] = round(float(value) / floor, 6)
-    if obs.kind == "inference":
-        out["floor_ttft_ms"] = round(2 * floor, 6)  # TCP handshake + the request (plain HTTP: no TLS)
-    return out
-
-
-def add_physics(filled: Filled) -> None:
-    """Write the real observations again with the physics fields added (same series and time)."""
-    coords = {aid: (lat, lon) for aid, _, lat, lon in AGENTS}
-    sites = {aid: site for aid, site, _, _ in AGENTS}
-    agent_of = {}
-    for aid, *_ in AGENTS:
-        rows = filled.influx.rows(f'SELECT "id" FROM /^edgeprobe_/ WHERE "agent" = \'{aid}\'', filled.db)
-        agent_of.update({r["id"]: aid for r in rows})
-    lines = []
-    for obs in filled.produced:
-        aid = agent_of[obs.id]
-        extra = physics_fields(obs, coords[aid])
-        if extra is None:
-            continue
-        copy = msgspec.structs.replace(obs, fields={**obs.fields, **extra})
-        kind = KINDS[obs.kind]
-        lines.append(
-            encode_observation(
-                copy, agent=aid, site=sites[aid], measurement=kind.measurement, tag_fields=kind.tag_fields
-            ).line
-        )
-    filled.influx.write("\n".join(lines), filled.db)
-    filled.notes.append(
-        f"physics: no producer yet (issue 6); {len(lines)} real observations re-written with "
-        f"{', '.join(PHYSICS_FIELDS + INFERENCE_PHYSICS_FIELDS)} via encode_observation"
-    )
-
-
 def health_line(tags: dict[str, str], fields: dict[str, Any], at_ns: int) -> str:
     tag_text = ",".join(f"{k}={escape_tag_value(v)}" for k, v in sorted(tags.items()))
     field_text = ",".join(f"{k}={t}" for k, v in fields.items() if (t := format_field_value(v)) is not None)
@@ -590,8 +542,9 @@ def filled(
         asyncio.run(run_pipeline(mosquitto, data, tmp_path_factory.mktemp("dash-spools")))
         if "inference" not in KINDS:
             pytest.fail("the inference kind is not registered (issue 3): no inference data to test with")
-        if _count(influxdb, db, 'SELECT count("distance_km") FROM /^edgeprobe_/') == 0:
-            add_physics(data)
+        physics = _count(influxdb, db, 'SELECT count("distance_km") FROM /^edgeprobe_/')
+        assert physics > 0, "the agents were given target coordinates: distance_km must be written"
+        data.notes.append(f"physics: {physics} observations carry distance_km from the agents themselves")
         add_health_if_missing(data)
         print("\n" + "\n".join(data.notes))
         yield data
