@@ -425,5 +425,365 @@ def demo(duration_s: float | None, interval_s: float) -> None:
     sys.exit(demo_main(duration_s, interval_s))
 
 
+# ---------------------------------------------------------------------- the fleet (agent/fleet.py)
+
+
+def _fleet_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = click.option("--broker", "broker_url", help="Broker URL (overrides the config file / EDGEPROBE_BROKER_URL).")(f)
+    return click.option(
+        "--config",
+        "fleet_config",
+        type=click.Path(dir_okay=False),
+        help="Controller settings: YAML with 'broker:' (as in the agent file) and 'key_file:'.",
+    )(f)
+
+
+def _fleet_broker(fleet_config: str | None, broker_url: str | None) -> Any:
+    import msgspec
+
+    from agent.fleet import load_fleet_file
+
+    try:
+        ff = load_fleet_file(fleet_config)
+    except ConfigError as err:
+        click.echo(f"edgeprobe fleet: config error: {err}", err=True)
+        sys.exit(EXIT_USAGE)
+    if broker_url:
+        try:
+            ff = msgspec.structs.replace(ff, broker=msgspec.structs.replace(ff.broker, url=broker_url))
+        except ValueError as err:
+            click.echo(f"edgeprobe fleet: --broker: {err}", err=True)
+            sys.exit(EXIT_USAGE)
+    return ff
+
+
+def _fleet_key(ff: Any, key_path: str | None) -> Any:
+    import os
+
+    from agent.fleet import KEY_ENV
+    from agent.signing import load_private_key
+
+    path = key_path or os.environ.get(KEY_ENV) or ff.key_file
+    if not path:
+        click.echo(f"edgeprobe fleet: no controller key: give --key, set {KEY_ENV} or key_file", err=True)
+        sys.exit(EXIT_USAGE)
+    try:
+        return load_private_key(path)
+    except (OSError, ValueError) as err:
+        click.echo(f"edgeprobe fleet: controller key {path}: {err}", err=True)
+        sys.exit(EXIT_USAGE)
+
+
+def _where(items: tuple[str, ...]) -> dict[str, str]:
+    from agent.fleet import parse_where
+
+    try:
+        return parse_where(items)
+    except ValueError as err:
+        click.echo(f"edgeprobe fleet: {err}", err=True)
+        sys.exit(EXIT_USAGE)
+
+
+where_option = click.option("--where", multiple=True, metavar="LABEL=VALUE", help="Only agents with this label.")
+key_option = click.option(
+    "--key",
+    "key_path",
+    type=click.Path(dir_okay=False),
+    help="Controller private key (or EDGEPROBE_CONTROLLER_KEY_FILE).",
+)
+
+
+@main.group()
+def fleet() -> None:
+    """The fleet: presence, ad-hoc measurements across agents, central configuration."""
+
+
+@fleet.command("keygen")
+@click.argument("private_key", type=click.Path(dir_okay=False))
+@click.argument("public_key", type=click.Path(dir_okay=False))
+def fleet_keygen(private_key: str, public_key: str) -> None:
+    """Write a new controller Ed25519 key pair (agents get the public one: control.public_key_file)."""
+    from agent.signing import generate_key
+
+    generate_key(private_key, public_key)
+    click.echo(f"wrote {private_key} (keep it secret) and {public_key} (for the agents)")
+
+
+@fleet.command("ls")
+@_fleet_options
+@where_option
+@json_option
+@click.option("--stale-after", "stale_s", type=float, default=120.0, show_default=True, help="Seconds.")
+def fleet_ls(
+    fleet_config: str | None, broker_url: str | None, where: tuple[str, ...], as_json: bool, stale_s: float
+) -> None:
+    """List agents from their retained status messages."""
+    import aiomqtt
+
+    from agent.fleet import age_s, matches, read_statuses, status_row
+
+    ff = _fleet_broker(fleet_config, broker_url)
+    sel = _where(where)
+    try:
+        statuses = [s for s in asyncio.run(read_statuses(ff.broker)) if matches(s, sel)]
+    except aiomqtt.MqttError as err:
+        click.echo(f"edgeprobe fleet: broker {ff.broker.url}: {err}", err=True)
+        sys.exit(EXIT_FAILED)
+    rows = [status_row(s) for s in statuses]
+    for row, s in zip(rows, statuses, strict=True):
+        if s.state == "online" and age_s(s) > stale_s:
+            row["state"] = "stale"
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("agent", "site", "state", "age", "labels", "kinds", "refused", "config")
+    for row in rows:
+        style = {"online": "green", "offline": "red", "stale": "yellow"}.get(row["state"], "")
+        table.add_row(
+            row["agent"],
+            row["site"],
+            f"[{style}]{row['state']}[/]",
+            f"{row['age_s']:.0f} s",
+            ",".join(f"{k}={v}" for k, v in sorted(row["labels"].items())),
+            ",".join(k if k != "icmp" or row["icmp_permitted"] is not False else "icmp(no perm)" for k in row["kinds"]),
+            str(row["refused"] or 0),
+            ("error: " + row["config_error"]) if row["config_error"] else ",".join(row["config_docs"]),
+        )
+    Console().print(table)
+    click.echo(f"{len(rows)} agent(s), {sum(r['state'] == 'online' for r in rows)} online")
+
+
+def _parse_options(items: tuple[str, ...]) -> dict[str, Any]:
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            click.echo(f"edgeprobe fleet: -o: expected option=value, got {item!r}", err=True)
+            sys.exit(EXIT_USAGE)
+        out[key] = yaml.safe_load(value) if value else ""
+    return out
+
+
+@fleet.command("probe")
+@click.argument("kind", type=click.Choice(sorted(KINDS)))
+@click.argument("target")
+@click.option("-o", "--option", "options", multiple=True, metavar="NAME=VALUE", help="Probe option (e.g. -o count=3).")
+@where_option
+@click.option("--agents", "limit", type=click.IntRange(min=1), help="At most this many agents (spread across sites).")
+@click.option(
+    "--timeout", "timeout_s", type=float, default=15.0, show_default=True, help="Seconds to wait for answers."
+)
+@key_option
+@_fleet_options
+@json_option
+def fleet_probe(
+    kind: str,
+    target: str,
+    options: tuple[str, ...],
+    where: tuple[str, ...],
+    limit: int | None,
+    timeout_s: float,
+    key_path: str | None,
+    fleet_config: str | None,
+    broker_url: str | None,
+    as_json: bool,
+) -> None:
+    """Run one probe now from many agents; results stream in as they answer."""
+
+    from agent.fleet import PRIMARY_FIELD, ProbeRun, check_request
+    from probes.schema import CommandReply
+
+    ff = _fleet_broker(fleet_config, broker_url)
+    key = _fleet_key(ff, key_path)
+    opts = _parse_options(options)
+    sel = _where(where)
+    try:
+        check_request(kind, target, opts)
+    except ConfigError as err:
+        click.echo(f"edgeprobe fleet probe: {err}", err=True)
+        sys.exit(EXIT_USAGE)
+    field_name = PRIMARY_FIELD.get(kind, "")
+
+    def reply_cells(r: CommandReply) -> tuple[str, str, str]:
+        if r.status != "ok" or r.observation is None:
+            return "refused", "-", f"{r.code}: {r.reason}"
+        v = r.observation.fields.get(field_name)
+        return r.observation.outcome, f"{v:.2f}" if isinstance(v, float) else "-", r.observation.reason or ""
+
+    if as_json:
+        run = _run_fleet_probe(ff, key, kind, target, opts, sel, limit, timeout_s, None, None)
+    else:
+        from rich.console import Console, Group
+        from rich.live import Live
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+        from rich.table import Table
+
+        console = Console()
+        progress = Progress(TextColumn("answered"), BarColumn(), MofNCompleteColumn())
+        task = progress.add_task("answered", total=0)
+        rows: list[tuple[str, ...]] = []
+
+        def render() -> Group:
+            table = Table("agent", "site", "outcome", field_name, "reason", title=f"{kind} {target}")
+            for row in rows:
+                table.add_row(*row)
+            return Group(table, progress)
+
+        live = Live(render(), console=console, refresh_per_second=8)
+
+        def asked(run: ProbeRun) -> None:
+            progress.update(task, total=len(run.asked))
+            live.update(render())
+
+        def replied(run: ProbeRun, r: CommandReply) -> None:
+            rows.append((r.agent, r.site, *reply_cells(r)))
+            progress.update(task, completed=len(run.replies))
+            live.update(render())
+
+        with live:
+            run = _run_fleet_probe(ff, key, kind, target, opts, sel, limit, timeout_s, asked, replied)
+    summary = run.summary()
+    if as_json:
+        replies = [msgspec_builtins(r) for r in run.replies.values()]
+        click.echo(json.dumps({"request_id": run.request_id, "replies": replies, "summary": summary}))
+    else:
+        if not run.asked:
+            click.echo("no online agent matches", err=True)
+        if summary["measured"]:
+            click.echo(
+                f"{field_name}: min {summary['min']:.2f}  median {summary['median']:.2f}  max {summary['max']:.2f}"
+                f"  ({summary['measured']} of {summary['asked']} agents)"
+            )
+        for agent_id in summary["missing"]:
+            click.echo(f"{agent_id}: no answer within {timeout_s:g} s")
+    sys.exit(EXIT_OK if run.asked and summary["answered"] == summary["asked"] else EXIT_FAILED)
+
+
+def msgspec_builtins(obj: Any) -> Any:
+    import msgspec
+
+    return msgspec.to_builtins(obj)
+
+
+def _run_fleet_probe(
+    ff: Any,
+    key: Any,
+    kind: str,
+    target: str,
+    opts: dict[str, Any],
+    sel: dict[str, str],
+    limit: int | None,
+    timeout_s: float,
+    asked: Any,
+    replied: Any,
+) -> Any:
+    import aiomqtt
+
+    from agent.fleet import fleet_probe
+
+    try:
+        return asyncio.run(
+            fleet_probe(
+                ff.broker,
+                key,
+                kind,
+                target,
+                opts,
+                where=sel,
+                limit=limit,
+                timeout_s=timeout_s,
+                on_asked=asked,
+                on_reply=replied,
+            )
+        )
+    except aiomqtt.MqttError as err:
+        click.echo(f"edgeprobe fleet: broker {ff.broker.url}: {err}", err=True)
+        sys.exit(EXIT_FAILED)
+
+
+@fleet.command("apply")
+@click.argument("mesh_path", type=click.Path(dir_okay=False))
+@click.option("--dry-run", is_flag=True, help="Validate and show the documents; publish nothing.")
+@key_option
+@_fleet_options
+def fleet_apply(
+    mesh_path: str, dry_run: bool, key_path: str | None, fleet_config: str | None, broker_url: str | None
+) -> None:
+    """Publish central configuration (retained, signed) from a mesh file."""
+    import aiomqtt
+
+    from agent.fleet import load_mesh, mesh_documents, publish_documents, validate_documents
+
+    ff = _fleet_broker(fleet_config, broker_url)
+    try:
+        docs = mesh_documents(load_mesh(mesh_path), ff.broker.topic_prefix, mesh_path)
+        validate_documents(docs, mesh_path)
+    except ConfigError as err:
+        click.echo(f"edgeprobe fleet apply: {err}", err=True)
+        sys.exit(EXIT_USAGE)
+    for doc in docs:
+        where = ",".join(f"{k}={v}" for k, v in doc.where.items()) or "-"
+        click.echo(f"{doc.topic}: where {where}: {len(doc.jobs)} job(s)")
+    if dry_run:
+        return
+    key = _fleet_key(ff, key_path)
+    try:
+        asyncio.run(publish_documents(ff.broker, key, docs))
+    except aiomqtt.MqttError as err:
+        click.echo(f"edgeprobe fleet: broker {ff.broker.url}: {err}", err=True)
+        sys.exit(EXIT_FAILED)
+    click.echo(f"published {len(docs)} document(s)")
+
+
+@fleet.command("clear")
+@click.option("--group", "groups", multiple=True, metavar="NAME", help="A group document (a mesh rule's name).")
+@click.option("--agent", "agents", multiple=True, metavar="SITE/AGENT", help="A per-agent document.")
+@click.option("--ttl", "ttl_s", type=float, default=7 * 86_400.0, show_default=True, help="Seconds.")
+@key_option
+@_fleet_options
+def fleet_clear(
+    groups: tuple[str, ...],
+    agents: tuple[str, ...],
+    ttl_s: float,
+    key_path: str | None,
+    fleet_config: str | None,
+    broker_url: str | None,
+) -> None:
+    """Replace central configuration documents with signed empty ones (their jobs stop)."""
+    import aiomqtt
+
+    from agent.control import ConfigDocument
+    from agent.fleet import publish_documents
+    from agent.signing import stamp
+    from probes.schema import NAME_RE, config_topic, group_config_topic
+
+    ff = _fleet_broker(fleet_config, broker_url)
+    prefix = ff.broker.topic_prefix
+    topics = [group_config_topic(prefix, g) for g in groups]
+    for item in agents:
+        site, _, agent_id = item.partition("/")
+        if not NAME_RE.match(site) or not NAME_RE.match(agent_id):
+            click.echo(f"edgeprobe fleet clear: --agent: expected SITE/AGENT, got {item!r}", err=True)
+            sys.exit(EXIT_USAGE)
+        topics.append(config_topic(prefix, site, agent_id))
+    if not topics or not all(NAME_RE.match(g) for g in groups):
+        click.echo("edgeprobe fleet clear: give --group NAME or --agent SITE/AGENT", err=True)
+        sys.exit(EXIT_USAGE)
+    key = _fleet_key(ff, key_path)
+    docs = [ConfigDocument(**stamp(ttl_s), topic=t) for t in topics]
+    try:
+        asyncio.run(publish_documents(ff.broker, key, docs))
+    except aiomqtt.MqttError as err:
+        click.echo(f"edgeprobe fleet: broker {ff.broker.url}: {err}", err=True)
+        sys.exit(EXIT_FAILED)
+    for t in topics:
+        click.echo(f"{t}: cleared")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

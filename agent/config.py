@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from agent.policy import PolicyConfig
 from probes.broker import BROKER_ENV, BrokerConfig
 from probes.configfile import ConfigError, convert, load
 from probes.kind import AnyKind
@@ -124,12 +125,28 @@ class JobConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only
     labels: dict[str, str] = {}
 
 
+class ControlConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """Commands and central configuration from the broker (agent/control.py), Ed25519-signed."""
+
+    public_key_file: str | None = None  # the controller's public key (PEM); required to accept anything
+    accept_commands: bool = False  # ad-hoc requests (edgeprobe fleet probe)
+    accept_config: bool = False  # central configuration (edgeprobe fleet apply)
+    max_command_ttl_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 300.0
+    max_config_ttl_s: Annotated[float, msgspec.Meta(gt=0, le=366 * 86_400)] = 30 * 86_400.0
+
+    def __post_init__(self) -> None:
+        if (self.accept_commands or self.accept_config) and not self.public_key_file:
+            raise ValueError("public_key_file: required when accept_commands or accept_config is on")
+
+
 class AgentConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     agent: AgentIdentity
     broker: BrokerConfig = BrokerConfig()
     publish: PublishConfig = PublishConfig()
     spool: SpoolConfig = SpoolConfig()
     jobs: list[JobConfig] = []
+    control: ControlConfig = ControlConfig()
+    policy: PolicyConfig = PolicyConfig()  # ad-hoc requests only; never taken from the broker
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from agent.config import AgentConfig, Job
+from agent.control import Control
 from agent.publisher import ProbeCounters, Publisher
 from agent.scheduler import Scheduler
 from agent.spool import Spool, open_spool
@@ -26,6 +27,7 @@ class AgentHandles:
     spool: Spool
     scheduler: Scheduler
     publisher: Publisher
+    control: Control | None = None  # commands and central configuration (agent/control.py)
 
     @property
     def outbox(self) -> Spool:  # the name before the spool existed
@@ -69,13 +71,14 @@ async def run_agent(
             loop.add_signal_handler(sig, stop.set)
     lag = _LagMax()
     scheduler: Scheduler | None = None
+    control: Control | None = None
 
     def probe_counters(take_lag: bool = True) -> ProbeCounters:
         """Scheduler counters; ``take_lag`` also resets the max-lag window (health messages only)."""
         if scheduler is None:
             return ProbeCounters(sched_lag_max_ms=lag.take() if take_lag else None)
         return ProbeCounters(
-            produced=scheduler.produced,
+            produced=scheduler.produced + (control.produced if control is not None else 0),
             skipped_slots=scheduler.skipped_slots,
             in_flight=scheduler.in_flight,
             sched_lag_max_ms=lag.take() if take_lag else None,
@@ -108,14 +111,21 @@ async def run_agent(
                 else None
             )
             scheduler = Scheduler(cfg.agent.id, jobs, ctx, emit, cfg.agent.max_concurrent_probes, agent_at)
-            handles = AgentHandles(spool=spool, scheduler=scheduler, publisher=publisher)
+            if cfg.control.accept_commands or cfg.control.accept_config:
+                control = Control(cfg, jobs, scheduler, ctx, emit)
+                control.on_status_change = publisher.request_status
+                publisher.status_extra = control.status_fields
+            handles = AgentHandles(spool=spool, scheduler=scheduler, publisher=publisher, control=control)
             if started is not None:
                 started.set_result(handles)
             publish_stop = asyncio.Event()
             pub_task = asyncio.create_task(publisher.run(publish_stop), name="publisher")
+            control_task = asyncio.create_task(control.run(stop), name="control") if control else None
             try:
                 await scheduler.run(stop, cfg.agent.shutdown_grace_s)
             finally:
+                if control_task is not None:
+                    await control_task  # stops on ``stop``; ends the central jobs too
                 publish_stop.set()  # flush what the scheduler produced, then disconnect
                 await pub_task
     finally:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -64,6 +65,17 @@ class ProbeCounters:
     sched_lag_max_ms: float | None = None
     overloaded: bool = False  # the scheduler started a run late within the last OVERLOAD_HOLD_S
     overloaded_runs: int = 0  # runs flagged overloaded since start
+
+
+def icmp_permitted() -> bool:
+    """Whether this process may open an IPv4 ICMP socket (unprivileged dgram or raw); sends nothing."""
+    for kind in (socket.SOCK_DGRAM, socket.SOCK_RAW):
+        try:
+            socket.socket(socket.AF_INET, kind, socket.IPPROTO_ICMP).close()
+            return True
+        except OSError:
+            continue
+    return False
 
 
 def backoff_s(attempt: int, min_s: float, max_s: float, rng: random.Random) -> float:
@@ -141,6 +153,7 @@ class Publisher:
         # Extra status fields (agent/control.py: refusals, central config), and a way to ask for
         # the status to be republished now rather than at the next status_interval_s.
         self.status_extra: Callable[[], dict[str, Any]] | None = None
+        self.icmp_permitted = icmp_permitted()
         self._status_due = False
         self._status_poke: asyncio.Event | None = None
 
@@ -162,6 +175,7 @@ class Publisher:
             state=state,
             at_ns=now_ns,
             heartbeat_at_ns=now_ns,
+            icmp_permitted=self.icmp_permitted,
             version=VERSION,
             kinds=self.kinds,
             labels=dict(ident.labels),

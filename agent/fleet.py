@@ -1,0 +1,353 @@
+"""The controller side of the fleet (``edgeprobe fleet …``): presence, ad-hoc requests, central config.
+
+Reads retained statuses, picks agents, publishes signed commands and configuration documents
+(:mod:`agent.signing`, :mod:`agent.control`) and collects replies. Pure selection/summary
+functions are separate from the MQTT I/O so they can be tested alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+import aiomqtt
+import msgspec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from agent.control import AdhocCommand, ConfigDocument
+from agent.signing import sign, stamp
+from probes.broker import BROKER_ENV, BrokerConfig
+from probes.configfile import ConfigError, convert, load, read_yaml
+from probes.registry import KINDS
+from probes.schema import (
+    NAME_RE,
+    TOPIC_VERSION,
+    CommandReply,
+    Status,
+    cmd_topic,
+    config_topic,
+    group_config_topic,
+    result_topic,
+)
+
+KEY_ENV = "EDGEPROBE_CONTROLLER_KEY_FILE"
+
+# The one number per kind that the live table and the summary show.
+PRIMARY_FIELD: dict[str, str] = {
+    "icmp": "rtt_avg_ms",
+    "tcp": "connect_ms",
+    "http": "total_ms",
+    "inference": "ttft_ms",
+}
+
+
+class FleetFile(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """The controller's settings file (``--config``): the broker (as in the agent file) and the key."""
+
+    broker: BrokerConfig = BrokerConfig()
+    key_file: str | None = None  # the controller's Ed25519 private key (PEM)
+
+
+def load_fleet_file(path: str | None, environ: Mapping[str, str] | None = None) -> FleetFile:
+    if path is None:
+        env = os.environ if environ is None else environ
+        given = {BROKER_ENV[k].split(".", 1)[1]: v for k, v in env.items() if k in BROKER_ENV}
+        return FleetFile(broker=convert(given, BrokerConfig, "environment", prefix="broker"))
+    return load(path, FleetFile, BROKER_ENV, environ)
+
+
+# ---------------------------------------------------------------------- presence
+
+
+def parse_where(items: Iterable[str]) -> dict[str, str]:
+    """``["tier=pop", "site=fra1"]`` → dict; ValueError on a malformed item (pure)."""
+    where: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise ValueError(f"--where: expected label=value, got {item!r}")
+        where[key] = value
+    return where
+
+
+def matches(status: Status, where: Mapping[str, str]) -> bool:
+    have = {**status.labels, "site": status.site, "agent": status.agent}
+    return all(have.get(k) == v for k, v in where.items())
+
+
+def select_agents(statuses: Iterable[Status], where: Mapping[str, str], limit: int | None) -> list[Status]:
+    """Online agents matching ``where``, at most ``limit``, spread across sites: one per site in
+    turn (sites and agents in name order) (pure)."""
+    by_site: dict[str, list[Status]] = {}
+    for s in sorted(statuses, key=lambda s: (s.site, s.agent)):
+        if s.state == "online" and matches(s, where):
+            by_site.setdefault(s.site, []).append(s)
+    chosen: list[Status] = []
+    queues = list(by_site.values())
+    while queues and (limit is None or len(chosen) < limit):
+        for q in list(queues):
+            if limit is not None and len(chosen) >= limit:
+                break
+            chosen.append(q.pop(0))
+            if not q:
+                queues.remove(q)
+    return chosen
+
+
+async def read_statuses(broker: BrokerConfig, *, quiet_s: float = 0.5, max_s: float = 5.0) -> list[Status]:
+    """Every retained agent status on the broker (read until no new one came for ``quiet_s``)."""
+    topic = f"{broker.topic_prefix}/{TOPIC_VERSION}/+/+/status"
+    found: dict[str, Status] = {}
+    kwargs = broker.client_kwargs(f"edgeprobe-fleet-{uuid.uuid4().hex[:12]}")
+    async with aiomqtt.Client(**kwargs, clean_session=True) as client:
+        await client.subscribe(topic, qos=1)
+        deadline = time.monotonic() + max_s
+        it = client.messages.__aiter__()
+        while True:
+            left = min(quiet_s, deadline - time.monotonic())
+            if left <= 0:
+                break
+            try:
+                msg = await asyncio.wait_for(it.__anext__(), left)
+            except TimeoutError:
+                break
+            if not msg.payload:
+                continue
+            try:
+                status = msgspec.json.decode(bytes(msg.payload), type=Status)
+            except msgspec.DecodeError:
+                continue
+            found[str(msg.topic)] = status
+    return sorted(found.values(), key=lambda s: (s.site, s.agent))
+
+
+def age_s(status: Status, now_ns: int | None = None) -> float:
+    now = time.time_ns() if now_ns is None else now_ns
+    at = status.heartbeat_at_ns or status.at_ns
+    return max(0.0, (now - at) / 1e9)
+
+
+def status_row(status: Status, now_ns: int | None = None) -> dict[str, Any]:
+    """One agent as the ``fleet ls --json`` object (pure)."""
+    return {
+        "agent": status.agent,
+        "site": status.site,
+        "state": status.state,
+        "age_s": round(age_s(status, now_ns), 1),
+        "version": status.version,
+        "labels": status.labels,
+        "kinds": status.kinds,
+        "icmp_permitted": status.icmp_permitted,
+        "latitude": status.latitude,
+        "longitude": status.longitude,
+        "queued": status.queued,
+        "accepts_commands": status.accepts_commands,
+        "accepts_config": status.accepts_config,
+        "refused": status.refused,
+        "refusals": status.refusals,
+        "config_docs": status.config_docs,
+        "config_error": status.config_error,
+    }
+
+
+# ---------------------------------------------------------------------- ad-hoc requests
+
+
+@dataclass
+class ProbeRun:
+    request_id: str
+    kind: str
+    target: str
+    asked: list[Status]
+    replies: dict[str, CommandReply] = field(default_factory=dict)  # agent -> reply
+
+    @property
+    def missing(self) -> list[str]:
+        return [s.agent for s in self.asked if s.agent not in self.replies]
+
+    def values(self) -> list[float]:
+        """The primary value of every answered, measured reply."""
+        key = PRIMARY_FIELD.get(self.kind, "")
+        out: list[float] = []
+        for r in self.replies.values():
+            v = r.observation.fields.get(key) if r.observation is not None else None
+            if isinstance(v, int | float) and not isinstance(v, bool):
+                out.append(float(v))
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        vals = self.values()
+        return {
+            "field": PRIMARY_FIELD.get(self.kind),
+            "asked": len(self.asked),
+            "answered": len(self.replies),
+            "measured": len(vals),
+            "refused": sum(1 for r in self.replies.values() if r.status == "refused"),
+            "min": min(vals) if vals else None,
+            "median": statistics.median(vals) if vals else None,
+            "max": max(vals) if vals else None,
+            "missing": self.missing,
+        }
+
+
+def make_command(
+    request_id: str, agent: str, kind: str, target: str, options: dict[str, Any], ttl_s: float
+) -> AdhocCommand:
+    return AdhocCommand(
+        **stamp(ttl_s),
+        request_id=request_id,
+        agent=agent,
+        kind=kind,
+        target=target,
+        options=options,
+    )
+
+
+def check_request(kind: str, target: str, options: dict[str, Any]) -> None:
+    """The checks an agent will make, made first here for a clear error (ConfigError)."""
+    k = KINDS.get(kind)
+    if k is None:
+        raise ConfigError(f"unknown probe kind {kind!r}; expected one of: {', '.join(sorted(KINDS))}")
+    convert(options, k.config_type, "command line", prefix="options")
+    problem = k.check_target(target)
+    if problem is not None:
+        raise ConfigError(problem)
+
+
+async def fleet_probe(
+    broker: BrokerConfig,
+    key: Ed25519PrivateKey,
+    kind: str,
+    target: str,
+    options: dict[str, Any],
+    *,
+    where: Mapping[str, str] | None = None,
+    limit: int | None = None,
+    timeout_s: float = 15.0,
+    ttl_s: float = 60.0,
+    statuses: list[Status] | None = None,
+    on_reply: Callable[[ProbeRun, CommandReply], None] | None = None,
+    on_asked: Callable[[ProbeRun], None] | None = None,
+) -> ProbeRun:
+    """Ask the selected agents to run one probe now; collect replies until all answered or timeout."""
+    check_request(kind, target, options)
+    if statuses is None:
+        statuses = await read_statuses(broker)
+    chosen = select_agents(statuses, where or {}, limit)
+    run = ProbeRun(request_id=uuid.uuid4().hex, kind=kind, target=target, asked=chosen)
+    if on_asked is not None:
+        on_asked(run)
+    if not chosen:
+        return run
+    prefix = broker.topic_prefix
+    kwargs = broker.client_kwargs(f"edgeprobe-fleet-{run.request_id[:12]}")
+    async with aiomqtt.Client(**kwargs, clean_session=True) as client:
+        await client.subscribe(result_topic(prefix, run.request_id, "+"), qos=1)
+        for s in chosen:
+            cmd = make_command(run.request_id, s.agent, kind, target, options, ttl_s)
+            await client.publish(cmd_topic(prefix, s.site, s.agent), sign(cmd, "cmd", key), qos=1)
+        asked = {s.agent for s in chosen}
+        deadline = time.monotonic() + timeout_s
+        it = client.messages.__aiter__()
+        while len(run.replies) < len(chosen):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                msg = await asyncio.wait_for(it.__anext__(), left)
+            except TimeoutError:
+                break
+            try:
+                reply = msgspec.json.decode(bytes(msg.payload), type=CommandReply)
+            except msgspec.DecodeError:
+                continue
+            # The topic's last level is the agent (the broker's ACL ties it to the agent's login).
+            agent = str(msg.topic).rsplit("/", 1)[-1]
+            if agent not in asked or reply.agent != agent or reply.request_id != run.request_id:
+                continue
+            run.replies[agent] = reply
+            if on_reply is not None:
+                on_reply(run, reply)
+    return run
+
+
+# ---------------------------------------------------------------------- central configuration
+
+
+class MeshRule(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    name: str  # the group document's name (topic level): one document per rule
+    where: dict[str, str] = {}
+    kind: str
+    targets: str | list[Any]  # a target group's name, or the targets themselves
+    interval_s: Annotated[float, msgspec.Meta(gt=0)]
+    options: dict[str, Any] = {}
+    labels: dict[str, str] = {}
+
+
+class AgentDoc(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    site: str
+    jobs: list[dict[str, Any]] = []
+
+
+class MeshFile(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    ttl_s: Annotated[float, msgspec.Meta(gt=0)] = 7 * 86_400.0
+    groups: dict[str, list[Any]] = {}  # target groups: name -> targets
+    rules: list[MeshRule] = []
+    agents: dict[str, AgentDoc] = {}  # per-agent documents: agent id -> jobs
+
+
+def mesh_documents(mesh: MeshFile, prefix: str, source: str, now_ns: int | None = None) -> list[ConfigDocument]:
+    """The configuration documents a mesh file stands for (pure but for nonces)."""
+    docs: list[ConfigDocument] = []
+    for i, rule in enumerate(mesh.rules):
+        if not NAME_RE.match(rule.name):
+            raise ConfigError(f"{source}: rules[{i}].name: expected letters, digits, '.', '_' or '-'")
+        if isinstance(rule.targets, str):
+            if rule.targets not in mesh.groups:
+                raise ConfigError(f"{source}: rules[{i}].targets: no target group {rule.targets!r} in groups")
+            targets = list(mesh.groups[rule.targets])
+        else:
+            targets = list(rule.targets)
+        job = {"name": rule.name, "kind": rule.kind, "targets": targets, "interval_s": rule.interval_s}
+        if rule.options:
+            job["options"] = dict(rule.options)
+        if rule.labels:
+            job["labels"] = dict(rule.labels)
+        topic = group_config_topic(prefix, rule.name)
+        docs.append(ConfigDocument(**stamp(mesh.ttl_s, now_ns), topic=topic, where=dict(rule.where), jobs=[job]))
+    for agent, doc in mesh.agents.items():
+        if not NAME_RE.match(agent) or not NAME_RE.match(doc.site):
+            raise ConfigError(f"{source}: agents.{agent}: bad agent id or site")
+        topic = config_topic(prefix, doc.site, agent)
+        docs.append(ConfigDocument(**stamp(mesh.ttl_s, now_ns), topic=topic, jobs=list(doc.jobs)))
+    names = [d.topic for d in docs]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{source}: two rules have the same name")
+    return docs
+
+
+def load_mesh(path: str) -> MeshFile:
+    return convert(read_yaml(path), MeshFile, path)
+
+
+async def publish_documents(broker: BrokerConfig, key: Ed25519PrivateKey, docs: list[ConfigDocument]) -> None:
+    """Publish signed documents, retained, at QoS 1."""
+    kwargs = broker.client_kwargs(f"edgeprobe-fleet-{uuid.uuid4().hex[:12]}")
+    async with aiomqtt.Client(**kwargs, clean_session=True) as client:
+        for doc in docs:
+            await client.publish(doc.topic, sign(doc, "config", key), qos=1, retain=True)
+
+
+def validate_documents(docs: list[ConfigDocument], source: str) -> None:
+    """Check each document's jobs the way agents will (kinds, options, targets, intervals)."""
+    from agent.config import AgentConfig, AgentIdentity, JobConfig, build_jobs
+
+    for doc in docs:
+        jobs = [convert(j, JobConfig, f"{source}: {doc.topic}", prefix="jobs") for j in doc.jobs]
+        build_jobs(AgentConfig(agent=AgentIdentity(id="check", site="check"), jobs=jobs), f"{source}: {doc.topic}")
