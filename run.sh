@@ -4,6 +4,7 @@
 #   ./run.sh test [pytest args...]   ruff check, mypy, then pytest (e.g. ./run.sh test -k localstack)
 #   ./run.sh demo [args...]          edgeprobe demo: local mosquitto + influxd + agent + collector
 #   ./run.sh bench [args...]         measurement-truth benchmarks (root; tests/benchmarks/truth.py)
+#   ./run.sh bench perf [--quick]    performance benchmarks (tests/benchmarks/perf_*.py)
 #
 # Set-up: missing system packages are installed with apt-get when run as root (else the exact
 # `sudo apt-get install` command is printed), a .venv is created in the repo, and the package is
@@ -24,6 +25,8 @@ usage() {
 usage: ./run.sh test [pytest args...]   lint, type-check and run the tests
        ./run.sh demo [args...]          run the local demo (edgeprobe demo)
        ./run.sh bench [args...]         accuracy benchmarks vs ping/curl/fping in a netns lab (root)
+       ./run.sh bench perf [--quick] [--only LIST] [--profile]
+                                        performance benchmarks (collector, agent, fleet, sharing)
 EOF
 }
 
@@ -100,8 +103,43 @@ cmd_test() {
 }
 
 cmd_bench() {
+    if [ "${1:-}" = perf ]; then
+        shift
+        cmd_bench_perf "$@"
+    fi
     # Prints a table per benchmark; figures go to bench-results/truth.json (--out to change).
     exec "$VENV/bin/python" -m tests.benchmarks.truth "$@"
+}
+
+# ./run.sh bench perf [--quick] [--only codec,ingest,horizontal,freshness,fleet,agent] [--profile]
+# Performance benchmarks 1-6 (tests/benchmarks/perf_*.py); each prints a table and writes
+# bench-results/perf_<name>.json. Full run < 15 min, --quick < 2 min.
+cmd_bench_perf() {
+    local quick= profile= only=codec,ingest,horizontal,freshness,fleet,agent
+    while [ $# -gt 0 ]; do
+        case "$1" in
+            --quick) quick=--quick ;;
+            --profile) profile=--profile ;;
+            --only) only="$2"; shift ;;
+            --only=*) only="${1#--only=}" ;;
+            *) die "bench perf: unknown argument $1" ;;
+        esac
+        shift
+    done
+    local py="$VENV/bin/python" ingest= fleet=
+    for b in ${only//,/ }; do
+        case "$b" in
+            codec) "$py" -m tests.benchmarks.perf_codec $quick ;;
+            ingest | horizontal) ingest="${ingest:+$ingest,}$b" ;;
+            freshness | fleet) fleet="${fleet:+$fleet,}$b" ;;
+            agent) ;;
+            *) die "bench perf: unknown benchmark $b" ;;
+        esac
+    done
+    [ -z "$ingest" ] || "$py" -m tests.benchmarks.perf_ingest $quick $profile --only "$ingest"
+    [ -z "$fleet" ] || "$py" -m tests.benchmarks.perf_fleet $quick --only "$fleet"
+    case ",$only," in *,agent,*) "$py" -m tests.benchmarks.perf_agent $quick ;; esac
+    exit 0
 }
 
 cmd_demo() {

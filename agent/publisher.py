@@ -208,7 +208,8 @@ class Publisher:
             spool_durable=spool.durable,
             spool_depth=spool.depth,
             spool_bytes=spool.bytes,
-            spool_oldest_age_s=spool.oldest_age_s(now_ns),
+            # An empty spool has no backlog: its delivery delay is 0, not unknown.
+            spool_oldest_age_s=spool.oldest_age_s(now_ns) if spool.depth else 0.0,
             spool_in_flight=spool.in_flight,
             spool_errors=spool.errors,
             dropped_bytes_limit=spool.dropped_bytes_limit,

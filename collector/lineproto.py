@@ -49,6 +49,7 @@ prefix come back unchanged). In InfluxQL, the empty string is ``"target" = '~ep~
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections import Counter
@@ -101,6 +102,7 @@ def decode_tag_value(stored: str) -> str:
     return _PCT_DECODE_RE.sub(lambda m: _PCT_DECODE[m.group()], stored[len(TAG_MARKER) :])
 
 
+@functools.lru_cache(maxsize=4096)  # keys repeat (result field names, labels): the hot path
 def tag_key_ok(key: str) -> bool:
     """Whether ``key`` can be a tag or field key as it is (keys are never re-encoded)."""
     return bool(key) and key not in RESERVED_KEYS and not any(c in key for c in "\\\n\r")
@@ -111,10 +113,14 @@ def _escape_key(text: str) -> str:
     return text.replace(",", "\\,").replace("=", "\\=").replace(" ", "\\ ")
 
 
+_key_text = functools.lru_cache(maxsize=4096)(_escape_key)  # tag and field keys repeat
+
+
 def escape_measurement(name: str) -> str:
     return name.replace(",", "\\,").replace(" ", "\\ ")
 
 
+@functools.lru_cache(maxsize=4096)  # agent, site, target, outcome … repeat from point to point
 def escape_tag_value(value: str) -> str:
     """Line-protocol text of a tag value (after the reversible encoding)."""
     return _escape_key(encode_tag_value(value))
@@ -134,6 +140,11 @@ def format_field_value(value: Any) -> str | None:
 
     Raises ValueError for a value InfluxDB can't store (NaN/±Inf, integers beyond int64).
     """
+    kind = type(value)
+    if kind is float:  # the common case first
+        if not math.isfinite(value):
+            raise ValueError(f"{value!r} can't be stored in InfluxDB")
+        return repr(value)
     if value is None or isinstance(value, list | tuple | dict):
         return None
     if isinstance(value, bool):
@@ -250,7 +261,7 @@ def encode_observation(
 
 
 def _series_key(measurement: str, tags: Mapping[str, str]) -> str:
-    tag_text = ",".join(f"{_escape_key(k)}={escape_tag_value(tags[k])}" for k in sorted(tags))
+    tag_text = ",".join(f"{_key_text(k)}={escape_tag_value(tags[k])}" for k in sorted(tags))
     return f"{escape_measurement(measurement)},{tag_text}" if tag_text else escape_measurement(measurement)
 
 
@@ -271,7 +282,7 @@ def _line(
         del tags[longest]
         omitted.append(OMIT_KEY_TOO_LONG)
         key = _series_key(measurement, tags)
-    field_text = ",".join(f"{_escape_key(k)}={v}" for k, v in fields.items())
+    field_text = ",".join(f"{_key_text(k)}={v}" for k, v in fields.items())
     return f"{key} {field_text} {timestamp_ns}"
 
 

@@ -160,8 +160,10 @@ def health_fields(
     }
     for reason in (*REASONS, INTERNAL_ERROR):
         fields[f"rejected_{reason}"] = stats.rejected.get(reason, 0)
-    if stats.spool_oldest_at_ns is not None:
-        fields["spool_oldest_age_s"] = max(0.0, (now_ns - stats.spool_oldest_at_ns) / 1e9)
+    # An empty spool has no backlog: its delay is 0, not unknown.
+    fields["spool_oldest_age_s"] = (
+        max(0.0, (now_ns - stats.spool_oldest_at_ns) / 1e9) if stats.spool_oldest_at_ns is not None else 0.0
+    )
     if latencies_ms:
         ordered = sorted(latencies_ms)
         fields["write_latency_p50_ms"] = percentile(ordered, 50)

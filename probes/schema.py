@@ -141,7 +141,7 @@ class AgentHealth(msgspec.Struct, kw_only=True, omit_defaults=True):
     spool_durable: bool = False  # True: SQLite file; False: in-memory (spool.path: null)
     spool_depth: int = 0  # observations waiting for a PUBACK (in flight included)
     spool_bytes: int = 0  # their encoded size (msgspec JSON), bytes
-    spool_oldest_age_s: float | None = None  # wall-clock age of the oldest waiting one; None when empty
+    spool_oldest_age_s: float | None = None  # wall-clock age of the oldest waiting one; 0 when empty
     spool_in_flight: int = 0  # of spool_depth: sent, PUBACK not yet received
     spool_errors: int = 0  # process: failed spool writes/commits (disk full, I/O error)
     dropped_bytes_limit: int = 0  # spool: oldest dropped because spool.max_bytes was reached
