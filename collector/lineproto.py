@@ -179,6 +179,21 @@ class Encoded:
     omitted: tuple[str, ...] = ()  # one OMIT_* class per part left out
 
 
+def _field_text(key: str, value: Any, omitted: list[str]) -> str | None:
+    """The line-protocol text of one field, or None (not measured, or left out: the reason is
+    appended to ``omitted``)."""
+    if not tag_key_ok(key):
+        omitted.append(OMIT_BAD_KEY)
+        return None
+    try:
+        return format_field_value(value)
+    except OverflowError:
+        omitted.append(OMIT_INT_RANGE)
+    except ValueError:
+        omitted.append(OMIT_NONFINITE)
+    return None
+
+
 def encode_observation(
     obs: Observation,
     *,
@@ -231,17 +246,7 @@ def encode_observation(
         if key in fields or key in BASE_FIELD_KEYS or key in RESERVED_TAG_KEYS or key in tags:
             omitted.append(OMIT_FIELD_CLASH)
             continue
-        if not tag_key_ok(key):
-            omitted.append(OMIT_BAD_KEY)
-            continue
-        try:
-            text = format_field_value(value)
-        except OverflowError:
-            omitted.append(OMIT_INT_RANGE)
-            continue
-        except ValueError:
-            omitted.append(OMIT_NONFINITE)
-            continue
+        text = _field_text(key, value, omitted)
         if text is not None:
             fields[key] = text
 
@@ -299,17 +304,7 @@ def encode_point(
     omitted: list[str] = []
     field_texts: dict[str, str] = {}
     for key, value in fields.items():
-        if not tag_key_ok(key):
-            omitted.append(OMIT_BAD_KEY)
-            continue
-        try:
-            text = format_field_value(value)
-        except OverflowError:
-            omitted.append(OMIT_INT_RANGE)
-            continue
-        except ValueError:
-            omitted.append(OMIT_NONFINITE)
-            continue
+        text = _field_text(key, value, omitted)
         if text is not None:
             field_texts[key] = text
     if not field_texts:
