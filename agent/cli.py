@@ -33,19 +33,38 @@ def setup_logging(level: str) -> None:
     )
 
 
-def _run_adhoc(kind_name: str, target: str, options: dict[str, Any], as_json: bool) -> int:
-    from agent import render
-
+def _adhoc_config(command: str, kind_name: str, target: str, options: dict[str, Any]) -> Any:
+    """The kind's config from the options the user gave (the struct's defaults for the rest), or
+    None after printing a one-line usage error (bad option or target)."""
     kind = KINDS[kind_name]
     given = {k: v for k, v in options.items() if v is not None}
     try:
         config = convert(given, kind.config_type, "command line")
     except ConfigError as err:
-        click.echo(f"edgeprobe {kind_name}: {err}", err=True)
-        return EXIT_USAGE
+        click.echo(f"edgeprobe {command}: {err}", err=True)
+        return None
     problem = kind.check_target(target)
     if problem is not None:
-        click.echo(f"edgeprobe {kind_name}: {problem}", err=True)
+        click.echo(f"edgeprobe {command}: {problem}", err=True)
+        return None
+    return config
+
+
+def _show_json(obs: Observation) -> None:
+    from agent import render
+
+    click.echo(json.dumps(render.as_json_obj(obs), ensure_ascii=False))
+    failure = render.error_line(obs)
+    if failure:
+        click.echo(failure, err=True)
+
+
+def _run_adhoc(kind_name: str, target: str, options: dict[str, Any], as_json: bool) -> int:
+    from agent import render
+
+    kind = KINDS[kind_name]
+    config = _adhoc_config(kind_name, kind_name, target, options)
+    if config is None:
         return EXIT_USAGE
 
     async def go() -> Observation:
@@ -54,10 +73,7 @@ def _run_adhoc(kind_name: str, target: str, options: dict[str, Any], as_json: bo
 
     obs = asyncio.run(go())
     if as_json:
-        click.echo(json.dumps(render.as_json_obj(obs), ensure_ascii=False))
-        failure = render.error_line(obs)
-        if failure:
-            click.echo(failure, err=True)
+        _show_json(obs)
     else:
         for line in render.render(obs):
             click.echo(line, err=line.startswith("edgeprobe "))
@@ -145,15 +161,8 @@ def _run_ttft(url: str, options: dict[str, Any], count: int, interval_s: float, 
     from agent import render
     from probes import inference
 
-    given = {k: v for k, v in options.items() if v is not None}
-    try:
-        config = convert(given, inference.InferenceConfig, "command line")
-    except ConfigError as err:
-        click.echo(f"edgeprobe ttft: {err}", err=True)
-        return EXIT_USAGE
-    problem = inference.check_target(url)
-    if problem is not None:
-        click.echo(f"edgeprobe ttft: {problem}", err=True)
+    config = _adhoc_config("ttft", inference.KIND.name, url, options)
+    if config is None:
         return EXIT_USAGE
     if config.api_key_env is not None and not os.environ.get(config.api_key_env):
         click.echo(
@@ -164,10 +173,7 @@ def _run_ttft(url: str, options: dict[str, Any], count: int, interval_s: float, 
 
     def show(obs: Observation, i: int) -> None:
         if as_json:
-            click.echo(json.dumps(render.as_json_obj(obs), ensure_ascii=False))
-            failure = render.error_line(obs)
-            if failure:
-                click.echo(failure, err=True)
+            _show_json(obs)
             return
         if count > 1:
             click.echo(f"request {i + 1}/{count}")
