@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -134,8 +134,16 @@ def fmt(value: Any, digits: int = 2) -> str:
     return str(value)
 
 
-def table(title: str, columns: Sequence[tuple[str, str]], rows: Sequence[Row], digits: int = 2) -> str:
-    cells = [[head for _, head in columns]] + [[fmt(row.get(key), digits) for key, _ in columns] for row in rows]
+def table(
+    title: str,
+    columns: Sequence[tuple[str, str]],
+    rows: Sequence[Row],
+    digits: int = 2,
+    formatter: Callable[[Any, int], str] | None = None,
+) -> str:
+    """A plain-text table of ``rows`` (dicts) with ``columns`` (key, heading); cells via ``formatter``."""
+    cell = formatter or fmt
+    cells = [[head for _, head in columns]] + [[cell(row.get(key), digits) for key, _ in columns] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
     lines = [title, "  ".join(h.rjust(w) for h, w in zip(cells[0], widths, strict=True))]
     lines.append("  ".join("-" * w for w in widths))

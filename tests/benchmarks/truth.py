@@ -37,6 +37,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from tests.benchmarks import perf_common
 from tests.lab.linkemu import Direction
 from tests.lab.measure import (
     PING_IDENT,
@@ -63,12 +64,7 @@ def fmt(value: Any, digits: int = 3) -> str:
 
 def table(title: str, columns: Sequence[tuple[str, str]], rows: Sequence[Row], digits: int = 3) -> str:
     """A plain-text table of ``rows`` (dicts) with ``columns`` (key, heading)."""
-    cells = [[head for _, head in columns]] + [[fmt(row.get(key), digits) for key, _ in columns] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
-    lines = [title, "  ".join(h.rjust(w) for h, w in zip(cells[0], widths, strict=True))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in cells[1:]]
-    return "\n".join(lines)
+    return perf_common.table(title, columns, rows, digits, fmt)
 
 
 def answered(values: Sequence[float | None]) -> list[float]:
