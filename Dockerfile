@@ -8,7 +8,7 @@
 #   * nothing: net.ipv4.ping_group_range covering gid 10001 (ICMP datagram sockets; Docker >= 20.10
 #     sets "0 2147483647" in every container by default, or: --sysctl net.ipv4.ping_group_range="10001 10001"), or
 #   * CAP_NET_RAW only (raw sockets): run with --cap-drop ALL --cap-add NET_RAW and the entrypoint
-#     python3-netraw -m agent.cli, the one binary in the image with a file capability
+#     python3-netraw -m edgeprobe.cli, the one binary in the image with a file capability
 #     (cap_net_raw=ep; a capability added with --cap-add never reaches a non-root process by itself).
 #     It refuses to start without NET_RAW in the container's bounding set and under no-new-privileges.
 FROM python:3.11.9-slim-bookworm

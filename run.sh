@@ -67,6 +67,16 @@ venv_ok() {
         && "$VENV/bin/python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null
 }
 
+# What the installed venv was made from: the pins, the project's metadata and the list of files in
+# the packages (a strict editable install links each file, so a new module needs a reinstall).
+install_fingerprint() {
+    {
+        cat pyproject.toml requirements.lock
+        find src agent collector probes grafana -type f \( -name '*.py' -o -name '*.json' -o -name '*.yaml' \
+            -o -name '*.yml' -o -name 'py.typed' \) -not -path '*/__pycache__/*' | LC_ALL=C sort
+    } | sha256sum | cut -d' ' -f1
+}
+
 ensure_venv() {
     if ! venv_ok; then
         section "Creating $VENV"
@@ -78,10 +88,15 @@ ensure_venv() {
             python3 -m venv "$VENV"
         fi
     fi
-    if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
-        section "Installing edgeprobe into $VENV (pip install -e '.[test]')"
-        "$VENV/bin/python" -m pip install --disable-pip-version-check -q -e '.[test]'
-        touch "$STAMP"
+    local want
+    want=$(install_fingerprint)
+    if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$want" ]; then
+        # Every version comes from requirements.lock (made by `uv pip compile`, see docs/testing.md);
+        # a strict editable install lays a tree of links that mypy and other tools can read.
+        section "Installing edgeprobe into $VENV (pip install -c requirements.lock -e '.[test]')"
+        "$VENV/bin/python" -m pip install --disable-pip-version-check -q -c requirements.lock \
+            --config-settings editable_mode=strict -e '.[test]'
+        printf '%s\n' "$want" >"$STAMP"
     fi
 }
 
@@ -92,6 +107,10 @@ cmd_test() {
     "$VENV/bin/ruff" check . || failed+=("ruff check")
     section "mypy"
     "$VENV/bin/mypy" || failed+=(mypy)
+    section "import-linter (layers)"
+    "$VENV/bin/lint-imports" || failed+=(lint-imports)
+    section "mkdocs build --strict"
+    "$VENV/bin/mkdocs" build --strict --quiet --site-dir "$(mktemp -d)" || failed+=("mkdocs build")
     section "pytest"
     # Last, and nothing printed after it on success: pytest's own summary closes the output.
     "$VENV/bin/pytest" "$@" || pytest_rc=$?

@@ -14,12 +14,12 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from agent.policy import PolicyConfig
-from probes.broker import BROKER_ENV, BrokerConfig
-from probes.configfile import ConfigError, convert, load
-from probes.kind import AnyKind
-from probes.registry import KINDS
-from probes.schema import BASE_FIELD_KEYS, NAME_RE, RESERVED_TAG_KEYS
+from edgeprobe.agent.policy import PolicyConfig
+from edgeprobe.configfile import ConfigError, convert, load
+from edgeprobe.mqtt import BROKER_ENV, BrokerConfig
+from edgeprobe.probes.kind import AnyKind
+from edgeprobe.probes.registry import KINDS
+from edgeprobe.schema import BASE_FIELD_KEYS, NAME_RE, RESERVED_TAG_KEYS
 
 
 def _reserved_label_keys() -> frozenset[str]:

@@ -4,7 +4,7 @@ Topics (``<p>`` is ``broker.topic_prefix``):
 
 * ``<p>/v1/<site>/<agent>/cmd`` — ad-hoc requests for this agent (:class:`AdhocCommand`, signed
   ``cmd``). The CLI picks the agents and sends each its own command naming it, so a command
-  can't be redirected to another agent. The answer (:class:`probes.schema.CommandReply`) goes to
+  can't be redirected to another agent. The answer (:class:`edgeprobe.schema.CommandReply`) goes to
   ``<p>/v1/results/<request_id>/<agent>``; the observation also goes the normal way (spool →
   obs → InfluxDB) with ``job="adhoc"`` and the label (tag) ``request_id``.
 * ``<p>/v1/<site>/<agent>/config`` (retained) and ``<p>/v1/config/group/<name>`` (retained):
@@ -31,16 +31,15 @@ from typing import Any
 import aiomqtt
 import msgspec
 
-from agent.config import AgentConfig, Job, JobConfig, build_jobs
-from agent.policy import PolicyRefusal, TargetPolicy
-from agent.publisher import backoff_s
-from agent.scheduler import Scheduler
-from agent.signing import SignatureError, Signed, Verifier, load_public_key
-from probes.configfile import ConfigError, convert
-from probes.context import ProbeContext
-from probes.handler import run_probe
-from probes.registry import KINDS
-from probes.schema import (
+from edgeprobe.agent.config import AgentConfig, Job, JobConfig, build_jobs
+from edgeprobe.agent.policy import PolicyRefusal, TargetPolicy
+from edgeprobe.agent.publisher import backoff_s
+from edgeprobe.agent.scheduler import Scheduler
+from edgeprobe.configfile import ConfigError, convert
+from edgeprobe.probes.context import ProbeContext
+from edgeprobe.probes.handler import run_probe
+from edgeprobe.probes.registry import KINDS
+from edgeprobe.schema import (
     NAME_RE,
     SCHEMA_VERSION,
     CommandReply,
@@ -51,6 +50,7 @@ from probes.schema import (
     group_config_topic,
     result_topic,
 )
+from edgeprobe.signing import SignatureError, Signed, Verifier, load_public_key
 
 log = logging.getLogger("edgeprobe.agent.control")
 

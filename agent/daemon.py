@@ -8,14 +8,14 @@ import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from agent.config import AgentConfig, Job
-from agent.control import Control
-from agent.publisher import ProbeCounters, Publisher
-from agent.scheduler import Scheduler
-from agent.spool import Spool, open_spool
-from probes.context import ProbeContext
-from probes.registry import KINDS
-from probes.schema import Observation
+from edgeprobe.agent.config import AgentConfig, Job
+from edgeprobe.agent.control import Control
+from edgeprobe.agent.publisher import ProbeCounters, Publisher
+from edgeprobe.agent.scheduler import Scheduler
+from edgeprobe.agent.spool import Spool, open_spool
+from edgeprobe.probes.context import ProbeContext
+from edgeprobe.probes.registry import KINDS
+from edgeprobe.schema import Observation
 
 log = logging.getLogger("edgeprobe.agent")
 
@@ -60,7 +60,7 @@ async def run_agent(
     """Run until ``stop`` is set (or SIGTERM/SIGINT when ``stop`` is None).
 
     ``tap``, when given, sees every observation as it is produced (live views, tests).
-    Raises :class:`agent.spool.SpoolError` when the spool cannot be opened.
+    Raises :class:`edgeprobe.agent.spool.SpoolError` when the spool cannot be opened.
     """
     own_signals = stop is None
     stop = stop or asyncio.Event()

@@ -23,9 +23,10 @@ from typing import Any
 import aiomqtt
 import msgspec
 
-from agent.config import AgentConfig
-from agent.spool import Spool, SpoolEntry
-from probes.schema import (
+from edgeprobe import __version__
+from edgeprobe.agent.config import AgentConfig
+from edgeprobe.agent.spool import Spool, SpoolEntry
+from edgeprobe.schema import (
     SCHEMA_VERSION,
     AgentHealth,
     Envelope,
@@ -39,7 +40,7 @@ from probes.schema import (
 
 log = logging.getLogger("edgeprobe.agent.publisher")
 
-VERSION = "0.1.0"
+VERSION = __version__
 MAX_MESSAGE_BYTES = 512 * 1024  # a batch is split below this (collectors accept 1 MiB by default)
 
 

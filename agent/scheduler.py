@@ -29,11 +29,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
-from agent.config import Job
-from probes.context import ProbeContext
-from probes.geo import physics
-from probes.handler import run_probe
-from probes.schema import Observation
+from edgeprobe.agent.config import Job
+from edgeprobe.probes.context import ProbeContext
+from edgeprobe.probes.geo import physics
+from edgeprobe.probes.handler import run_probe
+from edgeprobe.schema import Observation
 
 log = logging.getLogger("edgeprobe.agent.scheduler")
 

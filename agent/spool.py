@@ -40,8 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, NamedTuple, Protocol, TypeVar
 
-from agent.config import SpoolConfig
-from probes.schema import Observation, encode
+from edgeprobe.agent.config import SpoolConfig
+from edgeprobe.schema import Observation, encode
 
 log = logging.getLogger("edgeprobe.agent.spool")
 

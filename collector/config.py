@@ -32,10 +32,10 @@ from urllib.parse import urlsplit
 
 import msgspec
 
-from probes import configfile
-from probes.broker import BROKER_ENV, BrokerConfig
-from probes.configfile import Secret
-from probes.schema import NAME_RE
+from edgeprobe import configfile
+from edgeprobe.configfile import Secret
+from edgeprobe.mqtt import BROKER_ENV, BrokerConfig
+from edgeprobe.schema import NAME_RE
 
 INFLUX_ENV = {
     "EDGEPROBE_INFLUX_URL": "influx.url",

@@ -17,10 +17,10 @@ in [2000-01-01, now + 1 day] (``bad_timestamp``: a broken agent clock is the usu
 128 characters; ``target`` at most 2048; ``job`` at most 256 (``bad_value``). Invalid UTF-8 and
 nesting deeper than msgspec's limit are ``bad_json`` (inside one observation:
 ``bad_observation``, that observation alone). Integers beyond int64 and non-finite numbers in
-result fields are not rejected: :mod:`collector.lineproto` leaves those fields out and counts
+result fields are not rejected: :mod:`edgeprobe.collector.lineproto` leaves those fields out and counts
 them. Details and ids in rejects are one printable line (they go to logs).
 
-Agents' health messages (``<prefix>/v1/<site>/<agent>/health``, :class:`probes.schema.AgentHealth`)
+Agents' health messages (``<prefix>/v1/<site>/<agent>/health``, :class:`edgeprobe.schema.AgentHealth`)
 are decoded by :func:`decode_health` with the same whole-message checks.
 """
 
@@ -36,8 +36,8 @@ from typing import Any, Final
 
 import msgspec
 
-from probes.kind import AnyKind
-from probes.schema import (
+from edgeprobe.probes.kind import AnyKind
+from edgeprobe.schema import (
     NAME_RE,
     SUPPORTED_VERSIONS,
     AgentHealth,
@@ -86,7 +86,9 @@ MAX_TARGET_CHARS: Final = 2048
 MAX_JOB_CHARS: Final = 256
 MAX_DETAIL_CHARS: Final = 200
 # What msgspec raises on input that is not (valid) JSON: malformed, invalid UTF-8 inside a string,
-# or nested deeper than its recursion limit.
+# or nested deeper than its recursion limit. Which of these it raises for invalid UTF-8 changed
+# between releases (UnicodeDecodeError up to 0.19, DecodeError since), so only ValidationError (a
+# DecodeError: valid JSON of the wrong shape) is told apart; everything else here is "not JSON".
 _NOT_JSON: Final = (UnicodeDecodeError, RecursionError)
 _JSON_ERRORS: Final = (msgspec.DecodeError, *_NOT_JSON)
 
@@ -278,10 +280,10 @@ def decode_message(
         return _whole_reject(head)
     try:
         env = msgspec.json.decode(payload, type=RawEnvelope)
-    except _NOT_JSON as err:  # _head skipped over it: invalid UTF-8, or too deep
-        return _whole(BAD_JSON, str(err) or type(err).__name__)
-    except msgspec.DecodeError as err:
+    except msgspec.ValidationError as err:  # JSON, but not of the envelope's shape
         return _whole(BAD_ENVELOPE, str(err))
+    except _JSON_ERRORS as err:  # _head skipped over it: invalid UTF-8, or too deep
+        return _whole(BAD_JSON, str(err) or type(err).__name__)
     bad_sender = _check_sender(env.agent, env.site, topic_site, topic_agent)
     if bad_sender is not None:
         return _whole_reject(bad_sender)
@@ -324,7 +326,7 @@ class DecodedHealth:
 def decode_health(
     topic: str, payload: bytes, *, prefix: str, max_bytes: int, now_ns: int | None = None
 ) -> DecodedHealth:
-    """Decode an agent's health message (:class:`probes.schema.AgentHealth`). Never raises."""
+    """Decode an agent's health message (:class:`edgeprobe.schema.AgentHealth`). Never raises."""
     if len(payload) > max_bytes:
         return DecodedHealth(reject=Reject(TOO_LARGE, f"{len(payload)} bytes > limit {max_bytes}"))
     names = parse_agent_topic(prefix, topic)

@@ -27,7 +27,7 @@ from urllib.parse import urlencode
 
 import aiohttp
 
-from collector.config import InfluxConfig
+from edgeprobe.collector.config import InfluxConfig
 
 MAX_ERROR_CHARS = 500
 RETRYABLE_STATUS = frozenset({408, 429})
@@ -194,7 +194,13 @@ class V2Writer:
         self._write_api: Any = None
 
     async def __aenter__(self) -> Self:
-        from influxdb_client.client.influxdb_client_async import InfluxDBClientAsync
+        try:
+            from influxdb_client.client.influxdb_client_async import InfluxDBClientAsync
+        except ImportError as exc:
+            raise RuntimeError(
+                "writing to InfluxDB 2.x/3.x (influx.api: v2) needs the collector extra: "
+                "pip install 'edgeprobe[collector]'"
+            ) from exc
 
         cfg = self._config
         token = cfg.token.reveal() if cfg.token is not None else ""

@@ -57,8 +57,8 @@ from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from probes.kind import AnyKind
-from probes.schema import BASE_FIELD_KEYS, RESERVED_TAG_KEYS, Observation
+from edgeprobe.probes.kind import AnyKind
+from edgeprobe.schema import BASE_FIELD_KEYS, RESERVED_TAG_KEYS, Observation
 
 TAG_MARKER: Final = "~ep~"
 
@@ -344,7 +344,7 @@ def encode_batch(
     """The lines of one envelope's (already validated) observations.
 
     An observation of a kind missing from ``kinds`` is left out and counted (``unknown_kind``);
-    :func:`collector.decode.decode_message` rejects those before they get here.
+    :func:`edgeprobe.collector.decode.decode_message` rejects those before they get here.
     """
     batch = Batch()
     for obs in observations:

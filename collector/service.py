@@ -1,7 +1,7 @@
 """The collector daemon: MQTT observations in, InfluxDB points out, nothing acknowledged early.
 
 Delivery guarantee: **a message is acknowledged to the broker only after the points made from
-it are committed to the collector's durable spool** (:mod:`collector.spool`, SQLite WAL), and a
+it are committed to the collector's durable spool** (:mod:`edgeprobe.collector.spool`, SQLite WAL), and a
 point leaves the spool only after InfluxDB accepted it, or refused it for good and it was
 written to the dead-letter file. paho (under aiomqtt 2.x) would acknowledge QoS 1 messages as
 soon as they arrive; the collector turns that off (paho's ``manual_ack``) and sends each PUBACK
@@ -14,8 +14,8 @@ Three tasks:
 * the **consumer** keeps an MQTT session (persistent: ``clean_session=False``, so the broker
   queues QoS 1 messages while the collector is away, and re-sends the unacknowledged ones after
   a reconnect), subscribed to ``<prefix>/v1/+/+/obs`` and ``<prefix>/v1/+/+/health``. It takes
-  the messages that have arrived as a group, turns each into lines (:mod:`collector.decode`,
-  :mod:`collector.lineproto`), commits all the group's lines to the spool in one transaction,
+  the messages that have arrived as a group, turns each into lines (:mod:`edgeprobe.collector.decode`,
+  :mod:`edgeprobe.collector.lineproto`), commits all the group's lines to the spool in one transaction,
   then acknowledges the group's messages in arrival order. Rejected messages are acknowledged
   too (they are counted by reason and logged at most once per ``limits.log_interval_s`` per
   reason; re-sending them would not help). When the spool can't be written the session is
@@ -58,14 +58,14 @@ from typing import Any, ParamSpec, TypeVar
 
 import aiomqtt
 
-from collector.config import CollectorConfig
-from collector.decode import REASONS, decode_health, decode_message
-from collector.influx import InfluxWriter, WriteError, make_writer
-from collector.lineproto import HEALTH_MEASUREMENT, encode_batch, encode_point
-from collector.spool import DeadLetters, Spool, SpoolError
-from probes.kind import AnyKind
-from probes.schema import parse_agent_topic
-from probes.stats import percentile
+from edgeprobe.collector.config import CollectorConfig
+from edgeprobe.collector.decode import REASONS, decode_health, decode_message
+from edgeprobe.collector.influx import InfluxWriter, WriteError, make_writer
+from edgeprobe.collector.lineproto import HEALTH_MEASUREMENT, encode_batch, encode_point
+from edgeprobe.collector.spool import DeadLetters, Spool, SpoolError
+from edgeprobe.probes.kind import AnyKind
+from edgeprobe.probes.stats import percentile
+from edgeprobe.schema import parse_agent_topic
 
 log = logging.getLogger("edgeprobe.collector")
 
@@ -91,7 +91,7 @@ class CollectorStats:
     spooled_lines: int = 0  # lines committed to the spool (observations, agent and own health)
     written_points: int = 0  # lines InfluxDB accepted
     writes: int = 0  # successful write requests
-    rejected: Counter[str] = field(default_factory=Counter)  # by reason (collector.decode.REASONS)
+    rejected: Counter[str] = field(default_factory=Counter)  # by reason (edgeprobe.collector.decode.REASONS)
     omitted: Counter[str] = field(default_factory=Counter)  # parts of points left out (lineproto OMIT_*)
     write_retries: int = 0  # failed write attempts that were retried
     dead_lettered: int = 0  # lines InfluxDB refused permanently (in the dead-letter file)
@@ -652,11 +652,11 @@ async def run_collector(
     """Run until ``stop`` is set (or SIGTERM/SIGINT when ``stop`` is None); returns the counters.
 
     Cancelling the task stops at once, without the final flush (the spool keeps what was not
-    written). ``kinds`` defaults to :data:`probes.registry.KINDS`. Raises SpoolError when the
+    written). ``kinds`` defaults to :data:`edgeprobe.probes.registry.KINDS`. Raises SpoolError when the
     spool can't be opened (e.g. another collector holds it).
     """
     if kinds is None:
-        from probes.registry import KINDS
+        from edgeprobe.probes.registry import KINDS
 
         kinds = KINDS
     own_signals = stop is None

@@ -1,6 +1,6 @@
 """The one place that wraps every probe run with timing, a hard deadline and a typed outcome.
 
-Probes only measure. Whatever they raise is turned into an :class:`~probes.schema.Observation`
+Probes only measure. Whatever they raise is turned into an :class:`~edgeprobe.schema.Observation`
 here: :class:`ProbeFailure` keeps its outcome and partial result, a deadline overrun becomes
 ``timeout``, OS errors are mapped by errno, anything else is ``error`` with the exception named.
 """
@@ -17,10 +17,10 @@ from typing import Any
 
 import msgspec
 
-from probes.context import ProbeContext
-from probes.kind import AnyKind
-from probes.outcome import Outcome, ProbeFailure
-from probes.schema import Observation
+from edgeprobe.probes.context import ProbeContext
+from edgeprobe.probes.kind import AnyKind
+from edgeprobe.probes.outcome import Outcome, ProbeFailure
+from edgeprobe.schema import Observation
 
 _ERRNO_OUTCOME: dict[int, Outcome] = {
     errno.ECONNREFUSED: Outcome.REFUSED,

@@ -8,7 +8,7 @@ Fields of :class:`HttpResult`, all in milliseconds from :func:`time.perf_counter
 * **cumulative from the probe's start** (curl's ``time_starttransfer`` / ``time_total``):
   ``ttfb_ms`` — until the first byte of the final response arrived; ``total_ms`` — until the last
   byte of its body arrived (or the one reaching ``max_body_bytes``). Arrival is when the bytes
-  reached the stream's buffer (see :mod:`probes.netio`), not when the probe's task got round to
+  reached the stream's buffer (see :mod:`edgeprobe.probes.netio`), not when the probe's task got round to
   them. With redirects followed, both include the earlier
   hops, whose share is ``redirect_ms`` (curl's ``time_redirect``); ``ttfb_ms - redirect_ms`` is the
   final hop's own time to first byte.
@@ -31,10 +31,10 @@ from urllib.parse import quote, urljoin, urlsplit
 
 import msgspec
 
-from probes import netio
-from probes.context import ProbeContext
-from probes.kind import ProbeKind
-from probes.outcome import Outcome, ProbeFailure
+from edgeprobe.probes import netio
+from edgeprobe.probes.context import ProbeContext
+from edgeprobe.probes.kind import ProbeKind
+from edgeprobe.probes.outcome import Outcome, ProbeFailure
 
 REDIRECT_STATUSES: Final = frozenset({301, 302, 303, 307, 308})
 

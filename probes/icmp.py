@@ -38,11 +38,11 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from probes.context import ProbeContext
-from probes.handler import classify_exception
-from probes.kind import ProbeKind
-from probes.outcome import Outcome, ProbeFailure
-from probes.stats import RttSummary, summarize_rtts
+from edgeprobe.probes.context import ProbeContext
+from edgeprobe.probes.handler import classify_exception
+from edgeprobe.probes.kind import ProbeKind
+from edgeprobe.probes.outcome import Outcome, ProbeFailure
+from edgeprobe.probes.stats import RttSummary, summarize_rtts
 
 SocketKind = Literal["raw", "dgram"]
 

@@ -2,9 +2,9 @@
 
 One run = one request = one observation. The request goes to ``target`` (a base URL such as
 ``https://api.example.net`` or ``http://10.0.0.5:8000/v1``; the API's path is appended, see
-:func:`request_path`) in one of the formats of :data:`probes.llmstream.APIS`, and the streamed
-answer is read incrementally with a timestamp per socket read (:mod:`probes.netio`) and parsed by
-:mod:`probes.llmstream`, which defines the figures.
+:func:`request_path`) in one of the formats of :data:`edgeprobe.probes.llmstream.APIS`, and the streamed
+answer is read incrementally with a timestamp per socket read (:mod:`edgeprobe.probes.netio`) and parsed by
+:mod:`edgeprobe.probes.llmstream`, which defines the figures.
 
 Clock (all :func:`time.perf_counter_ns`, all ``*_ms`` fields cumulative from the run's start,
 except the three phase durations):
@@ -18,7 +18,7 @@ except the three phase durations):
 * ``ttft_ms``: the first event with non-empty generated text (llmstream's content events).
 * ``e2e_ms``: the last content event; ``stream_end_ms``: the end marker (or the end of the body).
 * ``itl_*_ms``, ``tpot_ms``, ``tokens_per_s``, ``chunks``, ``output_tokens``: from
-  :class:`probes.llmstream.StreamFigures`.
+  :class:`edgeprobe.probes.llmstream.StreamFigures`.
 
 Network versus server: with ``measure_net_rtt`` a separate TCP connection to the same host and
 port is opened and closed just before the request; its handshake time is ``net_rtt_ms``, one
@@ -29,12 +29,12 @@ endpoint and the model). See the README for its limits.
 
 Connections: ``connection: new`` (default) opens a fresh connection for every run and closes it
 (``Connection: close``). ``connection: reuse`` keeps it open afterwards in a pool owned by the
-:class:`~probes.context.ProbeContext`, and the next run to the same origin reuses it if it is
+:class:`~edgeprobe.probes.context.ProbeContext`, and the next run to the same origin reuses it if it is
 still open and was idle at most ``max_idle_s`` (``connection = "reused"``, no dns/connect/tls).
 A reused connection that turns out to be closed before any response byte (the server's
 keep-alive timeout racing our request) is replaced by a new one once, and the run is timed on it.
 
-Failures are typed (:class:`~probes.outcome.Outcome`), always with the partial result (which
+Failures are typed (:class:`~edgeprobe.probes.outcome.Outcome`), always with the partial result (which
 carries ``model`` and ``api``): HTTP status outside 2xx → ``http_error`` with the provider's
 message; no content before ``first_token_timeout_s`` → ``timeout`` ("no token within …");
 the body not finished within ``timeout_s`` → ``timeout`` ("stream stalled after N content
@@ -43,7 +43,7 @@ stream → ``stream_error``; the connection closed before the end marker → ``s
 that are not the API's JSON → ``malformed_stream``; a proper end without text → ``no_content``.
 
 The API key is read at run time from the environment variable named by ``api_key_env`` (the
-config never holds it), held as a :class:`~probes.configfile.Secret`, sent as the API expects
+config never holds it), held as a :class:`~edgeprobe.configfile.Secret`, sent as the API expects
 (``Authorization: Bearer`` or ``x-api-key``; ``api_key_header`` to name another header) and
 removed from every reason and recorded string, in case a server echoes it.
 """
@@ -60,12 +60,12 @@ from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
-from probes import llmstream, netio
-from probes.configfile import Secret
-from probes.context import ProbeContext
-from probes.http import HeaderName, HeaderValue, Url, parse_url
-from probes.kind import ProbeKind
-from probes.outcome import Outcome, ProbeFailure
+from edgeprobe.configfile import Secret
+from edgeprobe.probes import llmstream, netio
+from edgeprobe.probes.context import ProbeContext
+from edgeprobe.probes.http import HeaderName, HeaderValue, Url, parse_url
+from edgeprobe.probes.kind import ProbeKind
+from edgeprobe.probes.outcome import Outcome, ProbeFailure
 
 DEFAULT_PROMPT: Final = "Reply with one short sentence."
 # Response headers that say what served a request (ids, server, CDN/proxy hops, region, cache)
@@ -369,7 +369,7 @@ class ConnectionPool:
             await conn.aclose()
 
 
-POOL_KEY: Final = "probes.inference.ConnectionPool"
+POOL_KEY: Final = "edgeprobe.probes.inference.ConnectionPool"
 
 
 async def _new_pool() -> ConnectionPool:

@@ -1,4 +1,4 @@
-"""What every probe kind declares. The list of kinds lives in :mod:`probes.registry` only."""
+"""What every probe kind declares. The list of kinds lives in :mod:`edgeprobe.probes.registry` only."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from probes.context import ProbeContext
+from edgeprobe.probes.context import ProbeContext
 
 C = TypeVar("C")
 R = TypeVar("R")

@@ -44,7 +44,7 @@ from typing import Any, Final, Literal, TypeAlias, get_args
 
 import msgspec
 
-from probes.stats import percentile
+from edgeprobe.probes.stats import percentile
 
 Api: TypeAlias = Literal["openai-chat", "openai-completions", "ollama-chat", "ollama-generate", "tgi", "anthropic"]
 APIS: Final[tuple[Api, ...]] = get_args(Api)

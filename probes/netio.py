@@ -28,7 +28,7 @@ Layers, from pure to I/O:
   :class:`BodyPiece`, one per socket read that carried body bytes, so a streaming consumer can
   timestamp every piece).
 
-Every I/O function raises :class:`~probes.outcome.ProbeFailure` for what goes wrong on the network,
+Every I/O function raises :class:`~edgeprobe.probes.outcome.ProbeFailure` for what goes wrong on the network,
 with the foreign exception kept as ``__cause__``: ``socket.gaierror`` → ``dns_error``; connection
 refused → ``refused``; unreachable → ``unreachable``; certificate or handshake failure →
 ``tls_error``; a phase that overruns its budget → ``timeout`` naming the phase; a peer that does not
@@ -37,7 +37,7 @@ arguments are the budget of that one call (the low-level :meth:`Conn.read_some` 
 builtin ``TimeoutError`` to the caller, who knows what was awaited). The failures of
 :func:`open_connection` carry the :class:`ConnectTiming` measured so far as ``partial``; the others
 carry none. Callers put their own typed result in ``partial`` before the failure reaches
-:mod:`probes.handler`.
+:mod:`edgeprobe.probes.handler`.
 """
 
 from __future__ import annotations
@@ -58,8 +58,8 @@ from typing import Any, Final, Literal, SupportsIndex
 
 import msgspec
 
-from probes.handler import classify_exception
-from probes.outcome import Outcome, ProbeFailure
+from edgeprobe.probes.handler import classify_exception
+from edgeprobe.probes.outcome import Outcome, ProbeFailure
 
 Family = Literal["auto", "ipv4", "ipv6"]
 

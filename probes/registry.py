@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from probes import http, icmp, inference, tcp
-from probes.kind import AnyKind
+from edgeprobe.probes import http, icmp, inference, tcp
+from edgeprobe.probes.kind import AnyKind
 
 KINDS: dict[str, AnyKind] = {k.name: k for k in (icmp.KIND, tcp.KIND, http.KIND, inference.KIND)}
 

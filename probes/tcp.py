@@ -5,7 +5,7 @@ nothing is sent. ``dns_ms`` is the duration of the one ``getaddrinfo`` before th
 ``connects_ms`` holds every attempt in order (None: refused, timed out or unreachable);
 ``connect_ms`` is the **median** of the answered attempts (also ``connect_p50_ms``), and
 ``connect_min/avg/max/stddev/p95_ms`` summarise them (population stddev, linear-interpolated p95).
-Jitter of the series, under the same definitions as ICMP's (:func:`probes.stats.summarize_rtts`)
+Jitter of the series, under the same definitions as ICMP's (:func:`edgeprobe.probes.stats.summarize_rtts`)
 with a ``connect_`` prefix: ``connect_jitter_rfc3550_ms`` (J += (|D| − J)/16 over consecutive
 answered attempts), ``connect_ipdv_mean_ms``/``connect_ipdv_p95_ms`` (|Cᵢ − Cᵢ₋₁|, RFC 3393) and
 ``connect_pdv_p95_ms`` (p95 − min, RFC 5481); None with fewer than two answered attempts.
@@ -26,11 +26,11 @@ from typing import Annotated, Final, Literal
 
 import msgspec
 
-from probes import netio
-from probes.context import ProbeContext
-from probes.kind import ProbeKind
-from probes.outcome import Outcome, ProbeFailure
-from probes.stats import summarize_rtts
+from edgeprobe.probes import netio
+from edgeprobe.probes.context import ProbeContext
+from edgeprobe.probes.kind import ProbeKind
+from edgeprobe.probes.outcome import Outcome, ProbeFailure
+from edgeprobe.probes.stats import summarize_rtts
 
 
 class TcpConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):

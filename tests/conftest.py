@@ -19,7 +19,7 @@ from typing import TypeVar
 
 import pytest
 
-from collector.localstack import BinaryNotFoundError, InfluxError, InfluxServer, MosquittoServer
+from edgeprobe.localstack import BinaryNotFoundError, InfluxError, InfluxServer, MosquittoServer
 
 S = TypeVar("S", MosquittoServer, InfluxServer)
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import load_agent_config
-from probes.configfile import ConfigError
+from edgeprobe.agent.config import load_agent_config
+from edgeprobe.configfile import ConfigError
 
 GOOD = """
 agent:

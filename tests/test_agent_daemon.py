@@ -16,11 +16,11 @@ import aiomqtt
 import msgspec
 import pytest
 
-from agent.config import AgentConfig, build_jobs
-from agent.daemon import run_agent
-from collector.localstack import MosquittoServer, free_port
-from probes.configfile import convert
-from probes.schema import AgentHealth, Envelope, Observation, Status
+from edgeprobe.agent.config import AgentConfig, build_jobs
+from edgeprobe.agent.daemon import run_agent
+from edgeprobe.configfile import convert
+from edgeprobe.localstack import MosquittoServer, free_port
+from edgeprobe.schema import AgentHealth, Envelope, Observation, Status
 
 pytestmark = pytest.mark.integration
 

@@ -42,14 +42,14 @@ import aiomqtt
 import msgspec
 import pytest
 
-from agent.config import AgentConfig, build_jobs
-from agent.daemon import AgentHandles, run_agent
-from agent.spool import SpoolEntry, inspect_spool
-from collector.config import CollectorConfig
-from collector.localstack import InfluxServer, MosquittoServer, free_port
-from collector.service import run_collector
-from probes.configfile import convert
-from probes.schema import AgentHealth, Envelope, Observation
+from edgeprobe.agent.config import AgentConfig, build_jobs
+from edgeprobe.agent.daemon import AgentHandles, run_agent
+from edgeprobe.agent.spool import SpoolEntry, inspect_spool
+from edgeprobe.collector.config import CollectorConfig
+from edgeprobe.collector.service import run_collector
+from edgeprobe.configfile import convert
+from edgeprobe.localstack import InfluxServer, MosquittoServer, free_port
+from edgeprobe.schema import AgentHealth, Envelope, Observation
 
 pytestmark = pytest.mark.integration
 

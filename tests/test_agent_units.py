@@ -7,9 +7,9 @@ import random
 import msgspec
 import pytest
 
-from agent.publisher import TokenBucket, backoff_s, encode_batches
-from agent.scheduler import next_slot_ns, offset_ns
-from probes.schema import Envelope, Observation, encode
+from edgeprobe.agent.publisher import TokenBucket, backoff_s, encode_batches
+from edgeprobe.agent.scheduler import next_slot_ns, offset_ns
+from edgeprobe.schema import Envelope, Observation, encode
 
 S = 1_000_000_000
 
@@ -83,10 +83,10 @@ def test_backoff_grows_and_is_capped() -> None:
 
 
 def test_status_and_health_say_overloaded_and_status_does_not_steal_the_lag_window() -> None:
-    from agent.config import AgentConfig
-    from agent.publisher import ProbeCounters, Publisher
-    from agent.spool import MemorySpool
-    from probes.configfile import convert
+    from edgeprobe.agent.config import AgentConfig
+    from edgeprobe.agent.publisher import ProbeCounters, Publisher
+    from edgeprobe.agent.spool import MemorySpool
+    from edgeprobe.configfile import convert
 
     cfg = convert({"agent": {"id": "a1", "site": "s1"}}, AgentConfig, "test")
     calls: list[bool] = []

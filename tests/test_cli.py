@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from agent.cli import main
+from edgeprobe.cli import main
 
 PING_FIELDS = {"target", "address", "sent", "received", "loss_ratio", "rtt_min_ms", "rtt_avg_ms", "rtt_max_ms",
                "rtt_stddev_ms", "rtts_ms"}  # fmt: skip

@@ -31,11 +31,11 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from collector.config import CollectorConfig
-from collector.localstack import InfluxServer, MosquittoServer
-from collector.service import CollectorStats, run_collector
-from probes.configfile import convert
-from probes.schema import obs_topic
+from edgeprobe.collector.config import CollectorConfig
+from edgeprobe.collector.service import CollectorStats, run_collector
+from edgeprobe.configfile import convert
+from edgeprobe.localstack import InfluxServer, MosquittoServer
+from edgeprobe.schema import obs_topic
 
 pytestmark = pytest.mark.integration
 
@@ -243,7 +243,7 @@ async def test_failed_spool_commits_are_not_acknowledged(
 ) -> None:
     """Deterministic proof of ack-after-commit: with paho acknowledging on receipt, the messages
     of the failed commits would be gone; here the broker re-sends them after the reconnect."""
-    from collector import spool as spool_mod
+    from edgeprobe.collector import spool as spool_mod
 
     real_append = spool_mod.Spool.append
     failures = {"left": 3}
@@ -294,7 +294,7 @@ class CollectorProcess:
             log.write(f"---- start {self.starts}\n".encode())
             log.flush()
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "agent.cli", "collector", "run", "-c", str(self.config_path)],
+                [sys.executable, "-m", "edgeprobe.cli", "collector", "run", "-c", str(self.config_path)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=Path(__file__).parent.parent,

@@ -19,15 +19,15 @@ import aiomqtt
 import msgspec
 import pytest
 
-from collector import decode as d
-from collector.config import CollectorConfig, InfluxConfig
-from collector.influx import V1Writer
-from collector.lineproto import decode_tag_value, encode_observation
-from collector.localstack import InfluxServer, MosquittoServer
-from collector.service import CollectorStats, run_collector
-from collector.spool import read_dead_letters
-from probes.configfile import convert
-from probes.schema import AgentHealth, Observation, encode, health_topic, obs_topic
+from edgeprobe.collector import decode as d
+from edgeprobe.collector.config import CollectorConfig, InfluxConfig
+from edgeprobe.collector.influx import V1Writer
+from edgeprobe.collector.lineproto import decode_tag_value, encode_observation
+from edgeprobe.collector.service import CollectorStats, run_collector
+from edgeprobe.collector.spool import read_dead_letters
+from edgeprobe.configfile import convert
+from edgeprobe.localstack import InfluxServer, MosquittoServer
+from edgeprobe.schema import AgentHealth, Observation, encode, health_topic, obs_topic
 
 pytestmark = pytest.mark.integration
 

@@ -20,9 +20,9 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
-from collector.config import CollectorConfig, default_state_dir, load_collector_config
-from collector.influx import WriteError
-from collector.service import (
+from edgeprobe.collector.config import CollectorConfig, default_state_dir, load_collector_config
+from edgeprobe.collector.influx import WriteError
+from edgeprobe.collector.service import (
     Backoff,
     CollectorStats,
     RateLimitedLog,
@@ -30,8 +30,8 @@ from collector.service import (
     _Collector,
     health_fields,
 )
-from collector.spool import DeadLetters, Spool, read_dead_letters
-from probes.configfile import ConfigError, Secret, convert
+from edgeprobe.collector.spool import DeadLetters, Spool, read_dead_letters
+from edgeprobe.configfile import ConfigError, Secret, convert
 
 # ---- config --------------------------------------------------------------------------------------
 
@@ -177,7 +177,7 @@ def test_spool_in_memory() -> None:
 
 
 def test_spool_is_locked_to_one_process(tmp_path: Path) -> None:
-    from collector.spool import SpoolLockedError
+    from edgeprobe.collector.spool import SpoolLockedError
 
     with Spool(tmp_path / "s.sqlite"), pytest.raises(SpoolLockedError, match="in use"):
         Spool(tmp_path / "s.sqlite").open()
@@ -186,7 +186,7 @@ def test_spool_is_locked_to_one_process(tmp_path: Path) -> None:
 
 
 def test_spool_open_errors_are_spool_errors(tmp_path: Path) -> None:
-    from collector.spool import SpoolError
+    from edgeprobe.collector.spool import SpoolError
 
     (tmp_path / "file").write_text("")
     with pytest.raises(SpoolError):
@@ -449,7 +449,7 @@ def _envelope(n: int, agent: str = "a1") -> bytes:
 
 
 async def test_messages_are_acknowledged_only_after_the_spool_commit(make_collector: Any) -> None:
-    from probes.registry import KINDS
+    from edgeprobe.probes.registry import KINDS
 
     col, stats = make_collector()
     col.kinds = KINDS
@@ -468,8 +468,8 @@ async def test_messages_are_acknowledged_only_after_the_spool_commit(make_collec
 
 
 async def test_no_acknowledgement_when_the_spool_fails(make_collector: Any) -> None:
-    from collector.spool import SpoolError
-    from probes.registry import KINDS
+    from edgeprobe.collector.spool import SpoolError
+    from edgeprobe.probes.registry import KINDS
 
     col, stats = make_collector()
     col.kinds = KINDS

@@ -32,9 +32,9 @@ import click
 import pytest
 import yaml
 
-from collector.localstack import InfluxServer, MosquittoServer, find_binary
-from probes.broker import parse_broker_url
-from probes.schema import health_topic, obs_topic, status_topic
+from edgeprobe.localstack import InfluxServer, MosquittoServer, find_binary
+from edgeprobe.mqtt import parse_broker_url
+from edgeprobe.schema import health_topic, obs_topic, status_topic
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE = REPO / "docker-compose.yml"
@@ -288,7 +288,7 @@ def test_dockerfile_runs_unprivileged_with_at_most_net_raw() -> None:
     assert re.findall(r"setcap\s", text) == ["setcap "]  # the only file capability in the image
     assert 'ENTRYPOINT ["edgeprobe"]' in text
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["edgeprobe"] == "agent.cli:main"
+    assert scripts["edgeprobe"] == "edgeprobe.cli:main"
     c = compose()
     for name in EDGEPROBE_SERVICES:
         svc = c["services"][name]
@@ -310,7 +310,7 @@ def test_dockerfile_runs_unprivileged_with_at_most_net_raw() -> None:
 
 def cli_params(args: list[str]) -> dict[str, Any]:
     """Parse ``edgeprobe ARGS`` with the real click CLI without running it; UsageError if wrong."""
-    from agent.cli import main
+    from edgeprobe.cli import main
 
     cmd: click.Command = main
     name, parent = "edgeprobe", None
@@ -326,7 +326,7 @@ def cli_params(args: list[str]) -> dict[str, Any]:
 
 def service_cli_args(svc: Mapping[str, Any]) -> list[str]:
     entry = svc.get("entrypoint", ["edgeprobe"])
-    assert entry in (["edgeprobe"], ["python3-netraw", "-m", "agent.cli"]), entry
+    assert entry in (["edgeprobe"], ["python3-netraw", "-m", "edgeprobe.cli"]), entry
     return list(svc["command"])
 
 
@@ -345,8 +345,8 @@ def test_credentials_hosts_and_ports_agree() -> None:
 
 
 def check_agreement(c: dict[str, Any]) -> None:
-    from agent.config import load_agent_config
-    from collector.config import load_collector_config
+    from edgeprobe.agent.config import load_agent_config
+    from edgeprobe.collector.config import load_collector_config
 
     services = c["services"]
     users = mqtt_users(c)
@@ -617,11 +617,11 @@ async def test_real_agent_and_collector_deliver_through_the_acl(
     acl_broker: Any, influxdb: InfluxServer, influx_db: str, tmp_path: Path
 ) -> None:
     """The stack's usernames on a real agent and collector: status (retained, last will), health and obs pass."""
-    from agent.config import AgentConfig, PublishConfig, build_jobs
-    from agent.daemon import run_agent
-    from collector.config import CollectorConfig
-    from collector.service import run_collector
-    from probes.configfile import convert
+    from edgeprobe.agent.config import AgentConfig, PublishConfig, build_jobs
+    from edgeprobe.agent.daemon import run_agent
+    from edgeprobe.collector.config import CollectorConfig
+    from edgeprobe.collector.service import run_collector
+    from edgeprobe.configfile import convert
 
     server, users = acl_broker
     publish: dict[str, Any] = {"flush_interval_s": 0.2}

@@ -35,10 +35,10 @@ import msgspec
 import pytest
 import yaml
 
-from collector.lineproto import escape_tag_value, format_field_value
-from collector.localstack import InfluxServer, MosquittoServer, free_port
-from probes.registry import KINDS
-from probes.schema import BASE_FIELD_KEYS, AgentHealth, Observation
+from edgeprobe.collector.lineproto import escape_tag_value, format_field_value
+from edgeprobe.localstack import InfluxServer, MosquittoServer, free_port
+from edgeprobe.probes.registry import KINDS
+from edgeprobe.schema import BASE_FIELD_KEYS, AgentHealth, Observation
 
 REPO = Path(__file__).resolve().parents[1]
 GRAFANA = REPO / "grafana"
@@ -138,7 +138,7 @@ def provisioned_datasource_uids() -> set[str]:
 
 def known_schema() -> dict[str, set[str]]:
     """Measurement → the field and tag names edgeprobe writes to it."""
-    from collector.service import CollectorStats, health_fields
+    from edgeprobe.collector.service import CollectorStats, health_fields
 
     schema: dict[str, set[str]] = {}
     for kind in KINDS.values():
@@ -334,7 +334,7 @@ def agent_config(
     closed: int,
     spool_dir: Path,
 ) -> dict[str, Any]:
-    from agent.config import AgentConfig, PublishConfig
+    from edgeprobe.agent.config import AgentConfig, PublishConfig
 
     edge_port = urlsplit(urls["edge"]).port
     icmp = {"count": 5, "interval_s": 0.02, "timeout_s": 0.5}
@@ -415,12 +415,12 @@ def agent_config(
 
 
 async def run_pipeline(broker: MosquittoServer, filled: Filled, spool_dir: Path) -> None:
-    from agent.config import AgentConfig, build_jobs
-    from agent.daemon import run_agent
-    from agent.responder import ResponderSettings, serve_responder
-    from collector.config import CollectorConfig
-    from collector.service import run_collector
-    from probes.configfile import convert
+    from edgeprobe.agent.config import AgentConfig, build_jobs
+    from edgeprobe.agent.daemon import run_agent
+    from edgeprobe.collector.config import CollectorConfig
+    from edgeprobe.collector.service import run_collector
+    from edgeprobe.configfile import convert
+    from edgeprobe.responder import ResponderSettings, serve_responder
 
     prefix = f"dash{uuid.uuid4().hex[:8]}"
     influx, db = filled.influx, filled.db
@@ -482,7 +482,7 @@ def health_line(tags: dict[str, str], fields: dict[str, Any], at_ns: int) -> str
 
 def add_health_if_missing(filled: Filled) -> None:
     """Health points of the same shape as the collector writes, for sources that wrote too few."""
-    from collector.service import CollectorStats, health_fields
+    from edgeprobe.collector.service import CollectorStats, health_fields
 
     now = time.time_ns()
     lines: list[str] = []

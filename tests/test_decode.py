@@ -10,10 +10,10 @@ from typing import Any
 import msgspec
 import pytest
 
-from collector import decode as d
-from collector.decode import decode_message
-from collector.lineproto import encode_batch
-from probes.kind import AnyKind, ProbeKind
+from edgeprobe.collector import decode as d
+from edgeprobe.collector.decode import decode_message
+from edgeprobe.collector.lineproto import encode_batch
+from edgeprobe.probes.kind import AnyKind, ProbeKind
 
 GOLDEN = Path(__file__).parent / "golden"
 PREFIX = "edgeprobe"
@@ -232,7 +232,7 @@ def golden_files() -> list[Path]:
 
 @pytest.mark.parametrize("path", golden_files(), ids=lambda p: p.name)
 def test_golden_v1_samples_decode(path: Path) -> None:
-    from probes.registry import KINDS as REAL_KINDS
+    from edgeprobe.probes.registry import KINDS as REAL_KINDS
 
     raw = path.read_bytes()
     doc = json.loads(raw)
@@ -262,7 +262,7 @@ def test_golden_v1_samples_decode(path: Path) -> None:
 
 def test_golden_samples_mixed_with_garbage() -> None:
     """A golden envelope with one observation broken still delivers the others."""
-    from probes.registry import KINDS as REAL_KINDS
+    from edgeprobe.probes.registry import KINDS as REAL_KINDS
 
     doc = json.loads((GOLDEN / "obs_v1_tcp_ok_and_refused.json").read_text())
     broken = copy.deepcopy(doc)

@@ -13,12 +13,12 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from agent.config import AgentConfig, build_jobs
-from agent.daemon import run_agent
-from collector.config import CollectorConfig
-from collector.service import run_collector
-from probes.configfile import convert
-from probes.schema import Observation
+from edgeprobe.agent.config import AgentConfig, build_jobs
+from edgeprobe.agent.daemon import run_agent
+from edgeprobe.collector.config import CollectorConfig
+from edgeprobe.collector.service import run_collector
+from edgeprobe.configfile import convert
+from edgeprobe.schema import Observation
 
 pytestmark = pytest.mark.integration
 

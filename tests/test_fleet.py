@@ -27,17 +27,25 @@ import msgspec
 import pytest
 import yaml
 
-from agent.config import AgentConfig, build_jobs
-from agent.control import AdhocCommand, ConfigDocument
-from agent.daemon import AgentHandles, run_agent
-from agent.fleet import fleet_probe, publish_documents, read_statuses
-from agent.signing import SignedMessage, generate_key, load_private_key, sign, stamp
-from collector.config import CollectorConfig
-from collector.localstack import MosquittoServer, find_binary, free_port
-from collector.service import run_collector
-from probes.broker import BrokerConfig
-from probes.configfile import convert
-from probes.schema import CommandReply, Observation, Status, cmd_topic, group_config_topic, result_topic, status_topic
+from edgeprobe.agent.config import AgentConfig, build_jobs
+from edgeprobe.agent.control import AdhocCommand, ConfigDocument
+from edgeprobe.agent.daemon import AgentHandles, run_agent
+from edgeprobe.collector.config import CollectorConfig
+from edgeprobe.collector.service import run_collector
+from edgeprobe.configfile import convert
+from edgeprobe.fleet import fleet_probe, publish_documents, read_statuses
+from edgeprobe.localstack import MosquittoServer, find_binary, free_port
+from edgeprobe.mqtt import BrokerConfig
+from edgeprobe.schema import (
+    CommandReply,
+    Observation,
+    Status,
+    cmd_topic,
+    group_config_topic,
+    result_topic,
+    status_topic,
+)
+from edgeprobe.signing import SignedMessage, generate_key, load_private_key, sign, stamp
 
 pytestmark = pytest.mark.integration
 
@@ -230,7 +238,7 @@ def listener() -> tuple[socket.socket, int]:
 
 def cli(*args: str, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "agent.cli", *args], capture_output=True, text=True, timeout=timeout_s, cwd=REPO
+        [sys.executable, "-m", "edgeprobe.cli", *args], capture_output=True, text=True, timeout=timeout_s, cwd=REPO
     )
 
 
@@ -293,7 +301,7 @@ async def test_fleet_ls_shows_agents_and_a_killed_one_offline(fleet: Fleet, agen
     # a3 as a real process, to be killed with SIGKILL (no clean disconnect: the broker sends its will)
     cfg3 = tmp_path / "a3.yaml"
     cfg3.write_text(yaml.safe_dump(fleet.agent_cfg("a3")))
-    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "agent", "run", "--config", str(cfg3)], cwd=REPO)
+    proc = subprocess.Popen([sys.executable, "-m", "edgeprobe.cli", "agent", "run", "--config", str(cfg3)], cwd=REPO)
     fleet_yaml = tmp_path / "fleet.yaml"
     fleet_yaml.write_text(yaml.safe_dump({"broker": fleet.broker_dict("controller")}))
     try:
@@ -405,7 +413,7 @@ async def test_fleet_probe_across_three_agents_live_and_in_influxdb(
 
 async def test_fleet_probe_inference(fleet: Fleet, agents: Any) -> None:
     """An ad-hoc inference request across two agents, against the local responder."""
-    from agent.responder import ResponderSettings, serve_responder
+    from edgeprobe.responder import ResponderSettings, serve_responder
 
     settings = ResponderSettings(ttft_ms=20, token_interval_ms=5, tokens=6, seed=3, keepalive_interval_ms=100)
     async with serve_responder("127.0.0.1", 0, settings, shutdown_timeout_s=0.3) as responder:
@@ -536,7 +544,7 @@ async def test_fleet_apply_cli(fleet: Fleet, agents: Any, tmp_path: Path) -> Non
         env = {"EDGEPROBE_CONTROLLER_KEY_FILE": str(fleet.key_file)}
         done = await asyncio.to_thread(
             lambda: subprocess.run(
-                [sys.executable, "-m", "agent.cli", "fleet", "apply", str(tmp_path / "mesh.yaml"),
+                [sys.executable, "-m", "edgeprobe.cli", "fleet", "apply", str(tmp_path / "mesh.yaml"),
                  "--config", str(tmp_path / "fleet.yaml")],
                 capture_output=True, text=True, timeout=60, cwd=REPO, env={**os.environ, **env},
             )
@@ -551,7 +559,7 @@ async def test_fleet_apply_cli(fleet: Fleet, agents: Any, tmp_path: Path) -> Non
         # fleet clear: a signed empty document stops the rule's jobs
         cleared = await asyncio.to_thread(
             lambda: subprocess.run(
-                [sys.executable, "-m", "agent.cli", "fleet", "clear", "--group", name,
+                [sys.executable, "-m", "edgeprobe.cli", "fleet", "clear", "--group", name,
                  "--config", str(tmp_path / "fleet.yaml")],
                 capture_output=True, text=True, timeout=60, cwd=REPO, env={**os.environ, **env},
             )

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from agent.control import label_match
-from agent.fleet import MeshFile, mesh_documents, parse_where, select_agents, validate_documents
-from probes.configfile import ConfigError, convert
-from probes.schema import Status
+from edgeprobe.agent.control import label_match
+from edgeprobe.configfile import ConfigError, convert
+from edgeprobe.fleet import MeshFile, mesh_documents, parse_where, select_agents, validate_documents
+from edgeprobe.schema import Status
 
 
 def _st(agent: str, site: str, state: str = "online", **labels: str) -> Status:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from probes.geo import first_byte_round_trips, floor_rtt_ms, great_circle_km, inflation_ratio
+from edgeprobe.probes.geo import first_byte_round_trips, floor_rtt_ms, great_circle_km, inflation_ratio
 
 
 def test_known_distances() -> None:
@@ -44,7 +44,7 @@ def test_bad_latitude() -> None:
 
 
 def test_physics_fields_per_kind() -> None:
-    from probes.geo import physics
+    from edgeprobe.probes.geo import physics
 
     fra, lon = (50.1109, 8.6821), (51.5074, -0.1278)
     icmp = physics("icmp", "x", {"rtt_min_ms": 12.0}, fra, lon)

@@ -16,11 +16,11 @@ import msgspec
 import pytest
 from aiohttp import web
 
-from probes import http, netio
-from probes.context import ProbeContext
-from probes.handler import run_probe
-from probes.http import HttpConfig, HttpResult, parse_url
-from probes.outcome import Outcome, ProbeFailure
+from edgeprobe.probes import http, netio
+from edgeprobe.probes.context import ProbeContext
+from edgeprobe.probes.handler import run_probe
+from edgeprobe.probes.http import HttpConfig, HttpResult, parse_url
+from edgeprobe.probes.outcome import Outcome, ProbeFailure
 
 TEXT = b"hello edgeprobe\n"
 CHUNKS = [b"first chunk\n", b"second, longer chunk of bytes\n", b"x"]

@@ -18,9 +18,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from probes import icmp
-from probes.configfile import ConfigError, convert
-from probes.icmp import (
+from edgeprobe.configfile import ConfigError, convert
+from edgeprobe.probes import icmp
+from edgeprobe.probes.icmp import (
     IcmpConfig,
     IcmpPacket,
     build_echo_request,
@@ -31,7 +31,7 @@ from probes.icmp import (
     parse_reply,
     round_trip_ns,
 )
-from probes.stats import summarize_rtts
+from edgeprobe.probes.stats import summarize_rtts
 
 TOKEN = b"TOKEN123"
 STAMP = 0x1122334455667788

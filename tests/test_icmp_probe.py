@@ -26,12 +26,12 @@ from typing import Any
 import msgspec
 import pytest
 
-from probes import icmp
-from probes.context import ProbeContext
-from probes.handler import run_probe
-from probes.icmp import EchoSocket, IcmpConfig, IcmpResult
-from probes.kind import AnyKind
-from probes.outcome import Outcome, ProbeFailure
+from edgeprobe.probes import icmp
+from edgeprobe.probes.context import ProbeContext
+from edgeprobe.probes.handler import run_probe
+from edgeprobe.probes.icmp import EchoSocket, IcmpConfig, IcmpResult
+from edgeprobe.probes.kind import AnyKind
+from edgeprobe.probes.outcome import Outcome, ProbeFailure
 
 ROOT = Path(__file__).resolve().parent.parent
 RANGE_FILE = Path("/proc/sys/net/ipv4/ping_group_range")
@@ -43,7 +43,7 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: raw ICMP 
 def icmp_kind() -> AnyKind:
     """The registered kind when the registry imports (it also needs the tcp and http modules)."""
     try:
-        from probes.registry import KINDS
+        from edgeprobe.probes.registry import KINDS
     except ImportError:
         return icmp.KIND
     return KINDS["icmp"]

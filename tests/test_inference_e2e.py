@@ -18,13 +18,13 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from agent.config import AgentConfig, build_jobs
-from agent.daemon import run_agent
-from agent.responder import ResponderSettings, serve_responder
-from collector.config import CollectorConfig
-from collector.service import run_collector
-from probes.configfile import convert
-from probes.schema import Observation
+from edgeprobe.agent.config import AgentConfig, build_jobs
+from edgeprobe.agent.daemon import run_agent
+from edgeprobe.collector.config import CollectorConfig
+from edgeprobe.collector.service import run_collector
+from edgeprobe.configfile import convert
+from edgeprobe.responder import ResponderSettings, serve_responder
+from edgeprobe.schema import Observation
 
 pytestmark = pytest.mark.integration
 

@@ -28,21 +28,14 @@ import pytest
 from aiohttp import web
 from click.testing import CliRunner
 
-from agent import render
-from agent.cli import main
-from agent.config import AgentConfig, build_jobs
-from agent.responder import (
-    STREAM_ERROR_MESSAGE,
-    ResponderSettings,
-    RunningResponder,
-    make_app,
-    serve_responder,
-)
-from probes import inference
-from probes.configfile import ConfigError, convert
-from probes.context import ProbeContext
-from probes.handler import run_probe
-from probes.inference import (
+from edgeprobe import render
+from edgeprobe.agent.config import AgentConfig, build_jobs
+from edgeprobe.cli import main
+from edgeprobe.configfile import ConfigError, convert
+from edgeprobe.probes import inference
+from edgeprobe.probes.context import ProbeContext
+from edgeprobe.probes.handler import run_probe
+from edgeprobe.probes.inference import (
     ConnectionPool,
     InferenceConfig,
     InferenceResult,
@@ -54,10 +47,17 @@ from probes.inference import (
     server_ms,
     status_reason,
 )
-from probes.llmstream import APIS
-from probes.outcome import Outcome
-from probes.registry import KINDS
-from probes.schema import Observation, encode
+from edgeprobe.probes.llmstream import APIS
+from edgeprobe.probes.outcome import Outcome
+from edgeprobe.probes.registry import KINDS
+from edgeprobe.responder import (
+    STREAM_ERROR_MESSAGE,
+    ResponderSettings,
+    RunningResponder,
+    make_app,
+    serve_responder,
+)
+from edgeprobe.schema import Observation, encode
 
 FAST = ResponderSettings(ttft_ms=40, token_interval_ms=5, tokens=8, seed=3, load_ms=10, keepalive_interval_ms=50)
 N = 6  # max_tokens asked for: fewer than the responder's 8, so every API ends on "length"

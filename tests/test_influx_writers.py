@@ -18,9 +18,9 @@ import msgspec
 import pytest
 from aiohttp import web
 
-from collector.config import InfluxConfig
-from collector.influx import V1Writer, V2Writer, WriteError, make_writer
-from probes.configfile import convert
+from edgeprobe.collector.config import InfluxConfig
+from edgeprobe.collector.influx import V1Writer, V2Writer, WriteError, make_writer
+from edgeprobe.configfile import convert
 
 LINES = [
     'edgeprobe_tcp,agent=a1,outcome=ok,site=s1,target=example.net:443 id="x1",seq=1i,duration_ms=5.0 1',

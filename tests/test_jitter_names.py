@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from probes.registry import KINDS
-from probes.schema import BASE_FIELD_KEYS, Observation
-from probes.stats import RttSummary
-from probes.tcp import TcpResult, fill_stats
+from edgeprobe.probes.registry import KINDS
+from edgeprobe.probes.stats import RttSummary
+from edgeprobe.probes.tcp import TcpResult, fill_stats
+from edgeprobe.schema import BASE_FIELD_KEYS, Observation
 
 JITTER_FAMILY = ("jitter_rfc3550_ms", "ipdv_mean_ms", "ipdv_p95_ms", "pdv_p95_ms")
 

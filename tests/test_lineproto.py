@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from collector.lineproto import (
+from edgeprobe.collector.lineproto import (
     OMIT_BAD_KEY,
     OMIT_FIELD_CLASH,
     OMIT_INT_RANGE,
@@ -27,8 +27,8 @@ from collector.lineproto import (
     escape_tag_value,
     format_field_value,
 )
-from probes.kind import AnyKind, ProbeKind
-from probes.schema import Observation
+from edgeprobe.probes.kind import AnyKind, ProbeKind
+from edgeprobe.schema import Observation
 
 
 class FakeResult(msgspec.Struct, kw_only=True):

@@ -1,4 +1,4 @@
-"""probes.llmstream: framing at every split point, per-API interpretation, figures, request bodies.
+"""edgeprobe.probes.llmstream: framing at every split point, per-API interpretation, figures, request bodies.
 
 The golden streams in tests/golden/streams are raw response bodies (see README there). The
 timing model used below: the server writes a stream as *segments* (one SSE event up to and
@@ -20,7 +20,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from probes.llmstream import (
+from edgeprobe.probes.llmstream import (
     APIS,
     ERROR_MESSAGE_MAX_CHARS,
     Api,

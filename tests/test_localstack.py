@@ -12,8 +12,8 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
-from collector import localstack
-from collector.localstack import (
+from edgeprobe import localstack
+from edgeprobe.localstack import (
     BinaryNotFoundError,
     InfluxError,
     InfluxServer,

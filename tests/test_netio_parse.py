@@ -1,4 +1,4 @@
-"""The pure HTTP/1.1 pieces of probes.netio, on bytes captured from real servers."""
+"""The pure HTTP/1.1 pieces of edgeprobe.probes.netio, on bytes captured from real servers."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from probes import netio
-from probes.netio import (
+from edgeprobe.probes import netio
+from edgeprobe.probes.netio import (
     BodyFraming,
     ChunkedDecoder,
     HttpParseError,

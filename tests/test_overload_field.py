@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import msgspec
 
-from collector.lineproto import encode_observation
-from probes.schema import Observation, encode
+from edgeprobe.collector.lineproto import encode_observation
+from edgeprobe.schema import Observation, encode
 
 
 def obs(**kw: object) -> Observation:

@@ -6,10 +6,10 @@ import ipaddress
 
 import pytest
 
-from agent.policy import PolicyConfig, PolicyRefusal, TargetPolicy, classify, target_host
-from probes.icmp import IcmpConfig
-from probes.inference import InferenceConfig
-from probes.tcp import TcpConfig
+from edgeprobe.agent.policy import PolicyConfig, PolicyRefusal, TargetPolicy, classify, target_host
+from edgeprobe.probes.icmp import IcmpConfig
+from edgeprobe.probes.inference import InferenceConfig
+from edgeprobe.probes.tcp import TcpConfig
 
 
 def test_target_host() -> None:

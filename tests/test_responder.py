@@ -1,4 +1,4 @@
-"""agent.responder, checked by independent clients: the ``openai`` package, and aiohttp + our parser.
+"""edgeprobe.responder, checked by independent clients: the ``openai`` package, and aiohttp + our parser.
 
 Only 127.0.0.1. Timing bounds are loose: a lower bound (nothing can come before its
 scheduled time) plus a generous upper bound. Speed is never what is tested.
@@ -19,17 +19,7 @@ import msgspec
 import openai
 import pytest
 
-from agent.responder import (
-    MODEL_BASE,
-    WORDS,
-    ResponderSettings,
-    RunningResponder,
-    schedule_s,
-    serve_responder,
-    settings_for,
-    token_text,
-)
-from probes.llmstream import (
+from edgeprobe.probes.llmstream import (
     APIS,
     Api,
     StreamFigures,
@@ -38,6 +28,16 @@ from probes.llmstream import (
     build_request_body,
     check_content_type,
     request_headers,
+)
+from edgeprobe.responder import (
+    MODEL_BASE,
+    WORDS,
+    ResponderSettings,
+    RunningResponder,
+    schedule_s,
+    serve_responder,
+    settings_for,
+    token_text,
 )
 
 FAST = ResponderSettings(ttft_ms=100, token_interval_ms=10, tokens=12, seed=1, keepalive_interval_ms=50)
@@ -217,7 +217,7 @@ async def test_openai_sees_silence(responder: RunningResponder) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Every API, through aiohttp and probes.llmstream (the probe's parser)
+# Every API, through aiohttp and edgeprobe.probes.llmstream (the probe's parser)
 # --------------------------------------------------------------------------------------------
 
 

@@ -11,18 +11,18 @@ from collections import Counter
 import msgspec
 import pytest
 
-from agent import scheduler as sched
-from agent.config import Job
-from agent.scheduler import (
+from edgeprobe.agent import scheduler as sched
+from edgeprobe.agent.config import Job
+from edgeprobe.agent.scheduler import (
     RateLimitedCount,
     Scheduler,
     following_slot_ns,
     next_slot_ns,
     overload_threshold_ms,
 )
-from probes.context import ProbeContext
-from probes.kind import ProbeKind
-from probes.schema import Observation
+from edgeprobe.probes.context import ProbeContext
+from edgeprobe.probes.kind import ProbeKind
+from edgeprobe.schema import Observation
 
 S = 1_000_000_000
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from agent.control import AdhocCommand, ConfigDocument
-from agent.signing import (
+from edgeprobe.agent.control import AdhocCommand, ConfigDocument
+from edgeprobe.signing import (
     SignatureError,
     SignedMessage,
     Verifier,

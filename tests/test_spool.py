@@ -21,9 +21,18 @@ import msgspec
 import pytest
 from click.testing import CliRunner
 
-from agent.cli import main as cli_main
-from agent.spool import MemorySpool, Spool, SpoolEntry, SpoolError, SqliteSpool, _Store, inspect_spool, spool_lines
-from probes.schema import Observation, encode
+from edgeprobe.agent.spool import (
+    MemorySpool,
+    Spool,
+    SpoolEntry,
+    SpoolError,
+    SqliteSpool,
+    _Store,
+    inspect_spool,
+    spool_lines,
+)
+from edgeprobe.cli import main as cli_main
+from edgeprobe.schema import Observation, encode
 
 MakeSpool = Callable[..., Awaitable[Spool]]
 
@@ -295,8 +304,8 @@ async def test_sqlite_inspect_while_open_and_render(tmp_path: Path) -> None:
 CHILD = textwrap.dedent(
     """
     import asyncio, sys, time
-    from agent.spool import SqliteSpool
-    from probes.schema import Observation
+    from edgeprobe.agent.spool import SqliteSpool
+    from edgeprobe.schema import Observation
 
     async def main() -> None:
         spool = await SqliteSpool.open(
@@ -381,7 +390,7 @@ def test_cli_agent_spool(tmp_path: Path) -> None:
 
 
 def test_spool_config_defaults_and_agent_placeholder(tmp_path: Path) -> None:
-    from agent.config import load_agent_config
+    from edgeprobe.agent.config import load_agent_config
 
     conf = tmp_path / "agent.yaml"
     conf.write_text("agent: {id: fra1-a, site: fra1}\n")
@@ -395,8 +404,8 @@ def test_spool_config_defaults_and_agent_placeholder(tmp_path: Path) -> None:
 
 
 def test_replay_rate_must_exceed_production(tmp_path: Path) -> None:
-    from agent.config import load_agent_config
-    from probes.configfile import ConfigError
+    from edgeprobe.agent.config import load_agent_config
+    from edgeprobe.configfile import ConfigError
 
     conf = tmp_path / "agent.yaml"
     conf.write_text(

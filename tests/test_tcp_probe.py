@@ -10,11 +10,11 @@ from typing import Any
 import msgspec
 import pytest
 
-from probes import tcp
-from probes.context import ProbeContext
-from probes.handler import run_probe
-from probes.outcome import Outcome, ProbeFailure
-from probes.tcp import TcpConfig, TcpResult, fill_stats, parse_hostport
+from edgeprobe.probes import tcp
+from edgeprobe.probes.context import ProbeContext
+from edgeprobe.probes.handler import run_probe
+from edgeprobe.probes.outcome import Outcome, ProbeFailure
+from edgeprobe.probes.tcp import TcpConfig, TcpResult, fill_stats, parse_hostport
 
 FAST: dict[str, Any] = {"interval_s": 0.01, "timeout_s": 2.0}
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from probes import netio
+from edgeprobe.probes import netio
 
 
 async def test_connect_is_stamped_in_the_writability_callback() -> None:

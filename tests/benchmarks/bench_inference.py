@@ -42,10 +42,10 @@ import httpx2
 import openai
 from aiohttp import web
 
-from agent.responder import ResponderSettings, make_app
-from probes import inference
-from probes.context import ProbeContext
-from probes.handler import run_probe
+from edgeprobe.probes import inference
+from edgeprobe.probes.context import ProbeContext
+from edgeprobe.probes.handler import run_probe
+from edgeprobe.responder import ResponderSettings, make_app
 
 
 @dataclass

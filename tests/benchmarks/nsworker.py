@@ -63,10 +63,10 @@ async def _serve(host: str, port: int, tls_port: int | None, cert: str | None, k
 
 
 async def _http(url: str, n: int, insecure: bool, gap_s: float) -> None:
-    from probes.context import ProbeContext
-    from probes.handler import run_probe
-    from probes.http import HttpConfig
-    from probes.registry import KINDS
+    from edgeprobe.probes.context import ProbeContext
+    from edgeprobe.probes.handler import run_probe
+    from edgeprobe.probes.http import HttpConfig
+    from edgeprobe.probes.registry import KINDS
 
     config = HttpConfig(verify_tls=not insecure)
     async with ProbeContext() as ctx:
@@ -78,10 +78,10 @@ async def _http(url: str, n: int, insecure: bool, gap_s: float) -> None:
 
 async def _http_loop(insecure: bool) -> None:
     """One probe per URL read from stdin, its fields printed as one JSON line; until stdin closes."""
-    from probes.context import ProbeContext
-    from probes.handler import run_probe
-    from probes.http import HttpConfig
-    from probes.registry import KINDS
+    from edgeprobe.probes.context import ProbeContext
+    from edgeprobe.probes.handler import run_probe
+    from edgeprobe.probes.http import HttpConfig
+    from edgeprobe.probes.registry import KINDS
 
     config = HttpConfig(verify_tls=not insecure)
     loop = asyncio.get_running_loop()
@@ -95,10 +95,10 @@ async def _http_loop(insecure: bool) -> None:
 
 async def _load(spec: dict[str, Any]) -> dict[str, Any]:
     """Run one agent with the jobs in ``spec`` for ``warmup_s + duration_s``; measure the window."""
-    from agent.config import load_agent_config
-    from agent.daemon import AgentHandles, run_agent
-    from collector.localstack import MosquittoServer
-    from probes.schema import Observation
+    from edgeprobe.agent.config import load_agent_config
+    from edgeprobe.agent.daemon import AgentHandles, run_agent
+    from edgeprobe.localstack import MosquittoServer
+    from edgeprobe.schema import Observation
 
     broker = MosquittoServer().start()
     tmp = Path(tempfile.mkdtemp(prefix="eplab-agent-"))

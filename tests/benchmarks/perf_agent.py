@@ -35,7 +35,7 @@ import msgspec
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from collector.localstack import MosquittoServer, free_port
+from edgeprobe.localstack import MosquittoServer, free_port
 from tests.benchmarks.perf_common import PREFIX, ROOT, ProcSampler, Row, median, pct, table, write_result
 
 EDGEPROBE = str(Path(sys.executable).with_name("edgeprobe"))
@@ -157,7 +157,7 @@ def run_case(
 
 
 def import_figures() -> dict[str, Any]:
-    mods = "import agent.cli, agent.config, agent.daemon, probes.registry"
+    mods = "import edgeprobe.cli, edgeprobe.agent.config, edgeprobe.agent.daemon, edgeprobe.probes.registry"
     runs: list[float] = []
     scapy = None
     for _ in range(5):
@@ -219,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if "import" in only:
             imp = import_figures()
             figures["import"] = imp
-            print(f"   import of agent.cli+config+daemon+probes.registry: {imp['import_ms_median']:.0f} ms median "
+            print(f"   import of cli+agent.config+daemon+registry: {imp['import_ms_median']:.0f} ms median "
                   f"(-X importtime), scapy imported: {imp['scapy_imported']}; `edgeprobe --help` "
                   f"{imp['edgeprobe_help_ms_median']:.0f} ms")  # fmt: skip
         print("   →", write_result("perf_agent", figures))

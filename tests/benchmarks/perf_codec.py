@@ -9,9 +9,9 @@ Paths, per observation:
 * ``msgspec typed``: ``msgspec.json.decode`` into the v1 structs (parse + shape validation).
 * ``orjson + convert`` / ``json + convert``: parse with that library, then ``msgspec.convert`` into the
   same structs: the alternative way to get the same validation.
-* ``collector decode``: :func:`collector.decode.decode_message` (the collector's path: whole-message
+* ``collector decode``: :func:`edgeprobe.collector.decode.decode_message` (the collector's path: whole-message
   checks, each observation decoded alone, fields validated against the kind's result struct,
-  bounds), then ``+ line protocol``: plus :func:`collector.lineproto.encode_batch`.
+  bounds), then ``+ line protocol``: plus :func:`edgeprobe.collector.lineproto.encode_batch`.
 
 orjson is optional (``pip install orjson``); its rows are left out when it is missing.
 """
@@ -26,10 +26,10 @@ from typing import Any
 
 import msgspec
 
-from collector.decode import decode_message
-from collector.lineproto import encode_batch
-from probes.registry import KINDS
-from probes.schema import Envelope
+from edgeprobe.collector.decode import decode_message
+from edgeprobe.collector.lineproto import encode_batch
+from edgeprobe.probes.registry import KINDS
+from edgeprobe.schema import Envelope
 from tests.benchmarks.perf_common import PREFIX, EnvelopeFactory, Row, median, table, write_result
 
 orjson: Any

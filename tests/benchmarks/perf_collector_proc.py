@@ -1,6 +1,6 @@
 """A collector process for the benchmarks: ``python -m tests.benchmarks.perf_collector_proc CONFIG STATS``.
 
-Runs :func:`collector.service.run_collector` like ``edgeprobe collector run`` does, and every 0.1 s
+Runs :func:`edgeprobe.collector.service.run_collector` like ``edgeprobe collector run`` does, and every 0.1 s
 (and at exit) replaces ``STATS`` with its counters as JSON, so the benchmark can follow it without
 querying InfluxDB. SIGTERM stops it cleanly (final flush).
 """
@@ -16,8 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-from collector.config import load_collector_config
-from collector.service import CollectorStats, run_collector
+from edgeprobe.collector.config import load_collector_config
+from edgeprobe.collector.service import CollectorStats, run_collector
 
 
 def _dump(stats: CollectorStats, path: Path) -> None:

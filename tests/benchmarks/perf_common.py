@@ -21,8 +21,8 @@ from typing import Any
 
 import msgspec
 
-from collector.localstack import InfluxServer
-from probes.schema import encode, obs_topic
+from edgeprobe.localstack import InfluxServer
+from edgeprobe.schema import encode, obs_topic
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = ROOT / "tests" / "golden"

@@ -32,7 +32,7 @@ from typing import Any
 
 import aiomqtt
 
-from probes.schema import encode
+from edgeprobe.schema import encode
 from tests.benchmarks.perf_common import (
     OBS_MEASUREMENTS,
     CollectorProc,

@@ -34,10 +34,10 @@ from typing import Any
 import aiohttp
 import aiomqtt
 
-from collector.decode import decode_message
-from collector.lineproto import encode_batch
-from collector.localstack import InfluxServer, MosquittoServer
-from probes.registry import KINDS
+from edgeprobe.collector.decode import decode_message
+from edgeprobe.collector.lineproto import encode_batch
+from edgeprobe.localstack import InfluxServer, MosquittoServer
+from edgeprobe.probes.registry import KINDS
 from tests.benchmarks.perf_common import (
     PREFIX,
     CollectorProc,

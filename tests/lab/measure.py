@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from probes.stats import percentile
+from edgeprobe.probes.stats import percentile
 
 from .netlab import FrameRecord, Lab, LinkLog
 
@@ -154,7 +154,7 @@ def tcp_wire_phases(log: LinkLog, server_port: int) -> list[dict[str, float]]:
 
 
 def edgeprobe_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "agent.cli", *args]
+    return [sys.executable, "-m", "edgeprobe.cli", *args]
 
 
 @dataclass

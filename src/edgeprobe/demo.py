@@ -23,11 +23,11 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from agent.config import AgentConfig, build_jobs
-from agent.daemon import run_agent
-from agent.responder import ResponderSettings, serve_responder
-from probes.configfile import convert
-from probes.schema import Observation
+from edgeprobe.agent.config import AgentConfig, build_jobs
+from edgeprobe.agent.daemon import run_agent
+from edgeprobe.configfile import convert
+from edgeprobe.responder import ResponderSettings, serve_responder
+from edgeprobe.schema import Observation
 
 SPARK = "▁▂▃▄▅▆▇█"
 
@@ -158,9 +158,9 @@ def agent_config(broker_url: str, http_port: int, responder_urls: dict[str, str]
 
 
 async def run_demo(duration_s: float | None, interval_s: float, console: Console) -> int:
-    from collector.config import CollectorConfig
-    from collector.localstack import InfluxServer, MosquittoServer
-    from collector.service import run_collector
+    from edgeprobe.collector.config import CollectorConfig
+    from edgeprobe.collector.service import run_collector
+    from edgeprobe.localstack import InfluxServer, MosquittoServer
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

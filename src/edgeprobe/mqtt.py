@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 
-from probes.configfile import Secret
+from edgeprobe.configfile import Secret
 
 BROKER_ENV = {
     "EDGEPROBE_BROKER_URL": "broker.url",

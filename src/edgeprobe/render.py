@@ -7,8 +7,8 @@ import statistics
 from collections import Counter
 from typing import Any
 
-from probes.outcome import Outcome
-from probes.schema import Observation
+from edgeprobe.probes.outcome import Outcome
+from edgeprobe.schema import Observation
 
 
 def as_json_obj(obs: Observation) -> dict[str, Any]:

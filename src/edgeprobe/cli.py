@@ -15,12 +15,13 @@ from typing import Any
 
 import click
 
-from probes.configfile import ConfigError, convert
-from probes.context import ProbeContext
-from probes.handler import run_probe
-from probes.outcome import Outcome
-from probes.registry import KINDS
-from probes.schema import Observation
+from edgeprobe import __version__
+from edgeprobe.configfile import ConfigError, convert
+from edgeprobe.probes.context import ProbeContext
+from edgeprobe.probes.handler import run_probe
+from edgeprobe.probes.outcome import Outcome
+from edgeprobe.probes.registry import KINDS
+from edgeprobe.schema import Observation
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -51,7 +52,7 @@ def _adhoc_config(command: str, kind_name: str, target: str, options: dict[str, 
 
 
 def _show_json(obs: Observation) -> None:
-    from agent import render
+    from edgeprobe import render
 
     click.echo(json.dumps(render.as_json_obj(obs), ensure_ascii=False))
     failure = render.error_line(obs)
@@ -60,7 +61,7 @@ def _show_json(obs: Observation) -> None:
 
 
 def _run_adhoc(kind_name: str, target: str, options: dict[str, Any], as_json: bool) -> int:
-    from agent import render
+    from edgeprobe import render
 
     kind = KINDS[kind_name]
     config = _adhoc_config(kind_name, kind_name, target, options)
@@ -88,7 +89,7 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print one JS
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option("0.1.0", prog_name="edgeprobe")
+@click.version_option(__version__, "-V", "--version", prog_name="edgeprobe")
 def main() -> None:
     """edgeprobe: what latency users at the edge really get."""
 
@@ -158,8 +159,8 @@ def http(url: str, as_json: bool, header: tuple[str, ...], insecure: bool, **opt
 def _run_ttft(url: str, options: dict[str, Any], count: int, interval_s: float, as_json: bool) -> int:
     import os
 
-    from agent import render
-    from probes import inference
+    from edgeprobe import render
+    from edgeprobe.probes import inference
 
     config = _adhoc_config("ttft", inference.KIND.name, url, options)
     if config is None:
@@ -281,7 +282,7 @@ def responder(host: str, port: int, log_level: str, **options: Any) -> None:
     x-edgeprobe-ttft-ms, -token-interval-ms, -jitter-ms, -tokens, -load-ms and -fail override
     the settings per request.
     """
-    from agent.responder import ResponderSettings, model_name, serve_responder
+    from edgeprobe.responder import ResponderSettings, model_name, serve_responder
 
     given = {k: v for k, v in options.items() if v is not None}
     try:
@@ -292,7 +293,7 @@ def responder(host: str, port: int, log_level: str, **options: Any) -> None:
     setup_logging(log_level)
 
     async def serve() -> None:
-        # agent.responder.run_responder, but saying where it listens once it does (port 0: any)
+        # edgeprobe.responder.run_responder, but saying where it listens once it does (port 0: any)
         async with serve_responder(host, port, settings) as running:
             s = settings
             click.echo(
@@ -339,9 +340,9 @@ def agent() -> None:
 @log_option
 def agent_run(config_path: str, log_level: str) -> None:
     """Run the agent: probe on schedule, publish to MQTT. Stops cleanly on SIGTERM/SIGINT."""
-    from agent.config import load_agent_config
-    from agent.daemon import run_agent
-    from agent.spool import SpoolError
+    from edgeprobe.agent.config import load_agent_config
+    from edgeprobe.agent.daemon import run_agent
+    from edgeprobe.agent.spool import SpoolError
 
     cfg, jobs = _load_or_exit(load_agent_config, config_path)
     setup_logging(log_level)
@@ -356,7 +357,7 @@ def agent_run(config_path: str, log_level: str) -> None:
 @config_option
 def agent_check(config_path: str) -> None:
     """Validate an agent config file and list its jobs."""
-    from agent.config import load_agent_config
+    from edgeprobe.agent.config import load_agent_config
 
     cfg, jobs = _load_or_exit(load_agent_config, config_path)
     click.echo(f"{config_path}: ok: agent {cfg.agent.id} at {cfg.agent.site}, broker {cfg.broker.url}")
@@ -371,8 +372,8 @@ def agent_check(config_path: str) -> None:
 @json_option
 def agent_spool(config_path: str, as_json: bool) -> None:
     """Show the agent's spool: depth, oldest entry, drop counts (safe while the agent runs)."""
-    from agent.config import load_agent_config
-    from agent.spool import SpoolError, inspect_spool, spool_lines
+    from edgeprobe.agent.config import load_agent_config
+    from edgeprobe.agent.spool import SpoolError, inspect_spool, spool_lines
 
     cfg, _ = _load_or_exit(load_agent_config, config_path)
     path = cfg.spool.resolved_path(cfg.agent.id)
@@ -404,9 +405,9 @@ def collector() -> None:
 @log_option
 def collector_run(config_path: str, log_level: str) -> None:
     """Run the collector. Stops cleanly on SIGTERM/SIGINT."""
-    from collector.config import load_collector_config
-    from collector.service import run_collector
-    from collector.spool import SpoolError as CollectorSpoolError
+    from edgeprobe.collector.config import load_collector_config
+    from edgeprobe.collector.service import run_collector
+    from edgeprobe.collector.spool import SpoolError as CollectorSpoolError
 
     cfg = _load_or_exit(load_collector_config, config_path)
     setup_logging(log_level)
@@ -426,7 +427,7 @@ def collector_run(config_path: str, log_level: str) -> None:
 )
 def demo(duration_s: float | None, interval_s: float) -> None:
     """Run the whole pipeline locally (mosquitto, InfluxDB, collector, agent) with a live view."""
-    from agent.demo import main as demo_main
+    from edgeprobe.demo import main as demo_main
 
     sys.exit(demo_main(duration_s, interval_s))
 
@@ -447,7 +448,7 @@ def _fleet_options(f: Callable[..., Any]) -> Callable[..., Any]:
 def _fleet_broker(fleet_config: str | None, broker_url: str | None) -> Any:
     import msgspec
 
-    from agent.fleet import load_fleet_file
+    from edgeprobe.fleet import load_fleet_file
 
     try:
         ff = load_fleet_file(fleet_config)
@@ -466,8 +467,8 @@ def _fleet_broker(fleet_config: str | None, broker_url: str | None) -> Any:
 def _fleet_key(ff: Any, key_path: str | None) -> Any:
     import os
 
-    from agent.fleet import KEY_ENV
-    from agent.signing import load_private_key
+    from edgeprobe.fleet import KEY_ENV
+    from edgeprobe.signing import load_private_key
 
     path = key_path or os.environ.get(KEY_ENV) or ff.key_file
     if not path:
@@ -481,7 +482,7 @@ def _fleet_key(ff: Any, key_path: str | None) -> Any:
 
 
 def _where(items: tuple[str, ...]) -> dict[str, str]:
-    from agent.fleet import parse_where
+    from edgeprobe.fleet import parse_where
 
     try:
         return parse_where(items)
@@ -509,7 +510,7 @@ def fleet() -> None:
 @click.argument("public_key", type=click.Path(dir_okay=False))
 def fleet_keygen(private_key: str, public_key: str) -> None:
     """Write a new controller Ed25519 key pair (agents get the public one: control.public_key_file)."""
-    from agent.signing import generate_key
+    from edgeprobe.signing import generate_key
 
     generate_key(private_key, public_key)
     click.echo(f"wrote {private_key} (keep it secret) and {public_key} (for the agents)")
@@ -526,7 +527,7 @@ def fleet_ls(
     """List agents from their retained status messages."""
     import aiomqtt
 
-    from agent.fleet import age_s, matches, read_statuses, status_row
+    from edgeprobe.fleet import age_s, matches, read_statuses, status_row
 
     ff = _fleet_broker(fleet_config, broker_url)
     sel = _where(where)
@@ -601,8 +602,8 @@ def fleet_probe(
 ) -> None:
     """Run one probe now from many agents; results stream in as they answer."""
 
-    from agent.fleet import PRIMARY_FIELD, ProbeRun, check_request
-    from probes.schema import CommandReply
+    from edgeprobe.fleet import PRIMARY_FIELD, ProbeRun, check_request
+    from edgeprobe.schema import CommandReply
 
     ff = _fleet_broker(fleet_config, broker_url)
     key = _fleet_key(ff, key_path)
@@ -690,7 +691,7 @@ def _run_fleet_probe(
 ) -> Any:
     import aiomqtt
 
-    from agent.fleet import fleet_probe
+    from edgeprobe.fleet import fleet_probe
 
     try:
         return asyncio.run(
@@ -723,7 +724,7 @@ def fleet_apply(
     """Publish central configuration (retained, signed) from a mesh file."""
     import aiomqtt
 
-    from agent.fleet import load_mesh, mesh_documents, publish_documents, validate_documents
+    from edgeprobe.fleet import load_mesh, mesh_documents, publish_documents, validate_documents
 
     ff = _fleet_broker(fleet_config, broker_url)
     try:
@@ -763,10 +764,10 @@ def fleet_clear(
     """Replace central configuration documents with signed empty ones (their jobs stop)."""
     import aiomqtt
 
-    from agent.control import ConfigDocument
-    from agent.fleet import publish_documents
-    from agent.signing import stamp
-    from probes.schema import NAME_RE, config_topic, group_config_topic
+    from edgeprobe.agent.control import ConfigDocument
+    from edgeprobe.fleet import publish_documents
+    from edgeprobe.schema import NAME_RE, config_topic, group_config_topic
+    from edgeprobe.signing import stamp
 
     ff = _fleet_broker(fleet_config, broker_url)
     prefix = ff.broker.topic_prefix

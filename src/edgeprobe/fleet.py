@@ -1,7 +1,7 @@
 """The controller side of the fleet (``edgeprobe fleet …``): presence, ad-hoc requests, central config.
 
 Reads retained statuses, picks agents, publishes signed commands and configuration documents
-(:mod:`agent.signing`, :mod:`agent.control`) and collects replies. Pure selection/summary
+(:mod:`edgeprobe.signing`, :mod:`edgeprobe.agent.control`) and collects replies. Pure selection/summary
 functions are separate from the MQTT I/O so they can be tested alone.
 """
 
@@ -20,12 +20,11 @@ import aiomqtt
 import msgspec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.control import AdhocCommand, ConfigDocument
-from agent.signing import sign, stamp
-from probes.broker import BROKER_ENV, BrokerConfig
-from probes.configfile import ConfigError, convert, load, read_yaml
-from probes.registry import KINDS
-from probes.schema import (
+from edgeprobe.agent.control import AdhocCommand, ConfigDocument
+from edgeprobe.configfile import ConfigError, convert, load, read_yaml
+from edgeprobe.mqtt import BROKER_ENV, BrokerConfig
+from edgeprobe.probes.registry import KINDS
+from edgeprobe.schema import (
     NAME_RE,
     TOPIC_VERSION,
     CommandReply,
@@ -35,6 +34,7 @@ from probes.schema import (
     group_config_topic,
     result_topic,
 )
+from edgeprobe.signing import sign, stamp
 
 KEY_ENV = "EDGEPROBE_CONTROLLER_KEY_FILE"
 
@@ -346,7 +346,7 @@ async def publish_documents(broker: BrokerConfig, key: Ed25519PrivateKey, docs: 
 
 def validate_documents(docs: list[ConfigDocument], source: str) -> None:
     """Check each document's jobs the way agents will (kinds, options, targets, intervals)."""
-    from agent.config import AgentConfig, AgentIdentity, JobConfig, build_jobs
+    from edgeprobe.agent.config import AgentConfig, AgentIdentity, JobConfig, build_jobs
 
     for doc in docs:
         jobs = [convert(j, JobConfig, f"{source}: {doc.topic}", prefix="jobs") for j in doc.jobs]

@@ -41,11 +41,11 @@ BASE_FIELD_KEYS: Final = (
 class Observation(msgspec.Struct, kw_only=True, omit_defaults=True):
     id: str  # unique per observation (uuid4 hex)
     seq: int  # per-agent sequence number, starts at 0 on each agent start
-    kind: str  # a key of probes.registry.KINDS
+    kind: str  # a key of edgeprobe.probes.registry.KINDS
     target: str  # as configured (host, host:port or URL)
     started_at_ns: int  # wall clock when the probe started: the InfluxDB timestamp
     duration_ms: float  # monotonic duration of the whole run
-    outcome: str  # probes.outcome.Outcome value
+    outcome: str  # edgeprobe.probes.outcome.Outcome value
     reason: str | None = None  # why, when outcome != ok
     sched_lag_ms: float | None = None  # how late the scheduler started the run
     # Scheduled runs: True when sched_lag_ms exceeded the agent's overload threshold (the agent

@@ -1,0 +1,1 @@
+"""edgeprobe's Grafana dashboards (``dashboards/*.json``), their provisioning files and ``build.py``."""

@@ -1,0 +1,5 @@
+"""``python -m edgeprobe``: the edgeprobe CLI."""
+
+from edgeprobe.cli import main
+
+main()
