@@ -1,8 +1,8 @@
 # syntax=docker/dockerfile:1
 # edgeprobe: one image for the agent, the collector and the responder (docker-compose.yml).
 #
-#   docker build -t edgeprobe:0.1.0 .
-#   docker run --rm edgeprobe:0.1.0 ping 192.0.2.1 -c 3     (entrypoint: the edgeprobe CLI)
+#   docker build -t edgeprobe:0.2.0 .
+#   docker run --rm edgeprobe:0.2.0 ping 192.0.2.1 -c 3     (entrypoint: the edgeprobe CLI)
 #
 # Runs as the unprivileged user "edgeprobe" (uid/gid 10001), never as root. ICMP needs either
 #   * nothing: net.ipv4.ping_group_range covering gid 10001 (ICMP datagram sockets; Docker >= 20.10
@@ -19,11 +19,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md requirements.lock ./
+COPY src/ src/
 COPY probes/ probes/
 COPY agent/ agent/
 COPY collector/ collector/
-RUN pip install --no-compile . \
+COPY grafana/ grafana/
+# The image runs the collector too, so it takes the [collector] extra; every version from the lock.
+RUN pip install --no-compile -c requirements.lock '.[collector]' \
     && cd / && rm -rf /src
 
 RUN apt-get update \

@@ -1,6 +1,6 @@
 """Generate edgeprobe's Grafana dashboards (``grafana/dashboards/*.json``) from this one source.
 
-Run ``python grafana/build.py`` after editing; ``tests/test_dashboards.py`` fails when the JSON
+Run ``python grafana/build.py`` after editing; ``tests/integration/test_dashboards.py`` fails when the JSON
 files differ from what this script generates, and runs every query against a real InfluxDB.
 
 Conventions kept by every dashboard:

@@ -4,8 +4,8 @@ Run as root from the repository root (``./run.sh bench`` does exactly this)::
 
     .venv/bin/python -m tests.benchmarks.truth [--out FILE] [--only icmp,jitter,loss,http,load] [--quick]
 
-Everything runs in a lab of network namespaces (``tests/lab/netlab.py``) joined by an emulated link
-(netem, or the userspace emulator ``tests/lab/linkemu.py`` that logs each frame's true holding
+Everything runs in a lab of network namespaces (``tests/support/netlab.py``) joined by an emulated link
+(netem, or the userspace emulator ``tests/support/linkemu.py`` that logs each frame's true holding
 time). Prints a table per benchmark and writes every figure to ``--out`` as JSON.
 
 1. ``icmp``: one-way delay 0 (calibration), 0.5, 5, 20, 50 ms. edgeprobe and iputils ping at the
@@ -38,8 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from tests.benchmarks import perf_common
-from tests.lab.linkemu import Direction
-from tests.lab.measure import (
+from tests.support.linkemu import Direction
+from tests.support.measure import (
     PING_IDENT,
     echo_truth_ms,
     lost_requests,
@@ -49,7 +49,7 @@ from tests.lab.measure import (
     tcp_wire_phases,
     wilson_interval,
 )
-from tests.lab.netlab import B4, ROOT, Lab, lab_problem, sweep_stale
+from tests.support.netlab import B4, ROOT, Lab, lab_problem, sweep_stale
 
 Row = dict[str, Any]
 

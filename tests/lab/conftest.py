@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from .netlab import Lab, lab_problem, sweep_stale
+from tests.support.netlab import Lab, lab_problem, sweep_stale
 
 
 @pytest.fixture(scope="session")

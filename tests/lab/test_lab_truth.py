@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from .linkemu import Direction
-from .measure import (
+from tests.support.linkemu import Direction
+from tests.support.measure import (
     PING_IDENT,
     edgeprobe_cmd,
     lost_requests,
@@ -19,7 +19,7 @@ from .measure import (
     ping_side_by_side,
     wilson_interval,
 )
-from .netlab import A4, B4, B6, ROOT, Lab, LabError, namespaces, sweep_stale
+from tests.support.netlab import A4, B4, B6, ROOT, Lab, LabError, namespaces, sweep_stale
 
 pytestmark = pytest.mark.lab
 

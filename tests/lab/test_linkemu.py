@@ -6,9 +6,9 @@ import struct
 
 import pytest
 
-from .linkemu import Direction, Shaper, summarize_frame
-from .measure import parse_ping, wilson_interval
-from .netlab import FrameRecord, LinkLog
+from tests.support.linkemu import Direction, Shaper, summarize_frame
+from tests.support.measure import parse_ping, wilson_interval
+from tests.support.netlab import FrameRecord, LinkLog
 
 MS = 1_000_000
 
@@ -124,7 +124,7 @@ def test_wilson_interval() -> None:
 
 
 def test_without_root_the_lab_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
-    from . import netlab
+    from tests.support import netlab
 
     monkeypatch.setattr(netlab.os, "geteuid", lambda: 1000)
     assert netlab.lab_problem() == "needs root for network namespaces"

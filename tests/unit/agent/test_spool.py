@@ -33,6 +33,7 @@ from edgeprobe.agent.spool import (
 )
 from edgeprobe.cli import main as cli_main
 from edgeprobe.schema import Observation, encode
+from tests.support.paths import REPO
 
 MakeSpool = Callable[..., Awaitable[Spool]]
 
@@ -333,7 +334,7 @@ def test_sqlite_kill_9_loses_nothing_committed(tmp_path: Path) -> None:
     path = tmp_path / "spool.db"
     n = 5000
     proc = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(path), str(n)], stdout=subprocess.PIPE, cwd=Path(__file__).parents[1]
+        [sys.executable, "-c", CHILD, str(path), str(n)], stdout=subprocess.PIPE, cwd=REPO
     )
     try:
         assert proc.stdout is not None

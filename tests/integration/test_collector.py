@@ -28,10 +28,10 @@ from edgeprobe.collector.spool import read_dead_letters
 from edgeprobe.configfile import convert
 from edgeprobe.localstack import InfluxServer, MosquittoServer
 from edgeprobe.schema import AgentHealth, Observation, encode, health_topic, obs_topic
+from tests.support.paths import GOLDEN
 
 pytestmark = pytest.mark.integration
 
-GOLDEN = Path(__file__).parent / "golden"
 
 
 async def query_rows(influxdb: InfluxServer, q: str, db: str) -> list[dict[str, Any]]:

@@ -46,10 +46,10 @@ from edgeprobe.schema import (
     status_topic,
 )
 from edgeprobe.signing import SignedMessage, generate_key, load_private_key, sign, stamp
+from tests.support.paths import REPO
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parent.parent
 ACL = REPO / "deploy" / "mosquitto" / "acl"
 MAKE_PASSWD = REPO / "deploy" / "mosquitto" / "make-passwd.sh"
 AGENTS = {"a1": ("s1", {"tier": "pop"}), "a2": ("s2", {"tier": "pop"}), "a3": ("s3", {"tier": "pop"})}

@@ -35,8 +35,8 @@ import yaml
 from edgeprobe.localstack import InfluxServer, MosquittoServer, find_binary
 from edgeprobe.mqtt import parse_broker_url
 from edgeprobe.schema import health_topic, obs_topic, status_topic
+from tests.support.paths import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 COMPOSE = REPO / "docker-compose.yml"
 DOCKERFILE = REPO / "Dockerfile"
 ACL = REPO / "deploy" / "mosquitto" / "acl"

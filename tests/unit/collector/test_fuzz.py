@@ -4,7 +4,7 @@ Properties: nothing raises; every rejection has a known reason and a detail; eve
 encoder makes is accepted by a strict reference parser (``lpcheck``), reads back as what went in,
 and (integration) is accepted by the real influxd in a batch, so no input can break a batch.
 
-``EDGEPROBE_FUZZ_SCALE=20 .venv/bin/pytest tests/test_collector_fuzz.py`` runs 20 times as many
+``EDGEPROBE_FUZZ_SCALE=20 .venv/bin/pytest tests/unit/collector/test_fuzz.py`` runs 20 times as many
 examples.
 """
 
@@ -16,13 +16,11 @@ import math
 import os
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
-from lpcheck import LineProtocolError, parse_line
 
 from edgeprobe.collector import decode as d
 from edgeprobe.collector.decode import decode_health, decode_message
@@ -37,8 +35,9 @@ from edgeprobe.collector.lineproto import (
 from edgeprobe.localstack import InfluxServer
 from edgeprobe.probes.registry import KINDS
 from edgeprobe.schema import Observation
+from tests.support.lpcheck import LineProtocolError, parse_line
+from tests.support.paths import GOLDEN
 
-GOLDEN = Path(__file__).parent / "golden"
 PREFIX = "edgeprobe"
 TOPIC = "edgeprobe/v1/pop1/a1/obs"
 NOW_NS = 1_800_000_000_000_000_000  # a fixed "now" (2027-01-15) for the pure tests

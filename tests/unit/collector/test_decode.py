@@ -14,8 +14,8 @@ from edgeprobe.collector import decode as d
 from edgeprobe.collector.decode import decode_message
 from edgeprobe.collector.lineproto import encode_batch
 from edgeprobe.probes.kind import AnyKind, ProbeKind
+from tests.support.paths import GOLDEN
 
-GOLDEN = Path(__file__).parent / "golden"
 PREFIX = "edgeprobe"
 TOPIC = "edgeprobe/v1/pop1/a1/obs"
 MAX = 64 * 1024

@@ -4,7 +4,6 @@ on tiny inputs. No speed is asserted (only a generous bound so a hang fails)."""
 from __future__ import annotations
 
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -12,7 +11,6 @@ import pytest
 
 # The benchmarks are the package tests.benchmarks (run with python -m from the repository root);
 # tests/ itself is not a package, so put the root on the path to import them here.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.benchmarks import perf_codec, perf_ingest
 from tests.benchmarks.perf_common import EnvelopeFactory, ProcSampler, make_messages, table
 

@@ -7,7 +7,7 @@ against the ids the broker acknowledged to the publisher.
 The default suite runs short outages (``OUTAGE_S``, 2 s). The long versions::
 
     EDGEPROBE_FAULT_OUTAGE_S=60 EDGEPROBE_FAULT_RESTART_S=10 \\
-        .venv/bin/pytest -s tests/test_collector_faults.py
+        .venv/bin/pytest -s tests/e2e/test_collector_faults.py
 
 (``-s`` shows the figures each scenario prints.)
 """
@@ -36,13 +36,13 @@ from edgeprobe.collector.service import CollectorStats, run_collector
 from edgeprobe.configfile import convert
 from edgeprobe.localstack import InfluxServer, MosquittoServer
 from edgeprobe.schema import obs_topic
+from tests.support.paths import GOLDEN, REPO
 
 pytestmark = pytest.mark.integration
 
 OUTAGE_S = float(os.environ.get("EDGEPROBE_FAULT_OUTAGE_S", "2"))
 RESTART_S = float(os.environ.get("EDGEPROBE_FAULT_RESTART_S", "2"))
 KILLS = int(os.environ.get("EDGEPROBE_FAULT_KILLS", "3"))
-GOLDEN = Path(__file__).parent / "golden"
 # mosquitto keeps at most 1000 messages per offline client by default and drops the rest: a
 # collector away for long would lose data at the broker. Production brokers need this too.
 BROKER_CONFIG = ["max_queued_messages 1000000", "max_inflight_messages 20"]
@@ -297,7 +297,7 @@ class CollectorProcess:
                 [sys.executable, "-m", "edgeprobe.cli", "collector", "run", "-c", str(self.config_path)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                cwd=Path(__file__).parent.parent,
+                cwd=REPO,
             )
 
     def connects(self) -> int:

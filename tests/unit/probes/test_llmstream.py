@@ -14,7 +14,6 @@ import itertools
 import random
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -42,8 +41,8 @@ from edgeprobe.probes.llmstream import (
     interpret,
     request_headers,
 )
+from tests.support.paths import STREAMS
 
-STREAMS = Path(__file__).parent / "golden" / "streams"
 MS = 1_000_000
 
 

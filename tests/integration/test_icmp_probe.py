@@ -32,8 +32,9 @@ from edgeprobe.probes.handler import run_probe
 from edgeprobe.probes.icmp import EchoSocket, IcmpConfig, IcmpResult
 from edgeprobe.probes.kind import AnyKind
 from edgeprobe.probes.outcome import Outcome, ProbeFailure
+from tests.support.paths import REPO
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO
 RANGE_FILE = Path("/proc/sys/net/ipv4/ping_group_range")
 FAST = IcmpConfig(count=5, interval_s=0.02, timeout_s=1.0)
 

@@ -15,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from edgeprobe.cli import main
+from tests.support.paths import REPO
 
 PING_FIELDS = {"target", "address", "sent", "received", "loss_ratio", "rtt_min_ms", "rtt_avg_ms", "rtt_max_ms",
                "rtt_stddev_ms", "rtts_ms"}  # fmt: skip
@@ -170,7 +171,7 @@ def test_bad_target_is_usage_error() -> None:
 
 
 def test_installed_command_runs(tmp_path: Path) -> None:
-    exe = shutil.which("edgeprobe") or str(Path(__file__).resolve().parents[1] / ".venv/bin/edgeprobe")
+    exe = shutil.which("edgeprobe") or str(REPO / ".venv/bin/edgeprobe")
     proc = subprocess.run([exe, "ping", "127.0.0.1", "-c", "2", "-i", "0.05", "--json"],
                           capture_output=True, text=True, timeout=30, check=False)  # fmt: skip
     assert proc.returncode == 0, proc.stderr

@@ -19,7 +19,7 @@ InfluxDB stores it once (the end-to-end variant counts exactly).
 
 The default suite runs short outages (``EDGEPROBE_FAULT_OUTAGE_S``, 3 s). The long versions::
 
-    EDGEPROBE_FAULT_OUTAGE_S=60 .venv/bin/pytest -s tests/test_agent_faults.py
+    EDGEPROBE_FAULT_OUTAGE_S=60 .venv/bin/pytest -s tests/e2e/test_agent_faults.py
 
 (``-s`` shows the figures each scenario prints.)
 """

@@ -39,8 +39,8 @@ from edgeprobe.collector.lineproto import escape_tag_value, format_field_value
 from edgeprobe.localstack import InfluxServer, MosquittoServer, free_port
 from edgeprobe.probes.registry import KINDS
 from edgeprobe.schema import BASE_FIELD_KEYS, AgentHealth, Observation
+from tests.support.paths import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 GRAFANA = REPO / "grafana"
 DASH_DIR = GRAFANA / "dashboards"
 DATASOURCES = GRAFANA / "provisioning" / "datasources"
