@@ -10,7 +10,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
@@ -35,7 +35,12 @@ RESERVED_LABEL_KEYS = _reserved_label_keys()
 LABEL_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 
 
+MAX_LABELS: Final = 64  # per label set; each label is a tag on every point the agent writes
+
+
 def _check_labels(labels: Mapping[str, str], where: str) -> None:
+    if len(labels) > MAX_LABELS:
+        raise ValueError(f"{where}: {len(labels)} labels; at most {MAX_LABELS} (each becomes an InfluxDB tag)")
     for key, value in labels.items():
         if not LABEL_KEY_RE.match(key):
             raise ValueError(f"{where}: expected label keys like 'tier' or 'pop_name', got {key!r}")

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 import msgspec
 import yaml
@@ -131,16 +132,64 @@ def convert(data: Any, typ: type[T], source: str, prefix: str = "") -> T:
         raise explain(err, typ, source, prefix) from err
 
 
-def read_yaml(path: str | os.PathLike[str]) -> Any:
+MAX_CONFIG_BYTES: Final = 1 << 20  # 1 MiB: a hand-written config is a few kB; a larger one is a mistake
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing aliases (``*name``).
+
+    An alias makes the loader share one node many times: an 815-byte document of nested aliases
+    expands to millions of entries ("billion laughs") once something walks it. Nothing in an
+    edgeprobe config needs them, so they are refused while composing, before anything expands.
+    """
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()  # type: ignore[no-untyped-call]
+            raise yaml.composer.ComposerError(
+                None, None, "aliases (*name) are not accepted in edgeprobe config files", event.start_mark
+            )
+        return super().compose_node(parent, index)
+
+
+def read_config_bytes(path: str | os.PathLike[str], max_bytes: int = MAX_CONFIG_BYTES) -> bytes:
+    """The bytes of a config file: a regular file of at most ``max_bytes``, else :class:`ConfigError`.
+
+    Opened without blocking and checked with ``fstat`` before reading, so a FIFO, a device such
+    as ``/dev/zero`` or a directory is refused at once instead of hanging or reading without end.
+    """
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as err:
         raise ConfigError(f"{p}: cannot read: {err.strerror or err}") from err
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"{p}: not a regular file; a config must be a plain file")
+        if st.st_size > max_bytes:
+            raise ConfigError(f"{p}: {st.st_size} bytes; a config file may have at most {max_bytes} bytes")
+        with os.fdopen(os.dup(fd), "rb") as fh:
+            data = fh.read(max_bytes + 1)
+    except OSError as err:
+        raise ConfigError(f"{p}: cannot read: {err.strerror or err}") from err
+    finally:
+        os.close(fd)
+    if len(data) > max_bytes:  # it grew while we read it
+        raise ConfigError(f"{p}: more than {max_bytes} bytes; a config file may have at most {max_bytes} bytes")
+    return data
+
+
+def read_yaml(path: str | os.PathLike[str]) -> Any:
+    """A config file's top-level mapping (see :func:`read_config_bytes` for what is refused)."""
+    p = Path(path)
+    raw = read_config_bytes(p)
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
         raise ConfigError(f"{p}: not UTF-8 text: {err.reason} at byte {err.start}") from err
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_NoAliasLoader)  # a SafeLoader subclass
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
