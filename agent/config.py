@@ -19,7 +19,7 @@ from edgeprobe.configfile import ConfigError, convert, load
 from edgeprobe.mqtt import BROKER_ENV, BrokerConfig
 from edgeprobe.probes.kind import AnyKind
 from edgeprobe.probes.registry import KINDS
-from edgeprobe.schema import BASE_FIELD_KEYS, NAME_RE, RESERVED_TAG_KEYS
+from edgeprobe.schema import BASE_FIELD_KEYS, NAME_RE, RESERVED_NAMES, RESERVED_TAG_KEYS
 
 
 def _reserved_label_keys() -> frozenset[str]:
@@ -66,6 +66,8 @@ class AgentIdentity(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_
                     f"{key}: expected letters, digits, '.', '_' or '-' (it becomes an MQTT topic level), "
                     f"got {getattr(self, key)!r}"
                 )
+            if getattr(self, key) in RESERVED_NAMES:
+                raise ValueError(f"{key}: {getattr(self, key)!r} is reserved (a level of edgeprobe's own topics)")
         if (self.latitude is None) != (self.longitude is None):
             raise ValueError("longitude: latitude and longitude go together")
         _check_labels(self.labels, "labels")

@@ -508,11 +508,23 @@ def fleet() -> None:
 @fleet.command("keygen")
 @click.argument("private_key", type=click.Path(dir_okay=False))
 @click.argument("public_key", type=click.Path(dir_okay=False))
-def fleet_keygen(private_key: str, public_key: str) -> None:
-    """Write a new controller Ed25519 key pair (agents get the public one: control.public_key_file)."""
+@click.option("--force", is_flag=True, help="Replace existing key files (agents must get the new public key).")
+def fleet_keygen(private_key: str, public_key: str, force: bool) -> None:
+    """Write a new controller Ed25519 key pair (agents get the public one: control.public_key_file).
+
+    The private key is created 0600 and never written through a symlink; existing files are
+    kept unless --force.
+    """
     from edgeprobe.signing import generate_key
 
-    generate_key(private_key, public_key)
+    try:
+        generate_key(private_key, public_key, replace=force)
+    except FileExistsError as err:
+        click.echo(f"edgeprobe fleet keygen: {err}", err=True)
+        sys.exit(EXIT_USAGE)
+    except OSError as err:
+        click.echo(f"edgeprobe fleet keygen: {err.filename}: {err.strerror or err}", err=True)
+        sys.exit(EXIT_FAILED)
     click.echo(f"wrote {private_key} (keep it secret) and {public_key} (for the agents)")
 
 
@@ -790,6 +802,213 @@ def fleet_clear(
         sys.exit(EXIT_FAILED)
     for t in topics:
         click.echo(f"{t}: cleared")
+
+
+SAMPLE_FILES = {"agent": "agent.yaml", "collector": "collector.yaml"}  # in edgeprobe/examples/
+SAMPLE_NEXT = {
+    "agent": "edgeprobe agent check -c {path}, then: edgeprobe agent run -c {path}",
+    "collector": "edgeprobe collector run -c {path}",
+}
+
+
+def _sample_text(role: str) -> str:
+    from importlib.resources import files
+
+    return (files("edgeprobe") / "examples" / SAMPLE_FILES[role]).read_text(encoding="utf-8")
+
+
+def _write_private(path: str, data: bytes, force: bool) -> str | None:
+    """Write ``data`` to the file ``path`` with mode 0600 (a config may hold secrets); refuse to
+    replace an existing file unless ``force``. Returns why it could not, or None."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    target = Path(path)
+    if target.is_dir():
+        return f"{path}: is a directory; give a file name"
+    if not force and (target.exists() or target.is_symlink()):
+        return f"{path} exists; pass --force to overwrite it"
+    try:
+        if force:  # a new file put in place: also replaces a symlink instead of writing through it
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        else:
+            fd, tmp = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), str(target)
+        try:
+            os.fchmod(fd, 0o600)  # whatever the umask
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            if force:
+                Path(tmp).replace(target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except FileExistsError:
+        return f"{path} exists; pass --force to overwrite it"
+    except OSError as err:
+        return f"cannot write {path}: {err.strerror or err}"
+    return None
+
+
+def _init(role: str, out_path: str | None, force: bool) -> int:
+    text = _sample_text(role)
+    if out_path is None:
+        click.echo(text, nl=False)
+        return EXIT_OK
+    problem = _write_private(out_path, text.encode("utf-8"), force)
+    if problem is not None:
+        click.echo(f"edgeprobe init {role}: {problem}", err=True)
+        return EXIT_USAGE
+    click.echo(f"wrote {out_path} (mode 0600): every option with its default; edit it, then run")
+    click.echo("  " + SAMPLE_NEXT[role].format(path=out_path))
+    return EXIT_OK
+
+
+@main.group("init")
+def init_group() -> None:
+    """Write a commented sample config: every option, its default and why."""
+
+
+_out_option = click.option(
+    "-o", "--out", "out_path", metavar="FILE", help="Write to FILE (mode 0600) instead of standard output."
+)
+_force_option = click.option("--force", is_flag=True, help="Overwrite what exists.")
+
+
+@init_group.command("agent")
+@_out_option
+@_force_option
+def init_agent(out_path: str | None, force: bool) -> None:
+    """Sample agent config (agent identity, broker, spool, one job per probe kind, control, policy)."""
+    _finish(_init("agent", out_path, force))
+
+
+@init_group.command("collector")
+@_out_option
+@_force_option
+def init_collector(out_path: str | None, force: bool) -> None:
+    """Sample collector config (broker, subscription, InfluxDB, limits, spool)."""
+    _finish(_init("collector", out_path, force))
+
+
+# Shipped in edgeprobe.grafana: (folder, file name endings). The layout is kept when exported.
+GRAFANA_FILES = (
+    ("dashboards", (".json",)),
+    ("provisioning/datasources", (".yaml", ".yml")),
+    ("provisioning/dashboards", (".yaml", ".yml")),
+)
+
+
+def grafana_files() -> list[tuple[str, bytes]]:
+    """The dashboards and provisioning files in the installed package: (relative path, content)."""
+    from importlib.resources import files
+
+    found: list[tuple[str, bytes]] = []
+    for folder, endings in GRAFANA_FILES:
+        node = files("edgeprobe.grafana")
+        for part in folder.split("/"):
+            node = node / part
+        for item in sorted(node.iterdir(), key=lambda t: t.name):
+            if item.is_file() and item.name.endswith(endings):
+                found.append((f"{folder}/{item.name}", item.read_bytes()))
+    return found
+
+
+def _grafana_usage(directory: str, shipped: dict[str, bytes]) -> list[str]:
+    """How to point Grafana at the files exported to ``directory`` (absolute), with the settings
+    the shipped files hold."""
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(directory)
+
+    def settings(rel_folder: str, section: str) -> list[dict[str, Any]]:
+        found: list[dict[str, Any]] = []
+        for rel, data in shipped.items():
+            if rel.startswith(rel_folder + "/"):
+                try:
+                    doc = yaml.safe_load(data)
+                except yaml.YAMLError:
+                    continue
+                items = doc.get(section) if isinstance(doc, dict) else None
+                found += [dict(item, file=rel) for item in items or [] if isinstance(item, dict)]
+        return found
+
+    provisioning = root / "provisioning"
+    lines = [
+        "To use them with Grafana:",
+        f"  1. Point its provisioning at {provisioning} (GF_PATHS_PROVISIONING={provisioning}",
+        "     or paths.provisioning in grafana.ini), or copy the folders in it into Grafana's own",
+        "     (/etc/grafana/provisioning in Grafana's packages and Docker image).",
+    ]
+    for provider in settings("provisioning/dashboards", "providers"):
+        options = provider.get("options")
+        path = options.get("path") if isinstance(options, dict) else None
+        lines += [
+            f"  2. {provider['file']} loads the dashboards from its options.path,",
+            f"     {path}: set it to {root / 'dashboards'}, or put the JSON files there.",
+        ]
+    for source in settings("provisioning/datasources", "datasources"):
+        secure = source.get("secureJsonData")
+        password = secure.get("password") if isinstance(secure, dict) else None
+        from_env = ""
+        if isinstance(password, str) and password.startswith("${") and password.endswith("}"):
+            from_env = f", password from ${password[2:-1]}"
+        lines += [
+            f"  3. {source['file']} reads InfluxDB at {source.get('url')}, database",
+            f"     {source.get('database')}, user {source.get('user')}{from_env}: set them for yours",
+            "     (its comments cover InfluxDB 1.x, 2.x and 3.x).",
+        ]
+    return lines
+
+
+def _export_dashboards(directory: str, force: bool) -> int:
+    from pathlib import Path
+
+    where = "edgeprobe dashboards export"
+    root = Path(directory)
+    if (root.exists() or root.is_symlink()) and not root.is_dir():
+        click.echo(f"{where}: {directory}: not a directory", err=True)
+        return EXIT_USAGE
+    shipped = grafana_files()
+    if not shipped:  # pragma: no cover - a broken install
+        click.echo(f"{where}: no dashboards in this installation of edgeprobe", err=True)
+        return EXIT_FAILED
+    present = [rel for rel, _ in shipped if (root / rel).exists() or (root / rel).is_symlink()]
+    if present and not force:
+        more = f" and {len(present) - 1} more" if len(present) > 1 else ""
+        click.echo(f"{where}: {root / present[0]}{more} exist; pass --force to overwrite", err=True)
+        return EXIT_USAGE
+    written: list[str] = []
+    for rel, data in shipped:
+        target = root / rel
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+        except OSError as err:
+            click.echo(f"{where}: cannot write {target}: {err.strerror or err}", err=True)
+            return EXIT_USAGE
+        written.append(rel)
+    click.echo(f"wrote {len(written)} files to {root}:")
+    for rel in written:
+        click.echo(f"  {rel}")
+    for line in _grafana_usage(str(root.resolve()), dict(shipped)):
+        click.echo(line)
+    return EXIT_OK
+
+
+@main.group("dashboards")
+def dashboards_group() -> None:
+    """Grafana dashboards for edgeprobe's data, and the files that provision them."""
+
+
+@dashboards_group.command("export")
+@click.argument("directory", metavar="DIR")
+@_force_option
+def dashboards_export(directory: str, force: bool) -> None:
+    """Write the dashboards (DIR/dashboards) and Grafana provisioning files (DIR/provisioning)."""
+    _finish(_export_dashboards(directory, force))
 
 
 if __name__ == "__main__":  # pragma: no cover

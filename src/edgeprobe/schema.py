@@ -24,6 +24,10 @@ TOPIC_VERSION: Final = "v1"
 
 # Agent ids and sites appear in MQTT topics: no '/', '+', '#', spaces or control characters.
 NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# Topic levels the fleet's own topics use where a site or agent name would stand
+# (``<prefix>/v1/config/group/<name>``, ``<prefix>/v1/results/...``): an agent named ``group`` in a
+# site named ``config`` would otherwise write group configuration. Refused as site and agent names.
+RESERVED_NAMES: Final = frozenset({"config", "group", "results"})
 
 FieldValue = bool | int | float | str | None | list[float | None]
 

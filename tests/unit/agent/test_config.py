@@ -115,6 +115,14 @@ def test_agent_id_not_topic_safe(tmp_path: Path) -> None:
     assert "agent.id: expected letters, digits" in msg
 
 
+@pytest.mark.parametrize(("key", "name"), [("id", "group"), ("site", "config"), ("site", "results")])
+def test_names_of_edgeprobe_topic_levels_are_reserved(tmp_path: Path, key: str, name: str) -> None:
+    # site "config" + agent "group" would publish under <prefix>/v1/config/group/..., the group configs
+    old = "id: fra1-a" if key == "id" else "site: fra1"
+    msg = error_of(tmp_path, GOOD.replace(old, f"{key}: {name}"))
+    assert f"agent.{key}: '{name}' is reserved" in msg
+
+
 def test_reserved_label(tmp_path: Path) -> None:
     msg = error_of(tmp_path, GOOD.replace("labels: {tier: pop}", "labels: {target: x}"))
     assert "agent.labels: label 'target' is reserved" in msg

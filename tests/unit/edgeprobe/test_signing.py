@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import stat
 import time
 from pathlib import Path
 
@@ -91,3 +92,42 @@ def test_replay_cache_is_bounded_by_expiry(keys: tuple[Path, Path]) -> None:
     fresh = sign(_cmd(ttl_s=5, now_ns=later), "cmd", key)
     v.open(fresh, "cmd", AdhocCommand, replay=True, now_ns=later)
     assert len(v._seen) == 1
+
+
+def test_keygen_creates_the_private_key_0600_even_over_a_wider_file(tmp_path: Path) -> None:
+    priv, pub = tmp_path / "c.key", tmp_path / "c.pub"
+    priv.write_text("old")
+    priv.chmod(0o644)
+    with pytest.raises(FileExistsError, match="use --force"):
+        generate_key(priv, pub)
+    assert priv.read_text() == "old"  # refused: nothing overwritten
+    generate_key(priv, pub, replace=True)
+    assert stat.S_IMODE(priv.stat().st_mode) == 0o600
+    load_private_key(priv)
+
+
+def test_keygen_never_writes_through_a_symlink(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    link = tmp_path / "c.key"
+    link.symlink_to(victim)
+    with pytest.raises(FileExistsError):
+        generate_key(link, tmp_path / "c.pub")
+    generate_key(link, tmp_path / "c.pub", replace=True)  # the link is replaced, not followed
+    assert victim.read_text() == "precious" and not link.is_symlink()
+    assert stat.S_IMODE(link.stat().st_mode) == 0o600
+
+
+def test_cli_keygen_refuses_to_overwrite_in_one_line(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from edgeprobe.cli import main
+
+    priv, pub = tmp_path / "c.key", tmp_path / "c.pub"
+    runner = CliRunner()
+    assert runner.invoke(main, ["fleet", "keygen", str(priv), str(pub)]).exit_code == 0
+    first = priv.read_bytes()
+    res = runner.invoke(main, ["fleet", "keygen", str(priv), str(pub)])
+    assert res.exit_code != 0 and "exists; use --force" in res.output and priv.read_bytes() == first
+    assert runner.invoke(main, ["fleet", "keygen", "--force", str(priv), str(pub)]).exit_code == 0
+    assert priv.read_bytes() != first
