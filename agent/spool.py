@@ -17,6 +17,9 @@ Two implementations behind one :class:`Spool` protocol (and one test suite):
   is fsynced at every commit), surviving a power loss; with ``normal`` it survives a crash of
   the process but not of the machine. The publisher only sees committed observations, so
   nothing is ever sent that was not spooled first. Acks are deleted in the next group commit.
+  The file itself (directory, lock, WAL, schema version, errors) is handled by
+  :mod:`edgeprobe.sqlqueue`, shared with the collector's spool: a file of a schema version this
+  agent does not know is refused, never overwritten; one that is not a database is moved aside.
 - :class:`MemorySpool` (``spool.path: null``): the same in a deque; lost with the process.
 
 Both are bounded by bytes (of encoded observations) and by age: when a bound is hit the oldest
@@ -28,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
 import os
 import sqlite3
@@ -42,6 +44,20 @@ from typing import IO, Any, NamedTuple, Protocol, TypeVar
 
 from edgeprobe.agent.config import SpoolConfig
 from edgeprobe.schema import Observation, encode
+from edgeprobe.sqlqueue import QueueLayout, SpoolCorruptError, SpoolError, SqliteQueue, Synchronous, lock_holder
+
+__all__ = [
+    "MemorySpool",
+    "Spool",
+    "SpoolEntry",
+    "SpoolError",
+    "SpoolFileInfo",
+    "SpoolStats",
+    "SqliteSpool",
+    "inspect_spool",
+    "open_spool",
+    "spool_lines",
+]
 
 log = logging.getLogger("edgeprobe.agent.spool")
 
@@ -52,10 +68,6 @@ DROP_REASONS = ("bytes", "age")
 _AGE_CHUNK = 5000
 _VACUUM_MIN_FREE_PAGES = 1024
 _NO_TRIM = 2**62  # "protect every row": a commit while a take is selecting trims nothing
-
-
-class SpoolError(Exception):
-    """The spool cannot be opened or used (permissions, another agent holds it, …)."""
 
 
 class SpoolEntry(NamedTuple):
@@ -286,15 +298,7 @@ class MemorySpool:
 # SQLite
 
 
-_DDL = (
-    """CREATE TABLE IF NOT EXISTS spool (
-        rowid INTEGER PRIMARY KEY AUTOINCREMENT,
-        enqueued_at_ns INTEGER NOT NULL,
-        size INTEGER NOT NULL,
-        payload BLOB NOT NULL
-    )""",
-    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID",
-)
+_META_DDL = "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID"
 _COUNTERS = ("dropped_bytes_limit", "dropped_age_limit", "acknowledged_total", "created_at_ns")
 
 
@@ -305,80 +309,65 @@ class _CommitResult(NamedTuple):
     oldest: tuple[int, int] | None  # (rowid, enqueued_at_ns) of the oldest row, in flight or not
 
 
-class _Store:
-    """The SQLite side. Every method runs on the spool's one thread, never on the event loop."""
+class _Store(SqliteQueue[bytes]):
+    """The SQLite side: the queue table ``spool`` plus a ``meta`` table of counters. Every method
+    runs on the spool's one thread, never on the event loop."""
 
-    def __init__(self, path: Path, synchronous: str) -> None:
-        self.path = path
-        self.synchronous = synchronous
-        self.db: sqlite3.Connection | None = None
-        self.depth = 0
-        self.bytes = 0
+    LAYOUT = QueueLayout(
+        table="spool", seq="rowid", at_ns="enqueued_at_ns", payload="payload", payload_type="BLOB", size="size"
+    )
+    SCHEMA_VERSION = SCHEMA_VERSION
+    EXTRA_DDL = (_META_DDL,)
+    NEW_FILE_PRAGMAS = ("PRAGMA auto_vacuum=INCREMENTAL",)  # takes effect only when the file is new
+    OWNER = "agent"
+    OPEN_HINT = "set spool.path to a writable place, or to null for an in-memory spool"
+    LOCKED_HINT = "each agent needs a spool.path of its own"
+    ON_CORRUPT = "move_aside"
+
+    def __init__(self, path: Path, synchronous: Synchronous) -> None:
+        super().__init__(path, synchronous=synchronous)
         self.counters: dict[str, int] = {}
         self._commit_log: IO[str] | None = None
 
-    @property
-    def conn(self) -> sqlite3.Connection:
-        if self.db is None:
-            raise SpoolError("spool is closed")
-        return self.db
-
     def open(self, commit_log: str | None) -> tuple[int, int, dict[str, int], tuple[int, int] | None]:
+        """Directory, lock, file (a corrupt one is moved aside), counters. Raises SpoolError."""
+        self.open_queue()
         try:
-            self.db = self._connect()
-        except sqlite3.DatabaseError as err:
-            if self.db is not None:
-                self.db.close()
-                self.db = None
-            if "not a database" not in str(err) and "malformed" not in str(err):
-                raise
-            aside = self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
-            log.error(
-                "spool %s is not a readable SQLite database (%s): moved to %s, starting empty", self.path, err, aside
-            )
-            self.path.rename(aside)
-            for suffix in ("-wal", "-shm"):
-                with contextlib.suppress(FileNotFoundError):
-                    self.path.with_name(self.path.name + suffix).rename(aside.with_name(aside.name + suffix))
-            self.db = self._connect()
-        if commit_log is not None:
-            self._commit_log = open(commit_log, "a", encoding="ascii")  # noqa: SIM115
-        return self.depth, self.bytes, dict(self.counters), self.first_after(0)
-
-    def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self.db = db
-        mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-        if str(mode).lower() != "wal":
-            raise SpoolError(f"{self.path}: SQLite refused WAL mode (journal_mode={mode})")
-        db.execute(f"PRAGMA synchronous={self.synchronous.upper()}")
-        db.execute("PRAGMA auto_vacuum=INCREMENTAL")  # takes effect only when the file is new
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, SCHEMA_VERSION):
-                raise SpoolError(f"{self.path}: spool schema version {version}; this agent knows {SCHEMA_VERSION}")
-            for ddl in _DDL:
-                db.execute(ddl)
-            for key in _COUNTERS:
-                db.execute(
-                    "INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)",
-                    (key, time.time_ns() if key == "created_at_ns" else 0),
-                )
-            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-            db.execute("COMMIT")
+            if commit_log is not None:
+                self._commit_log = open(commit_log, "a", encoding="ascii")  # noqa: SIM115
+            return self.depth, self.bytes, dict(self.counters), self.first_after(0)
+        except OSError as err:
+            self.close()
+            raise SpoolError(f"cannot open the commit log {commit_log}: {err.strerror or err}") from err
         except BaseException:
-            db.execute("ROLLBACK")
+            self.close()
             raise
-        self.depth, self.bytes = db.execute("SELECT count(*), coalesce(sum(size), 0) FROM spool").fetchone()
-        self.counters = dict(db.execute("SELECT key, value FROM meta").fetchall())
-        return db
+
+    def _payload(self, raw: Any) -> bytes:
+        return bytes(raw)
+
+    def _create(self, db: sqlite3.Connection) -> None:
+        for key in _COUNTERS:
+            db.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)",
+                (key, time.time_ns() if key == "created_at_ns" else 0),
+            )
+
+    def _load(self) -> None:
+        super()._load()
+        try:
+            self.counters = dict(self.conn.execute("SELECT key, value FROM meta").fetchall())
+        except sqlite3.Error as err:
+            raise self._translate("open", err) from err
+
+    def _moved_aside(self, aside: Path, err: SpoolCorruptError) -> None:
+        log.error("%s: moved to %s, starting empty", err, aside)
 
     def first_after(self, rowid: int) -> tuple[int, int] | None:
-        row = self.conn.execute(
-            "SELECT rowid, enqueued_at_ns FROM spool WHERE rowid > ? ORDER BY rowid LIMIT 1", (rowid,)
-        ).fetchone()
-        return (int(row[0]), int(row[1])) if row else None
+        try:
+            return self._first_after(self.conn, rowid)
+        except sqlite3.Error as err:
+            raise self._translate("read", err) from err
 
     def commit(
         self,
@@ -392,28 +381,23 @@ class _Store:
     ) -> _CommitResult:
         """Insert ``items``, delete ``acks``, apply the bounds, add ``dropped_before`` (dropped
         from memory before they got here) to the counters: one transaction."""
-        db = self.conn
         dropped = _drop_counts_zero()
         depth, size = self.depth, self.bytes
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with self.transaction("commit") as db:
             if items:
-                db.executemany(
-                    "INSERT INTO spool (enqueued_at_ns, size, payload) VALUES (?, ?, ?)",
-                    [(at, len(payload), payload) for at, payload, _ in items],
-                )
-                depth += len(items)
-                size += sum(len(payload) for _, payload, _ in items)
+                n, added = self._insert(db, [(at, payload) for at, payload, _ in items])
+                depth += n
+                size += added
             if acks:
                 cur = db.executemany("DELETE FROM spool WHERE rowid = ?", [(rowid,) for rowid, _ in acks])
                 if cur.rowcount == len(acks):
                     depth -= len(acks)
                     size -= sum(s for _, s in acks)
                 else:  # some were gone already (cannot happen with one publisher): recount
-                    depth, size = db.execute("SELECT count(*), coalesce(sum(size), 0) FROM spool").fetchone()
+                    depth, size = self._totals(db)
                 db.execute("UPDATE meta SET value = value + ? WHERE key = 'acknowledged_total'", (len(acks),))
             # Age: the oldest first, in chunks, stopping at the first chunk with nothing expired.
-            first = self.first_after(protect_upto)
+            first = self._first_after(db, protect_upto)
             cutoff = now_ns - max_age_ns
             while first is not None and first[1] < cutoff:
                 where = (
@@ -428,33 +412,27 @@ class _Store:
                 dropped["age"] += n
                 depth -= n
                 size -= freed
-                first = self.first_after(protect_upto)
+                first = self._first_after(db, protect_upto)
             # Bytes: drop the oldest (not in flight) until under the bound.
             if size > max_bytes:
-                excess, freed, cut, n = size - max_bytes, 0, protect_upto, 0
+                excess, freed, cut = size - max_bytes, 0, protect_upto
                 rows = db.execute("SELECT rowid, size FROM spool WHERE rowid > ? ORDER BY rowid", (protect_upto,))
                 for rowid, row_size in rows:
                     if freed >= excess:
                         break
                     freed += row_size
                     cut = rowid
-                    n += 1
                 rows.close()
-                if n:
-                    db.execute("DELETE FROM spool WHERE rowid > ? AND rowid <= ?", (protect_upto, cut))
-                    dropped["bytes"] += n
-                    depth -= n
-                    size -= freed
+                n, freed = self._delete_range(db, protect_upto, cut)
+                dropped["bytes"] += n
+                depth -= n
+                size -= freed
             for reason, key in (("bytes", "dropped_bytes_limit"), ("age", "dropped_age_limit")):
                 n = dropped[reason] + dropped_before.get(reason, 0)
                 if n:
                     db.execute("UPDATE meta SET value = value + ? WHERE key = ?", (n, key))
-            db.execute("COMMIT")
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                db.execute("ROLLBACK")
-            raise
-        self.depth, self.bytes = depth, size
+            oldest = self._first_after(db, 0)
+        self._depth, self._bytes, self._oldest_at_ns = depth, size, oldest[1] if oldest else None
         if self._commit_log is not None and items:
             # Debug record for fault tests: ids become durable here (after the COMMIT returned).
             self._commit_log.write("".join(f"{obs_id}\n" for _, _, obs_id in items))
@@ -462,26 +440,18 @@ class _Store:
         if depth == 0 and acks:
             # Emptied: give back the space a backlog took (if the file has auto_vacuum).
             with contextlib.suppress(sqlite3.Error):
-                if db.execute("PRAGMA freelist_count").fetchone()[0] > _VACUUM_MIN_FREE_PAGES:
-                    db.execute("PRAGMA incremental_vacuum")
-        return _CommitResult(depth, size, dropped, self.first_after(0))
+                if self.conn.execute("PRAGMA freelist_count").fetchone()[0] > _VACUUM_MIN_FREE_PAGES:
+                    self.conn.execute("PRAGMA incremental_vacuum")
+        return _CommitResult(depth, size, dropped, oldest)
 
     def select(self, after: int, limit: int) -> list[SpoolEntry]:
-        rows = self.conn.execute(
-            "SELECT rowid, enqueued_at_ns, payload FROM spool WHERE rowid > ? ORDER BY rowid LIMIT ?",
-            (after, limit),
-        ).fetchall()
-        return [SpoolEntry(int(r), int(at), bytes(p)) for r, at, p in rows]
+        return [SpoolEntry(row.seq, row.at_ns, row.payload) for row in self.read_oldest(limit, after=after)]
 
     def close(self) -> None:
         if self._commit_log is not None:
             self._commit_log.close()
             self._commit_log = None
-        if self.db is not None:
-            with contextlib.suppress(sqlite3.Error):
-                self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            self.db.close()
-            self.db = None
+        super().close()
 
 
 class SqliteSpool:
@@ -509,9 +479,8 @@ class SqliteSpool:
         self.commit_max_observations = commit_max_observations
         self.synchronous = synchronous
         self._commit_log_path = commit_log
-        self._store = _Store(self.path, synchronous)
+        self._store = _Store(self.path, "full" if synchronous == "full" else "normal")
         self._executor: ThreadPoolExecutor | None = None
-        self._lock_fd: int | None = None
         # Loop-side state (only the event loop thread touches it).
         self._pending: list[tuple[int, bytes, str]] = []  # (enqueued_at_ns, payload, id), not committed
         self._pending_bytes = 0
@@ -549,41 +518,13 @@ class SqliteSpool:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     async def _open(self) -> None:
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
-        except OSError as err:
-            raise SpoolError(
-                f"cannot create the spool directory {self.path.parent}: {err.strerror or err}; "
-                "set spool.path to a writable place, or to null for an in-memory spool"
-            ) from None
-        lock_path = self.path.with_name(self.path.name + ".lock")
-        try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o640)
-        except OSError as err:
-            raise SpoolError(
-                f"cannot open {lock_path}: {err.strerror or err}; "
-                "set spool.path to a writable place, or to null for an in-memory spool"
-            ) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            os.close(fd)
-            raise SpoolError(
-                f"spool {self.path} is in use by another agent (pid {holder or '?'}); "
-                "each agent needs a spool.path of its own"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._lock_fd = fd
+        # The store takes the lock, creates the directory and opens the file on the spool's thread.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeprobe-spool")
         try:
             depth, size, counters, oldest = await self._run(self._store.open, self._commit_log_path)
-        except (sqlite3.Error, OSError, SpoolError) as err:
+        except BaseException:
             await self._release_resources()
-            if isinstance(err, SpoolError):
-                raise
-            raise SpoolError(f"cannot open spool {self.path}: {err}") from None
+            raise
         self._depth, self._bytes, self._oldest = depth, size, oldest
         self._available_since_ns = oldest[1] if oldest else None
         self._dropped_total = {
@@ -605,12 +546,9 @@ class SqliteSpool:
     async def _release_resources(self) -> None:
         if self._executor is not None:
             with contextlib.suppress(Exception):
-                await self._run(self._store.close)
+                await self._run(self._store.close)  # closes the file and releases the lock
             self._executor.shutdown(wait=True)
             self._executor = None
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
 
     # ----- the Spool protocol -----------------------------------------------------------------
 
@@ -839,24 +777,6 @@ class SpoolFileInfo:
     wal_bytes: int
 
 
-def _lock_holder(path: Path) -> int | None:
-    lock_path = path.with_name(path.name + ".lock")
-    try:
-        fd = os.open(lock_path, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError:
-            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            return int(text) if text.isdigit() else -1
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    finally:
-        os.close(fd)
-
-
 def inspect_spool(path: str | os.PathLike[str]) -> SpoolFileInfo:
     """Depth, age and counters of a spool file, read-only (safe while the agent runs)."""
     p = Path(path)
@@ -893,11 +813,11 @@ def inspect_spool(path: str | os.PathLike[str]) -> SpoolFileInfo:
         finally:
             db.close()
     except sqlite3.Error as err:
-        raise SpoolError(f"cannot read spool {p}: {err}") from None
+        raise SpoolError(f"cannot read spool {p}: {err}") from err
     return SpoolFileInfo(
         path=str(p),
         exists=True,
-        in_use_by_pid=_lock_holder(p),
+        in_use_by_pid=lock_holder(p),
         depth=int(depth),
         bytes=int(size),
         oldest_enqueued_at_ns=int(oldest[0]) if oldest else None,
