@@ -32,6 +32,7 @@ from edgeprobe.collector.service import (
 )
 from edgeprobe.collector.spool import DeadLetters, Spool, read_dead_letters
 from edgeprobe.configfile import ConfigError, Secret, convert
+from tests.support.wait import wait_for_async
 
 # ---- config --------------------------------------------------------------------------------------
 
@@ -240,7 +241,7 @@ class FakeWriter:
     async def write(self, lines: Sequence[str]) -> None:
         self.calls.append(len(lines))
         if self.delay_s:
-            await asyncio.sleep(self.delay_s)
+            await asyncio.sleep(self.delay_s)  # a slow InfluxDB: the delay is the scenario
         if self.fail_times > 0:
             self.fail_times -= 1
             raise WriteError("HTTP 503: busy", retryable=True, status=503)
@@ -357,10 +358,7 @@ async def test_flush_after_the_interval_without_stopping(make_collector: Any) ->
     writer = FakeWriter()
     task = asyncio.create_task(col.flush_loop(writer))
     await col.spool_append(["one line"])
-    for _ in range(500):
-        if stats.written_points:
-            break
-        await asyncio.sleep(0.01)
+    await wait_for_async(lambda: stats.written_points, 5, "the line written after flush_interval_s")
     assert writer.written == ["one line"]
     col.stopping.set()
     col.wake.set()
@@ -372,8 +370,7 @@ async def test_unwritten_lines_stay_in_the_spool_for_the_next_start(make_collect
     await col.spool_append(["a", "b", "c"])
     writer = FakeWriter(fail_times=1_000_000)
     task = asyncio.create_task(col.flush_loop(writer))
-    while stats.write_retries < 2:
-        await asyncio.sleep(0.01)
+    await wait_for_async(lambda: stats.write_retries >= 2, 5, "two failed writes")
     task.cancel()  # as on a stop that did not finish within shutdown_flush_s, or a crash
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -385,13 +382,14 @@ async def test_unwritten_lines_stay_in_the_spool_for_the_next_start(make_collect
     assert writer2.written == ["a", "b", "c"] and col2.spool.depth == 0
 
 
-async def test_a_full_spool_holds_the_consumer_back(make_collector: Any) -> None:
+async def test_a_full_spool_holds_the_consumer_back(make_collector: Any, caplog: pytest.LogCaptureFixture) -> None:
     col, stats = make_collector(batch_max_lines=10, spool={"max_bytes": 1024 * 1024})
     await col.spool_append(["x" * 1024] * 1024)
     assert col.spool_full()
     stop = asyncio.Event()
     waiter = asyncio.create_task(col.wait_for_room(stop))
-    await asyncio.sleep(0.05)
+    # Its warning says it found the spool full and is waiting (not returning at once).
+    await wait_for_async(lambda: "spool full" in caplog.text, 5, "the consumer's 'spool full' warning")
     assert not waiter.done()
     rows = col.spool.peek(10)
     await col._forget_through(rows[-1][0], Backoff(0.01, 0.01))
