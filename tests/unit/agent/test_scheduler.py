@@ -23,6 +23,7 @@ from edgeprobe.agent.scheduler import (
 from edgeprobe.probes.context import ProbeContext
 from edgeprobe.probes.kind import ProbeKind
 from edgeprobe.schema import Observation
+from tests.support.wait import wait_for_async
 
 S = 1_000_000_000
 
@@ -44,7 +45,7 @@ def fake_kind(
                 overlaps.append(target)
             active[target] += 1
         try:
-            await asyncio.sleep(config.sleep_s)
+            await asyncio.sleep(config.sleep_s)  # the fake probe's run time
         finally:
             if active is not None:
                 active[target] -= 1
@@ -75,7 +76,7 @@ def job(kind: ProbeKind[FakeConfig, FakeResult], targets: list[str], interval_s:
 async def run_for(s: Scheduler, seconds: float, grace_s: float = 1.0) -> None:
     stop = asyncio.Event()
     task = asyncio.create_task(s.run(stop, grace_s))
-    await asyncio.sleep(seconds)
+    await asyncio.sleep(seconds)  # the window the tests count runs in: the measurement itself
     stop.set()
     await asyncio.wait_for(task, grace_s + 5)
 
@@ -130,13 +131,10 @@ async def test_a_thousand_targets_one_timer() -> None:
         task = asyncio.create_task(s.run(stop, 1.0))
         live = []
         for _ in range(5):
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.1)  # samples of the task count while it runs: the measurement
             live.append(len(asyncio.all_tasks()))
         # Every target's slot falls within one 0.5 s interval; a loaded machine may need longer.
-        for _ in range(100):
-            if len({o.target for o in seen}) == 1000:
-                break
-            await asyncio.sleep(0.1)
+        await wait_for_async(lambda: len({o.target for o in seen}) == 1000, 10, "a run of each of 1,000 targets")
         stop.set()
         await asyncio.wait_for(task, 5)
     assert min(live) < 300, live  # the test, the scheduler, its stop watch and the runs in flight
@@ -170,16 +168,18 @@ async def test_a_run_longer_than_its_interval_skips_slots(caplog: pytest.LogCapt
     assert all(b - a >= 0.25 * S for a, b in itertools.pairwise(starts))
 
 
-async def test_shutdown_cancels_runs_that_outlast_the_grace() -> None:
+async def test_shutdown_cancels_runs_that_outlast_the_grace(monkeypatch: pytest.MonkeyPatch) -> None:
     kind = fake_kind()
     seen: list[Observation] = []
     async with ProbeContext() as ctx:
         s = Scheduler("a", [job(kind, ["t"], 100.0, sleep_s=30)], ctx, seen.append, 8)
         s_entries_offset = sched.offset_ns("a", "j", "t", 100 * S)
         assert 0 <= s_entries_offset < 100 * S
+        # The first slot 10 ms from now instead of somewhere in the next 100 s, so a run is in flight.
+        monkeypatch.setattr(sched, "offset_ns", lambda *_: (time.time_ns() + 10_000_000) % (100 * S))
         stop = asyncio.Event()
         task = asyncio.create_task(s.run(stop, 0.1))
-        await asyncio.sleep(0.05)
+        await wait_for_async(lambda: s.in_flight == 1, 5, "the 30 s run in flight")
         stop.set()
         t0 = time.monotonic()
         await asyncio.wait_for(task, 5)
