@@ -2,15 +2,13 @@
 
 Probes only measure. Whatever they raise is turned into an :class:`~edgeprobe.schema.Observation`
 here: :class:`ProbeFailure` keeps its outcome and partial result, a deadline overrun becomes
-``timeout``, OS errors are mapped by errno, anything else is ``error`` with the exception named.
+``timeout``, anything else goes through :func:`~edgeprobe.probes.outcome.classify_exception` (OS
+errors by errno, DNS, TLS; else ``error`` with the exception named).
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
-import socket
-import ssl
 import time
 import uuid
 from typing import Any
@@ -19,37 +17,11 @@ import msgspec
 
 from edgeprobe.probes.context import ProbeContext
 from edgeprobe.probes.kind import AnyKind
-from edgeprobe.probes.outcome import Outcome, ProbeFailure
+from edgeprobe.probes.outcome import Outcome, ProbeFailure, classify_exception
 from edgeprobe.schema import Observation
-
-_ERRNO_OUTCOME: dict[int, Outcome] = {
-    errno.ECONNREFUSED: Outcome.REFUSED,
-    errno.EHOSTUNREACH: Outcome.UNREACHABLE,
-    errno.ENETUNREACH: Outcome.UNREACHABLE,
-    errno.EADDRNOTAVAIL: Outcome.UNREACHABLE,
-    errno.ETIMEDOUT: Outcome.TIMEOUT,
-    errno.EACCES: Outcome.PERMISSION_DENIED,
-    errno.EPERM: Outcome.PERMISSION_DENIED,
-}
-
 
 # Added to a kind's own longest run time to make the hard limit (see ProbeKind.max_run_s).
 HANDLER_GRACE_S = 1.0
-
-
-def classify_exception(exc: BaseException) -> tuple[Outcome, str]:
-    """Map a foreign exception to an outcome and a one-line reason (pure)."""
-    if isinstance(exc, ProbeFailure):
-        return exc.outcome, exc.reason
-    if isinstance(exc, TimeoutError):
-        return Outcome.TIMEOUT, str(exc) or "timed out"
-    if isinstance(exc, socket.gaierror):
-        return Outcome.DNS_ERROR, f"name resolution failed: {exc.strerror or exc}"
-    if isinstance(exc, ssl.SSLError | ssl.CertificateError):
-        return Outcome.TLS_ERROR, f"TLS: {exc}"
-    if isinstance(exc, OSError) and exc.errno is not None:
-        return _ERRNO_OUTCOME.get(exc.errno, Outcome.ERROR), exc.strerror or str(exc)
-    return Outcome.ERROR, f"{type(exc).__name__}: {exc}"
 
 
 def new_id() -> str:

@@ -39,9 +39,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from edgeprobe.probes.context import ProbeContext
-from edgeprobe.probes.handler import classify_exception
 from edgeprobe.probes.kind import ProbeKind
-from edgeprobe.probes.outcome import Outcome, ProbeFailure
+from edgeprobe.probes.outcome import Outcome, ProbeFailure, classify_exception
 from edgeprobe.probes.stats import RttSummary, summarize_rtts
 
 SocketKind = Literal["raw", "dgram"]

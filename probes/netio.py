@@ -78,8 +78,7 @@ from typing import Any, Final, Literal, SupportsIndex
 
 import msgspec
 
-from edgeprobe.probes.handler import classify_exception
-from edgeprobe.probes.outcome import Outcome, ProbeFailure
+from edgeprobe.probes.outcome import Outcome, ProbeFailure, classify_exception
 
 Family = Literal["auto", "ipv4", "ipv6"]
 

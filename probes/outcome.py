@@ -3,10 +3,15 @@
 A probe either returns its typed result (outcome ``ok``) or raises :class:`ProbeFailure`
 carrying an :class:`Outcome`, a human reason and, when some of the measurement happened,
 a partial result. Loss is data: a failed ICMP run still reports ``sent``/``received``.
+:func:`classify_exception` maps a foreign exception (OS, DNS, TLS, timeout) to an outcome; the
+handler and the I/O below the kinds (netio, the ICMP socket) share it.
 """
 
 from __future__ import annotations
 
+import errno
+import socket
+import ssl
 from enum import StrEnum
 from typing import Any
 
@@ -39,3 +44,29 @@ class ProbeFailure(Exception):
         self.outcome = outcome
         self.reason = reason
         self.partial = partial
+
+
+_ERRNO_OUTCOME: dict[int, Outcome] = {
+    errno.ECONNREFUSED: Outcome.REFUSED,
+    errno.EHOSTUNREACH: Outcome.UNREACHABLE,
+    errno.ENETUNREACH: Outcome.UNREACHABLE,
+    errno.EADDRNOTAVAIL: Outcome.UNREACHABLE,
+    errno.ETIMEDOUT: Outcome.TIMEOUT,
+    errno.EACCES: Outcome.PERMISSION_DENIED,
+    errno.EPERM: Outcome.PERMISSION_DENIED,
+}
+
+
+def classify_exception(exc: BaseException) -> tuple[Outcome, str]:
+    """Map a foreign exception to an outcome and a one-line reason (pure)."""
+    if isinstance(exc, ProbeFailure):
+        return exc.outcome, exc.reason
+    if isinstance(exc, TimeoutError):
+        return Outcome.TIMEOUT, str(exc) or "timed out"
+    if isinstance(exc, socket.gaierror):
+        return Outcome.DNS_ERROR, f"name resolution failed: {exc.strerror or exc}"
+    if isinstance(exc, ssl.SSLError | ssl.CertificateError):
+        return Outcome.TLS_ERROR, f"TLS: {exc}"
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return _ERRNO_OUTCOME.get(exc.errno, Outcome.ERROR), exc.strerror or str(exc)
+    return Outcome.ERROR, f"{type(exc).__name__}: {exc}"
