@@ -149,7 +149,7 @@ async def test_bytes_bound_spares_what_is_in_flight(make_spool: MakeSpool) -> No
 async def test_age_bound_drops_the_old_and_counts(make_spool: MakeSpool) -> None:
     spool = await make_spool(max_age_s=0.3)
     await put_all(spool, [obs(0), obs(1)])
-    await asyncio.sleep(0.5)
+    await asyncio.sleep(0.5)  # the scenario: they grow older than max_age_s
     await put_all(spool, [obs(2)])
     stats = spool.stats()
     assert stats.dropped_age_limit == 2 and stats.dropped_bytes_limit == 0
@@ -174,7 +174,7 @@ async def test_stats_depth_bytes_and_oldest(make_spool: MakeSpool) -> None:
 async def test_wait_changed_wakes_when_something_is_available(make_spool: MakeSpool) -> None:
     spool = await make_spool()
     waiter = asyncio.create_task(spool.wait_changed(10))
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # one loop turn (not a timed wait): the waiter is waiting before the put
     spool.put(obs(1))  # no flush: the SQLite writer's own group commit makes it available
     await asyncio.wait_for(waiter, 5)
     assert spool.available() == 1
@@ -339,7 +339,7 @@ def test_sqlite_kill_9_loses_nothing_committed(tmp_path: Path) -> None:
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == b"committed"
-        time.sleep(0.2)
+        time.sleep(0.2)  # the scenario: the kill lands while the child's writer commits the unawaited puts
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
     finally:
