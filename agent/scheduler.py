@@ -5,6 +5,14 @@ agent id, job and target (a hash), so a fleet with the same config does not fire
 and one agent's targets spread over the interval. A slot that could not start before the next
 one was due is skipped and counted, never run late in a burst.
 
+Time: the timer, the slots in the heap and the lag all run on the monotonic clock; the wall
+clock only places the slots (the alignment above) and stamps what is written. The alignment is
+an anchor, wall minus monotonic, taken at start. A wall-clock step (NTP correcting a host that
+booted with the wrong time, an operator's ``date -s``) changes that difference: the scheduler
+logs the step once, re-anchors, and re-places the slots waiting in the heap on the new wall
+clock. Probing never pauses for the length of a backward step nor bursts after a forward one,
+and no slot is counted as skipped because of one.
+
 One timer for all targets: a single task keeps every (job, target)'s next slot in a heap, sleeps
 until the earliest, and starts each due run as its own task; a finished run puts its target's
 next slot back. A thousand targets cost one wake-up per distinct due time, not a thousand
@@ -41,6 +49,7 @@ OVERLOAD_LAG_MS: Final = 50.0  # a run starting later than this is "overloaded" 
 OVERLOAD_INTERVAL_SHARE: Final = 0.1  # … or later than this share of its job's interval, if less
 OVERLOAD_WARN_EVERY_S: Final = 10.0  # at most one overload (and one skipped-slot) warning per this
 OVERLOAD_HOLD_S: Final = 60.0  # the agent stays "overloaded" this long after the last late run
+CLOCK_STEP_NS: Final = 1_000_000_000  # a change of wall minus monotonic larger than this is a step
 
 
 def offset_ns(agent_id: str, job: str, target: str, interval_ns: int) -> int:
@@ -53,6 +62,13 @@ def next_slot_ns(now_ns: int, interval_ns: int, offset: int) -> int:
     """The first slot ``k * interval + offset`` at or after ``now_ns`` (pure)."""
     k = -((offset - now_ns) // interval_ns)  # ceil((now - offset) / interval)
     return k * interval_ns + offset
+
+
+def clock_step_ns(anchor_ns: int, wall_ns: int, mono_ns: int) -> int | None:
+    """How far the wall clock stepped since ``anchor_ns`` (wall minus monotonic then), or None
+    when it moved with the monotonic clock up to :data:`CLOCK_STEP_NS` (pure)."""
+    step = (wall_ns - mono_ns) - anchor_ns
+    return step if abs(step) > CLOCK_STEP_NS else None
 
 
 def overload_threshold_ms(interval_s: float) -> float:
@@ -126,7 +142,9 @@ class Scheduler:
         self._last_overload_s: float | None = None  # monotonic
         self._overload_warn = RateLimitedCount(OVERLOAD_WARN_EVERY_S)
         self._skip_warn = RateLimitedCount(OVERLOAD_WARN_EVERY_S)
-        self._heap: list[tuple[int, int]] = []  # (slot, entry index)
+        self._heap: list[tuple[int, int]] = []  # (slot on the monotonic clock, entry index)
+        self._anchor_ns = time.time_ns() - time.monotonic_ns()  # wall minus monotonic: the alignment
+        self.clock_steps = 0  # wall-clock steps seen since start
         self._entries: list[_Entry] = []
         self._waiter: asyncio.Future[None] | None = None
         self._timer_at_ns: int | None = None  # the slot the timer is set for
@@ -188,8 +206,9 @@ class Scheduler:
             await stop.wait()
             return
         loop = asyncio.get_running_loop()
-        now = time.time_ns()
-        self._heap = [(next_slot_ns(now, e.interval_ns, e.offset), i) for i, e in enumerate(self._entries)]
+        now = time.monotonic_ns()
+        self._anchor_ns = time.time_ns() - now
+        self._heap = [(next_slot_ns(now, e.interval_ns, self._grid(e)), i) for i, e in enumerate(self._entries)]
         heapq.heapify(self._heap)
         self._stopping = False
         runs: set[asyncio.Task[None]] = set()
@@ -197,7 +216,8 @@ class Scheduler:
         stop_watch.add_done_callback(lambda _: self._poke())
         try:
             while not stop.is_set():
-                now = time.time_ns()
+                now = time.monotonic_ns()
+                self._follow_wall_clock(now)
                 heap = self._heap
                 while heap and heap[0][0] <= now:
                     slot, index = heapq.heappop(heap)
@@ -210,7 +230,7 @@ class Scheduler:
                 handle = None
                 if heap:
                     self._timer_at_ns = heap[0][0]
-                    handle = loop.call_later(max(0.0, (heap[0][0] - time.time_ns()) / 1e9), self._poke)
+                    handle = loop.call_later(max(0.0, (heap[0][0] - time.monotonic_ns()) / 1e9), self._poke)
                 try:
                     await self._waiter
                 finally:
@@ -230,6 +250,28 @@ class Scheduler:
                 task.cancel()
             await asyncio.gather(*runs, stop_watch, return_exceptions=True)
 
+    def _grid(self, entry: _Entry) -> int:
+        """The entry's wall-clock offset as an offset on the monotonic clock (current anchor)."""
+        return (entry.offset - self._anchor_ns) % entry.interval_ns
+
+    def _follow_wall_clock(self, mono_ns: int) -> None:
+        """Notice a wall-clock step; re-anchor and re-place the waiting slots on the new grid."""
+        step = clock_step_ns(self._anchor_ns, time.time_ns(), mono_ns)
+        if step is None:
+            return
+        self.clock_steps += 1
+        self._anchor_ns += step
+        log.warning(
+            "the wall clock stepped by %+.3f s; probing goes on at its intervals (timers use the "
+            "monotonic clock) and the slots are re-aligned to the new wall clock",
+            step / 1e9,
+        )
+        self._heap = [
+            (next_slot_ns(mono_ns, self._entries[i].interval_ns, self._grid(self._entries[i])), i)
+            for _, i in self._heap
+        ]
+        heapq.heapify(self._heap)
+
     async def _run_slot(self, index: int, slot: int) -> None:
         entry = self._entries[index]
         try:
@@ -238,8 +280,11 @@ class Scheduler:
             log.exception("%s %s: run failed", entry.job.name, entry.target)
         if self._stopping:
             return
-        now = time.time_ns()
-        following, missed = following_slot_ns(slot, now, entry.interval_ns, entry.offset)
+        now = time.monotonic_ns()
+        grid = self._grid(entry)
+        following, missed = following_slot_ns(slot, now, entry.interval_ns, grid)
+        # A clock step re-aligned the grid while this run was in flight: snap forward onto it.
+        following = next_slot_ns(following, entry.interval_ns, grid)
         if missed:
             self.skipped_slots += missed
             report = self._skip_warn.note(time.monotonic(), (now - slot - entry.interval_ns) / 1e6, missed)
@@ -256,7 +301,7 @@ class Scheduler:
         if self._timer_at_ns is None or following < self._timer_at_ns:
             self._poke()
 
-    async def run_once(self, job: Job, target: str, scheduled_at_ns: int | None) -> Observation:
+    async def run_once(self, job: Job, target: str, scheduled_mono_ns: int | None) -> Observation:
         async with self._sem:
             self.in_flight += 1
             try:
@@ -268,7 +313,7 @@ class Scheduler:
                     seq=next(self._seq),
                     job=job.name,
                     labels=job.labels_for(target),
-                    scheduled_at_ns=scheduled_at_ns,
+                    scheduled_mono_ns=scheduled_mono_ns,
                 )
             finally:
                 self.in_flight -= 1

@@ -37,16 +37,19 @@ async def run_probe(
     seq: int,
     job: str | None = None,
     labels: dict[str, str] | None = None,
-    scheduled_at_ns: int | None = None,
+    scheduled_mono_ns: int | None = None,
 ) -> Observation:
     """Run one probe of ``kind`` against ``target`` and always return an observation.
 
     Cancellation (shutdown) propagates: a run cut short by the caller is not a measurement.
+    ``scheduled_mono_ns`` is when the run was due on ``time.monotonic_ns()``; how late it started
+    is ``sched_lag_ms`` (a wall-clock step cannot make a run look late or early).
     """
     deadline_s = kind.max_run_s(config) + HANDLER_GRACE_S
     started_at_ns = time.time_ns()
     t0 = time.perf_counter_ns()
-    sched_lag_ms = None if scheduled_at_ns is None else max(0.0, (started_at_ns - scheduled_at_ns) / 1e6)
+    lag_ns = None if scheduled_mono_ns is None else time.monotonic_ns() - scheduled_mono_ns
+    sched_lag_ms = None if lag_ns is None else max(0.0, lag_ns / 1e6)
     fields: dict[str, Any] = {}
     reason: str | None = None
     try:
