@@ -542,10 +542,10 @@ async def test_close_delimited_http10_and_interim_1xx(
         await reader.readuntil(b"\r\n\r\n")
         writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>\r\n\r\n")
         await writer.drain()
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(0.02)  # the server answers in pieces: separate reads on the client
         writer.write(b"HTTP/1.0 200 OK\r\nServer: old\r\n\r\npart one, ")
         await writer.drain()
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(0.02)  # likewise
         writer.write(b"part two")
         await writer.drain()
 
