@@ -95,6 +95,9 @@ ENV_NAME_PATTERN: Final = r"^[A-Za-z_][A-Za-z0-9_]*$"
 NET_RTT_MAX_TIMEOUT_S: Final = 3.0  # budget of the net_rtt connection (resolve + handshake)
 AFTER_END_GRACE_S: Final = 1.0  # how long the body may take to end after the end marker / error event
 ERROR_BODY_MAX_BYTES: Final = 16 * 1024  # read at most this much of an error body
+# A streamed answer larger than this ends the run as a protocol_error (a hostile or broken server
+# must not fill the agent's memory); ~300,000 tokens of OpenAI SSE, far beyond a probe's max_tokens.
+STREAM_BODY_MAX_BYTES: Final = 64 << 20
 ERROR_BODY_TIMEOUT_S: Final = 2.0  # and for at most this long
 PROVIDER_MESSAGE_MAX_CHARS: Final = 200
 HEADER_VALUE_MAX_CHARS: Final = 200
@@ -668,9 +671,11 @@ async def _read_stream(
     """Read the body into ``stats`` until it ends. True when it ended by its framing (reusable).
 
     Raises ``timeout`` for no content before ``ft_deadline`` and for a body not finished by
-    ``deadline``; returns (and lets the figures say what was wrong) for a cut or an error event.
+    ``deadline``, ``protocol_error`` past a bound (a line, an event, the whole body); returns (and
+    lets the figures say what was wrong) for a cut or an error event.
     """
     last_read_ns = time.perf_counter_ns()
+    body_bytes = 0
     end_grace: int | None = None
     body = netio.iter_body(conn, framing, timeout_s=_left_s(deadline))
     async with aclosing(body):
@@ -708,7 +713,17 @@ async def _read_stream(
                 stats.end(now - t_start, mid_event=tail.mid_event)
                 return False
             last_read_ns = piece.received_perf_ns
-            stats.add_all(piece.received_perf_ns - t_start, parser.feed(piece.data))
+            body_bytes += len(piece.data)
+            if body_bytes > STREAM_BODY_MAX_BYTES:
+                raise ProbeFailure(
+                    Outcome.PROTOCOL_ERROR,
+                    f"{conn.where}: the stream went past {STREAM_BODY_MAX_BYTES} bytes; abandoned",
+                )
+            try:
+                events = parser.feed(piece.data)
+            except llmstream.StreamLimitError as exc:
+                raise ProbeFailure(Outcome.PROTOCOL_ERROR, f"{conn.where}: {exc}; abandoned") from exc
+            stats.add_all(piece.received_perf_ns - t_start, events)
     end_ns = time.perf_counter_ns() - t_start
     tail = parser.finish()
     stats.add_all(end_ns, tail.events)

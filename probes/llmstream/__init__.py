@@ -26,6 +26,8 @@ from __future__ import annotations
 
 from edgeprobe.probes.llmstream.apis import APIS, ERROR_MESSAGE_MAX_CHARS, Api, Framing, check_api, framing
 from edgeprobe.probes.llmstream.decoders import (
+    MAX_EVENT_BYTES,
+    MAX_LINE_BYTES,
     Framed,
     NDJSONDecoder,
     NDJSONLine,
@@ -34,6 +36,7 @@ from edgeprobe.probes.llmstream.decoders import (
     SSEDecoder,
     SSEEvent,
     SSETail,
+    StreamLimitError,
 )
 from edgeprobe.probes.llmstream.figures import StreamFigures, StreamProblem, StreamStats
 from edgeprobe.probes.llmstream.interpretation import (
@@ -69,6 +72,8 @@ __all__ = [
     "ERROR_MESSAGE_MAX_CHARS",
     "INTERPRETERS",
     "KEEPALIVE_EVENT",
+    "MAX_EVENT_BYTES",
+    "MAX_LINE_BYTES",
     "STREAM_CONTENT_TYPES",
     "Api",
     "EventKind",
@@ -84,6 +89,7 @@ __all__ = [
     "SSETail",
     "StreamEvent",
     "StreamFigures",
+    "StreamLimitError",
     "StreamParser",
     "StreamProblem",
     "StreamStats",

@@ -42,6 +42,16 @@ class SSETail(msgspec.Struct, frozen=True, kw_only=True):
     partial_bytes: int
 
 
+# Bounds on what a (possibly hostile) server can make the decoders hold. A real event is a few
+# hundred bytes; these are generous for long generations and still keep a probe's memory small.
+MAX_LINE_BYTES: Final = 1 << 20  # one SSE or NDJSON line without its end
+MAX_EVENT_BYTES: Final = 4 << 20  # the data lines of one SSE event before its blank line
+
+
+class StreamLimitError(ValueError):
+    """A bound on the stream's framing was hit (the message says which); the stream is abandoned."""
+
+
 _EOL: Final = re.compile(rb"\r\n|\r|\n")
 _BOM: Final = b"\xef\xbb\xbf"
 
@@ -60,10 +70,16 @@ class SSEDecoder:
     space after the colon. Several ``data:`` lines are joined with ``\\n``. Comment lines come out
     as :class:`SSEComment`, in stream order. ``id:`` is kept. ``retry:`` and unknown fields are
     ignored, and unknown fields are counted in ``unknown_lines``.
+
+    Bounded and linear: each byte is scanned for a line end once (a read continues the scan
+    where the last one stopped), a line may hold :data:`MAX_LINE_BYTES` and an event's data
+    :data:`MAX_EVENT_BYTES`; past either, :meth:`feed` raises :class:`StreamLimitError`.
     """
 
     def __init__(self) -> None:
         self._buf = bytearray()
+        self._scanned = 0  # bytes at the start of _buf known to hold no line end
+        self._event_bytes = 0  # data bytes of the event being read
         self._skip_lf = False
         self._first_line = True
         self._data: list[str] = []
@@ -84,13 +100,17 @@ class SSEDecoder:
         buf += chunk
         size = len(buf)
         pos = 0
-        while (m := _EOL.search(buf, pos)) is not None:
+        # No line end before _scanned; a CR was never left at the end unhandled (see _skip_lf).
+        while (m := _EOL.search(buf, max(pos, self._scanned))) is not None:
             line = bytes(buf[pos : m.start()])
             if m.end() == size and m.end() - m.start() == 1 and buf[m.start()] == 0x0D:
                 self._skip_lf = True  # a CR at the end of this read: its LF may come next
             pos = m.end()
             self._line(line, out)
         del buf[:pos]
+        self._scanned = len(buf)
+        if len(buf) > MAX_LINE_BYTES:
+            raise StreamLimitError(f"an event-stream line longer than {MAX_LINE_BYTES} bytes")
         return out
 
     def _line(self, raw: bytes, out: list[SSEEvent | SSEComment]) -> None:
@@ -108,6 +128,9 @@ class SSEDecoder:
         name, _, value = text.partition(":")
         value = _strip_one_space(value)
         if name == "data":
+            self._event_bytes += len(value) + 1
+            if self._event_bytes > MAX_EVENT_BYTES:
+                raise StreamLimitError(f"an event-stream event with more than {MAX_EVENT_BYTES} bytes of data")
             self._data.append(value)
         elif name == "event":
             self._event = value or None
@@ -121,6 +144,7 @@ class SSEDecoder:
         if self._data:
             out.append(SSEEvent(data="\n".join(self._data), event=self._event, id=self._last_id))
         self._data = []
+        self._event_bytes = 0
         self._event = None
         self._in_event = False
 
@@ -131,6 +155,7 @@ class SSEDecoder:
         pending: list[SSEEvent | SSEComment] = []
         self._dispatch(pending)
         self._buf.clear()
+        self._scanned = 0
         self._skip_lf = False
         events = [e for e in pending if isinstance(e, SSEEvent)]
         return SSETail(events=events, mid_event=mid_event, partial_bytes=partial)
@@ -172,7 +197,8 @@ def _parse_json_line(line: bytes) -> NDJSONLine:
 class NDJSONDecoder:
     """Incremental newline-delimited JSON parser. Blank lines are skipped and CRLF is accepted.
 
-    A line that is not JSON comes back as an :class:`NDJSONLine` with ``error`` set. Nothing raises.
+    A line that is not JSON comes back as an :class:`NDJSONLine` with ``error`` set. The only
+    exception is :class:`StreamLimitError`, for a line longer than :data:`MAX_LINE_BYTES`.
     """
 
     def __init__(self) -> None:
@@ -192,6 +218,8 @@ class NDJSONDecoder:
             if line:
                 out.append(_parse_json_line(line))
         del buf[:pos]
+        if len(buf) > MAX_LINE_BYTES:
+            raise StreamLimitError(f"an NDJSON line longer than {MAX_LINE_BYTES} bytes")
         return out
 
     def finish(self) -> NDJSONTail:
