@@ -21,6 +21,7 @@ from edgeprobe.agent.daemon import run_agent
 from edgeprobe.configfile import convert
 from edgeprobe.localstack import MosquittoServer, free_port
 from edgeprobe.schema import AgentHealth, Envelope, Observation, Status
+from tests.support.wait import wait_for_async
 
 pytestmark = pytest.mark.integration
 
@@ -88,7 +89,7 @@ class Collect:
                             self.status.append(msgspec.json.decode(payload, type=Status))
             except aiomqtt.MqttError:
                 self.ready.clear()
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(0.05)  # retry pace while the broker is down
 
 
 async def register_persistent(collect: Collect) -> None:
@@ -115,17 +116,28 @@ async def test_broker_down_at_start_then_up(caplog: pytest.LogCaptureFixture, tm
             run_agent(cfg, build_jobs(cfg, "t"), stop=stop, started=started, tap=produced.append)
         )
         handles = await started
-        await asyncio.sleep(1.5)
+        await wait_for_async(
+            lambda: len(produced) >= 3 and any("unreachable" in r.message for r in caplog.records),
+            10,
+            "three observations and an 'unreachable' warning without a broker",
+        )
         assert len(produced) >= 3  # probing went on without a broker
         await handles.spool.flush()
         assert handles.publisher.stats.connects == 0 and len(handles.spool) == len(produced)
         assert any("unreachable" in r.message for r in caplog.records)
         await server.astart()
         ctask = asyncio.create_task(collect.run())
-        await asyncio.sleep(2.0)
+        queued = len(produced)
+        await wait_for_async(
+            lambda: handles.publisher.stats.acknowledged_observations >= queued,
+            15,
+            f"the {queued} observations queued while the broker was down acknowledged after it came up",
+        )
         stop.set()
         await asyncio.wait_for(task, 15)
-        await asyncio.sleep(0.5)
+        await wait_for_async(
+            lambda: {o.id for o in produced} <= set(collect.ids), 10, "every observation at the subscriber"
+        )
         ctask.cancel()
     assert handles.publisher.stats.connects >= 1
     assert handles.spool.dropped == 0 and len(handles.spool) == 0
@@ -141,15 +153,23 @@ async def test_broker_restart_mid_run_loses_nothing(tmp_path: Path) -> None:
         ctask = asyncio.create_task(collect.run())
         await asyncio.wait_for(collect.ready.wait(), 10)
         stop = asyncio.Event()
-        task = asyncio.create_task(run_agent(cfg, build_jobs(cfg, "t"), stop=stop, tap=produced.append))
-        await asyncio.sleep(1.0)
+        started: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(
+            run_agent(cfg, build_jobs(cfg, "t"), stop=stop, started=started, tap=produced.append)
+        )
+        running = await asyncio.wait_for(started, 10)
+        await wait_for_async(
+            lambda: running.publisher.stats.acknowledged_observations > 0, 10, "the agent publishing before the stop"
+        )
         await server.astop(keep_state=True)
-        await asyncio.sleep(1.5)  # observations pile up in the agent's spool
+        await asyncio.sleep(1.5)  # the outage (the scenario): observations pile up in the agent's spool
         await server.astart()
-        await asyncio.sleep(2.0)
+        await wait_for_async(lambda: running.publisher.stats.connects >= 2, 15, "the agent reconnected")
         stop.set()
         handles = await asyncio.wait_for(task, 15)
-        await asyncio.sleep(0.5)
+        await wait_for_async(
+            lambda: {o.id for o in produced} <= set(collect.ids), 10, "every observation at the subscriber"
+        )
         ctask.cancel()
     assert handles.publisher.stats.connects >= 2
     assert handles.spool.dropped == 0 and len(handles.spool) == 0
@@ -179,10 +199,18 @@ def test_daemon_sigterm_is_clean_and_presence_is_visible(mosquitto: MosquittoSer
         proc = await asyncio.create_subprocess_exec(
             exe, "agent", "run", "-c", str(conf), stderr=asyncio.subprocess.PIPE, env={**os.environ}
         )
-        await asyncio.sleep(2.0)
+        await wait_for_async(
+            lambda: len(collect.ids) >= 3 and any(s.agent == "sig-a1" and s.state == "online" for s in collect.status),
+            20,
+            "sig-a1 online and three observations delivered",
+        )
         proc.send_signal(signal.SIGTERM)
         _, err = await asyncio.wait_for(proc.communicate(), 15)
-        await asyncio.sleep(0.5)
+        await wait_for_async(
+            lambda: [s.state for s in collect.status if s.agent == "sig-a1"][-1:] == ["offline"],
+            10,
+            "sig-a1's offline status",
+        )
         ctask.cancel()
         return collect.ids, collect.status, proc.returncode or 0, err.decode()
 

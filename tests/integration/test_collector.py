@@ -29,6 +29,7 @@ from edgeprobe.configfile import convert
 from edgeprobe.localstack import InfluxServer, MosquittoServer
 from edgeprobe.schema import AgentHealth, Observation, encode, health_topic, obs_topic
 from tests.support.paths import GOLDEN
+from tests.support.wait import wait_for_async
 
 pytestmark = pytest.mark.integration
 
@@ -39,11 +40,7 @@ async def query_rows(influxdb: InfluxServer, q: str, db: str) -> list[dict[str, 
 
 
 async def eventually(check: Callable[[], bool], timeout_s: float = 20.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
+    await wait_for_async(check, timeout_s, what)
 
 
 # ---- (a) tag values that line protocol can't carry as they are ----------------------------------
