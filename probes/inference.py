@@ -95,6 +95,7 @@ ENV_NAME_PATTERN: Final = r"^[A-Za-z_][A-Za-z0-9_]*$"
 NET_RTT_MAX_TIMEOUT_S: Final = 3.0  # budget of the net_rtt connection (resolve + handshake)
 AFTER_END_GRACE_S: Final = 1.0  # how long the body may take to end after the end marker / error event
 ERROR_BODY_MAX_BYTES: Final = 16 * 1024  # read at most this much of an error body
+EXTRA_BODY_MAX_BYTES: Final = 64 * 1024  # extra_body as JSON, at most
 # A streamed answer larger than this ends the run as a protocol_error (a hostile or broken server
 # must not fill the agent's memory); ~300,000 tokens of OpenAI SSE, far beyond a probe's max_tokens.
 STREAM_BODY_MAX_BYTES: Final = 64 << 20
@@ -136,6 +137,13 @@ class InferenceConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, k
                 )
         if len(self.record_headers) > MAX_RECORD_HEADERS:
             raise ValueError(f"record_headers: at most {MAX_RECORD_HEADERS} header names")
+        if protected := llmstream.protected_overrides(self.extra_body):
+            raise ValueError(
+                f"extra_body: may not set {', '.join(protected)}: they set what a request costs or "
+                "measures (use max_tokens, model and prompt; n and streaming are fixed)"
+            )
+        if len(msgspec.json.encode(self.extra_body)) > EXTRA_BODY_MAX_BYTES:
+            raise ValueError(f"extra_body: more than {EXTRA_BODY_MAX_BYTES} bytes as JSON")
 
 
 class InferenceResult(msgspec.Struct, kw_only=True):

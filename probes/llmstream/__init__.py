@@ -58,10 +58,12 @@ from edgeprobe.probes.llmstream.interpretation import (
 )
 from edgeprobe.probes.llmstream.request import (
     ANTHROPIC_VERSION,
+    PROTECTED_BODY_FIELDS,
     STREAM_CONTENT_TYPES,
     auth_headers,
     build_request_body,
     check_content_type,
+    protected_overrides,
     request_headers,
 )
 
@@ -74,6 +76,7 @@ __all__ = [
     "KEEPALIVE_EVENT",
     "MAX_EVENT_BYTES",
     "MAX_LINE_BYTES",
+    "PROTECTED_BODY_FIELDS",
     "STREAM_CONTENT_TYPES",
     "Api",
     "EventKind",
@@ -106,5 +109,6 @@ __all__ = [
     "interpret_openai_chat",
     "interpret_openai_completions",
     "interpret_tgi",
+    "protected_overrides",
     "request_headers",
 ]

@@ -19,6 +19,39 @@ def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+# Body fields that set what a request costs or what it measures: how many tokens may be generated
+# and how many completions, the input, the model (a tag on every point) and streaming itself.
+# ``extra_body`` may not set them at the top level nor where an API nests them (Ollama's
+# ``options``, TGI's ``parameters``): the target policy charges ``max_tokens`` per request, so an
+# override such as ``{"max_tokens": 12800000}`` would spend what the policy never allowed.
+PROTECTED_BODY_FIELDS: Final = frozenset(
+    {
+        "max_tokens",
+        "max_completion_tokens",
+        "max_new_tokens",
+        "num_predict",
+        "n",
+        "best_of",
+        "stream",
+        "model",
+        "messages",
+        "prompt",
+        "inputs",
+    }
+)
+_NESTED_PARAMETER_KEYS: Final = ("options", "parameters")
+
+
+def protected_overrides(extra: Mapping[str, Any]) -> list[str]:
+    """The keys of ``extra`` (dotted) that would override a protected body field (pure)."""
+    found = [key for key in extra if key in PROTECTED_BODY_FIELDS]
+    for outer in _NESTED_PARAMETER_KEYS:
+        inner = extra.get(outer)
+        if isinstance(inner, Mapping):
+            found += [f"{outer}.{key}" for key in inner if key in PROTECTED_BODY_FIELDS]
+    return found
+
+
 def build_request_body(
     api: Api,
     model: str,
@@ -27,12 +60,15 @@ def build_request_body(
     include_usage: bool = True,
     extra: Mapping[str, Any] | None = None,
 ) -> tuple[str, dict[str, Any]]:
-    """(path, JSON body) of a streaming request for ``api``. ``extra`` is deep-merged last.
+    """(path, JSON body) of a streaming request for ``api``. ``extra`` is deep-merged last; it may
+    not touch :data:`PROTECTED_BODY_FIELDS` (ValueError).
 
     ``include_usage`` asks OpenAI-style servers for the usage chunk (``stream_options``) and TGI
     for ``details`` (generated_tokens, finish_reason). Ollama and Anthropic always report usage.
     """
     api = check_api(api)
+    if extra and (protected := protected_overrides(extra)):
+        raise ValueError(f"extra_body may not set {', '.join(protected)}")
     messages = [{"role": "user", "content": prompt}]
     path: str
     body: dict[str, Any]

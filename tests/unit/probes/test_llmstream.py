@@ -962,8 +962,12 @@ def test_build_request_bodies() -> None:
 def test_extra_is_deep_merged() -> None:
     _, body = build_request_body("ollama-chat", "m", "p", 4, extra={"options": {"temperature": 0}, "keep_alive": "5m"})
     assert body["options"] == {"num_predict": 4, "temperature": 0} and body["keep_alive"] == "5m"
-    _, body = build_request_body("openai-chat", "m", "p", 4, extra={"max_tokens": None, "seed": 1})
-    assert body["max_tokens"] is None and body["seed"] == 1
+    _, body = build_request_body("openai-chat", "m", "p", 4, extra={"seed": 1})
+    assert body["max_tokens"] == 4 and body["seed"] == 1
+    # Lifting the token limit through extra was allowed once; it let a 40-token budget ask for
+    # millions (issue 12): now refused, see test_llmstream_bounds.py.
+    with pytest.raises(ValueError, match="may not set max_tokens"):
+        build_request_body("openai-chat", "m", "p", 4, extra={"max_tokens": None, "seed": 1})
 
 
 def test_headers_and_content_types() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 
+import msgspec
 import pytest
 
 from edgeprobe.probes.llmstream import (
@@ -72,3 +73,36 @@ def test_sse_is_unchanged_within_the_bounds() -> None:
         got += d.feed(text[i : i + 1])
     got += d.feed(b"\n\n")
     assert [(e.data, getattr(e, "event", None)) for e in got if isinstance(e, SSEEvent)] == [("a\nb", "x"), ("c", None)]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"max_tokens": 12_800_000},
+        {"n": 100},
+        {"options": {"num_predict": -1}},
+        {"parameters": {"max_new_tokens": 100_000}},
+        {"stream": False},
+        {"model": "other"},
+    ],
+)
+def test_extra_body_cannot_override_what_a_request_costs(extra: dict[str, object]) -> None:
+    from edgeprobe.probes.inference import InferenceConfig
+    from edgeprobe.probes.llmstream import build_request_body
+
+    with pytest.raises(msgspec.ValidationError, match="extra_body: may not set"):
+        msgspec.convert({"model": "m", "max_tokens": 40, "extra_body": extra}, InferenceConfig)
+    with pytest.raises(ValueError, match="extra_body may not set"):
+        build_request_body("openai-chat", "m", "hi", 40, extra=extra)
+
+
+def test_extra_body_still_adds_what_it_is_for() -> None:
+    from edgeprobe.probes.inference import InferenceConfig
+    from edgeprobe.probes.llmstream import build_request_body
+
+    extra = {"temperature": 0, "options": {"temperature": 0}, "stream_options": {"include_usage": False}}
+    cfg = msgspec.convert({"model": "m", "max_tokens": 40, "extra_body": extra}, InferenceConfig)
+    _, body = build_request_body("ollama-chat", "m", "hi", cfg.max_tokens, extra=cfg.extra_body)
+    assert body["options"] == {"num_predict": 40, "temperature": 0} and body["temperature"] == 0
+    with pytest.raises(msgspec.ValidationError, match="bytes as JSON"):
+        msgspec.convert({"model": "m", "extra_body": {"x": "y" * 70_000}}, InferenceConfig)
