@@ -58,6 +58,7 @@ from edgeprobe.responder import (
     serve_responder,
 )
 from edgeprobe.schema import Observation, encode
+from tests.support.wait import wait_for_async
 
 FAST = ResponderSettings(ttft_ms=40, token_interval_ms=5, tokens=8, seed=3, load_ms=10, keepalive_interval_ms=50)
 N = 6  # max_tokens asked for: fewer than the responder's 8, so every API ends on "length"
@@ -104,7 +105,7 @@ def streaming_app(chunks: list[bytes], content_type: str = "text/event-stream", 
         await resp.prepare(request)
         for piece in chunks:
             await resp.write(piece)
-            await asyncio.sleep(0.005)
+            await asyncio.sleep(0.005)  # the server's pace (5 ms apart): the scenario
         await resp.write_eof()
         return resp
 
@@ -456,7 +457,13 @@ async def test_a_failed_run_does_not_leave_its_connection_for_reuse(responder: R
 async def test_connection_closed_by_the_server_while_idle_is_not_reused() -> None:
     async with serve(make_app(FAST), keepalive_timeout=0.1) as url, ProbeContext() as ctx:
         first = await once(url, cfg(connection="reuse"), ctx)
-        await asyncio.sleep(0.5)  # the server's keep-alive timeout closes it meanwhile
+        pool = await ctx.resource(inference.POOL_KEY, inference._new_pool)
+        # The server's keep-alive timeout closes it meanwhile: wait until the client has seen the close.
+        await wait_for_async(
+            lambda: len(pool) == 1 and not any(conn.reusable for conn, _ in pool._idle.values()),
+            5,
+            "the idle pooled connection closed by the server",
+        )
         second = await once(url, cfg(connection="reuse"), ctx)
     assert first.fields["connection"] == "new" and second.fields["connection"] == "new"
     assert second.outcome == "ok"
@@ -465,7 +472,7 @@ async def test_connection_closed_by_the_server_while_idle_is_not_reused() -> Non
 async def test_max_idle_s(responder: RunningResponder) -> None:
     async with ProbeContext() as ctx:
         await once(responder.url, cfg(connection="reuse", max_idle_s=0.05), ctx)
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.2)  # the scenario: idle for longer than max_idle_s
         obs = await once(responder.url, cfg(connection="reuse", max_idle_s=0.05), ctx)
     assert obs.fields["connection"] == "new"
 
