@@ -317,9 +317,24 @@ def record_headers(headers: list[tuple[str, str]], names: tuple[str, ...]) -> st
     return msgspec.json.encode(picked).decode() if picked else None
 
 
+REDACT_MIN_PREFIX_CHARS: Final = 4  # a clipped key's start at least this long is redacted too
+
+
 def redact(text: str, secret: str | None) -> str:
-    """``text`` with every occurrence of ``secret`` replaced by ``***``."""
-    return text.replace(secret, "***") if secret else text
+    """``text`` with every occurrence of ``secret`` replaced by ``***``.
+
+    Texts from a server are clipped before they get here (``…`` at the end), which can cut an
+    echoed key in two: its start (from :data:`REDACT_MIN_PREFIX_CHARS` characters) just before the
+    cut is redacted as well, so no clipped key leaks in part.
+    """
+    if not secret:
+        return text
+    out = text.replace(secret, "***")
+    body, ellipsis = (out[:-1], "…") if out.endswith("…") else (out, "")
+    for n in range(min(len(secret) - 1, len(body)), REDACT_MIN_PREFIX_CHARS - 1, -1):
+        if body.endswith(secret[:n]):
+            return body[:-n] + "***" + ellipsis
+    return out
 
 
 def request_headers(config: InferenceConfig, key: str | None, *, keep_alive: bool) -> list[tuple[str, str]]:

@@ -106,3 +106,19 @@ def test_extra_body_still_adds_what_it_is_for() -> None:
     assert body["options"] == {"num_predict": 40, "temperature": 0} and body["temperature"] == 0
     with pytest.raises(msgspec.ValidationError, match="bytes as JSON"):
         msgspec.convert({"model": "m", "extra_body": {"x": "y" * 70_000}}, InferenceConfig)
+
+
+KEY = "sk-edgeprobe-TEST-7f3a9c1e5b2d4680"
+
+
+@pytest.mark.parametrize("cut", range(1, len(KEY)))
+def test_a_key_cut_by_clipping_is_redacted_whole(cut: int) -> None:
+    from edgeprobe.probes.inference import REDACT_MIN_PREFIX_CHARS, _clip, redact
+
+    message = "Incorrect API key provided: " + KEY + " (see docs)"
+    clipped = _clip(message, len("Incorrect API key provided: ") + cut + 1)  # the key cut after `cut` chars
+    out = redact(clipped, KEY)
+    if cut >= REDACT_MIN_PREFIX_CHARS:
+        assert out == "Incorrect API key provided: ***…", out
+    assert KEY[:REDACT_MIN_PREFIX_CHARS] not in out
+    assert redact(message, KEY) == "Incorrect API key provided: *** (see docs)"
