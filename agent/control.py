@@ -123,6 +123,7 @@ class Control:
         self._tasks: set[asyncio.Task[None]] = set()
         self._client: aiomqtt.Client | None = None
         self.on_status_change: Any = None  # callable(): the publisher republishes the status
+        self.on_subscribed: Any = None  # callable(): after each (re)subscription (daemon.py: on_ready)
 
     # ------------------------------------------------------------------ status
 
@@ -183,6 +184,8 @@ class Control:
                 await client.subscribe(self.config_topic, qos=1)
                 await client.subscribe(self.group_prefix + "+", qos=1)
             log.info("control channel up (commands: %s, config: %s)", c.accept_commands, c.accept_config)
+            if self.on_subscribed is not None:
+                self.on_subscribed()
             stop_wait = asyncio.ensure_future(stop.wait())
             try:
                 messages = client.messages.__aiter__()

@@ -56,10 +56,13 @@ async def run_agent(
     stop: asyncio.Event | None = None,
     started: asyncio.Future[AgentHandles] | None = None,
     tap: Callable[[Observation], None] | None = None,
+    on_ready: Callable[[], None] | None = None,
 ) -> AgentHandles:
     """Run until ``stop`` is set (or SIGTERM/SIGINT when ``stop`` is None).
 
     ``tap``, when given, sees every observation as it is produced (live views, tests).
+    ``on_ready``, when given, is called once, when the agent is first connected: the spool is
+    open, the "online" status is on the broker and the control channel (if on) is subscribed.
     Raises :class:`edgeprobe.agent.spool.SpoolError` when the spool cannot be opened.
     """
     own_signals = stop is None
@@ -115,6 +118,18 @@ async def run_agent(
                 control = Control(cfg, jobs, scheduler, ctx, emit)
                 control.on_status_change = publisher.request_status
                 publisher.status_extra = control.status_fields
+            if on_ready is not None:
+                waiting = {"publisher"} if control is None else {"publisher", "control"}
+
+                def part_ready(part: str) -> None:
+                    if part in waiting:
+                        waiting.discard(part)
+                        if not waiting:
+                            on_ready()
+
+                publisher.on_online = lambda: part_ready("publisher")
+                if control is not None:
+                    control.on_subscribed = lambda: part_ready("control")
             handles = AgentHandles(spool=spool, scheduler=scheduler, publisher=publisher, control=control)
             if started is not None:
                 started.set_result(handles)

@@ -150,6 +150,8 @@ class Publisher:
         self._bucket = TokenBucket(pub.replay_max_per_s, max(float(pub.batch_max_observations), pub.replay_max_per_s))
         # Called with what a failed publish gives back to the spool (tests, debugging).
         self.on_release: Callable[[list[SpoolEntry]], None] | None = None
+        # Called after each connection's "online" status is published (daemon.py: on_ready).
+        self.on_online: Callable[[], None] | None = None
         self._flush_deadline: float | None = None
         # Extra status fields (agent/control.py: refusals, central config), and a way to ask for
         # the status to be republished now rather than at the next status_interval_s.
@@ -275,6 +277,8 @@ class Publisher:
                     self.cfg.publish.replay_max_per_s,
                 )
             await self._publish_status(client, "online")
+            if self.on_online is not None:
+                self.on_online()
             await self._pump(client, stop)
             await self._publish_status(client, "offline")
             self.stats.connected = False

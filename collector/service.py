@@ -279,6 +279,7 @@ class _Collector:
         self.latencies_ms: deque[float] = deque(maxlen=RECENT_WRITES)
         self.batch_lines: deque[int] = deque(maxlen=RECENT_WRITES)
         self.started_monotonic = time.monotonic()
+        self.on_ready: Callable[[], None] | None = None  # called once, at the first subscription
         stats.spool_durable = spool.durable
         self._update_gauges()
 
@@ -435,6 +436,9 @@ class _Collector:
                     self.stats.connects += 1
                     self.stats.connected = True
                     log.info("connected to %s as %s, subscribed to %s", broker.url, kwargs["identifier"], filters)
+                    if self.on_ready is not None:
+                        ready, self.on_ready = self.on_ready, None  # once
+                        ready()
                     await self._pump(client, stop)
             except (aiomqtt.MqttError, SpoolError) as exc:
                 self.stats.connected = False
@@ -648,8 +652,12 @@ async def run_collector(
     stop: asyncio.Event | None = None,
     stats: CollectorStats | None = None,
     kinds: Mapping[str, AnyKind] | None = None,
+    on_ready: Callable[[], None] | None = None,
 ) -> CollectorStats:
     """Run until ``stop`` is set (or SIGTERM/SIGINT when ``stop`` is None); returns the counters.
+
+    ``on_ready``, when given, is called once, at the first successful subscription (the spool is
+    open by then).
 
     Cancelling the task stops at once, without the final flush (the spool keeps what was not
     written). ``kinds`` defaults to :data:`edgeprobe.probes.registry.KINDS`. Raises SpoolError when the
@@ -666,7 +674,7 @@ async def run_collector(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
     try:
-        return await _run(config, stop, stats if stats is not None else CollectorStats(), kinds)
+        return await _run(config, stop, stats if stats is not None else CollectorStats(), kinds, on_ready)
     finally:
         if own_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -674,14 +682,18 @@ async def run_collector(
 
 
 async def _run(
-    config: CollectorConfig, stop: asyncio.Event, stats: CollectorStats, kinds: Mapping[str, AnyKind]
+    config: CollectorConfig,
+    stop: asyncio.Event,
+    stats: CollectorStats,
+    kinds: Mapping[str, AnyKind],
+    on_ready: Callable[[], None] | None = None,
 ) -> CollectorStats:
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="collector-spool")
     spool = Spool(config.spool_path(), synchronous=config.spool.synchronous)
     try:
         await asyncio.get_running_loop().run_in_executor(executor, spool.open)
         try:
-            await _serve(config, stop, stats, kinds, spool, executor)
+            await _serve(config, stop, stats, kinds, spool, executor, on_ready)
         finally:
             await asyncio.get_running_loop().run_in_executor(executor, spool.close)
     finally:
@@ -697,8 +709,10 @@ async def _serve(
     kinds: Mapping[str, AnyKind],
     spool: Spool,
     executor: ThreadPoolExecutor,
+    on_ready: Callable[[], None] | None = None,
 ) -> None:
     col = _Collector(config, stats, kinds, spool, DeadLetters(config.dead_letter_path()), executor)
+    col.on_ready = on_ready
     log.info(
         "collector %s: MQTT %s → InfluxDB %s (api %s), spool %s",
         config.name,

@@ -330,6 +330,38 @@ def _load_or_exit(loader: Callable[[str], Any], path: str) -> Any:
         sys.exit(EXIT_USAGE)
 
 
+def _ready_file(path: str | None) -> Callable[[], None] | None:
+    """The ``on_ready`` of ``--ready-file``: writes PATH (our pid) atomically. Removes a leftover
+    now (a killed run's file must not look ready) and fails now if PATH can't be written."""
+    if path is None:
+        return None
+    import os
+    from pathlib import Path
+
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.tmp")
+    try:
+        target.unlink(missing_ok=True)
+        tmp.write_text("")
+    except OSError as err:
+        click.echo(f"edgeprobe: --ready-file {path}: {err.strerror or err}", err=True)
+        sys.exit(EXIT_USAGE)
+
+    def write() -> None:
+        tmp.write_text(f"{os.getpid()}\n")
+        tmp.replace(target)  # atomic: a reader sees no file or all of it
+
+    return write
+
+
+def _remove_ready_file(path: str | None) -> None:
+    if path is not None:
+        from pathlib import Path
+
+        for p in (Path(path), Path(path).with_name(f".{Path(path).name}.tmp")):
+            p.unlink(missing_ok=True)
+
+
 @main.group()
 def agent() -> None:
     """The measurement agent daemon."""
@@ -338,7 +370,14 @@ def agent() -> None:
 @agent.command("run")
 @config_option
 @log_option
-def agent_run(config_path: str, log_level: str) -> None:
+@click.option(
+    "--ready-file",
+    type=click.Path(dir_okay=False),
+    help="Write this file (atomically; it holds the pid) once the agent is ready: its spool open, "
+    "connected to the broker with its online status published, and its control channel (if on) "
+    "subscribed. Removed when the agent stops. For supervisors and scripts that wait for the agent.",
+)
+def agent_run(config_path: str, log_level: str, ready_file: str | None) -> None:
     """Run the agent: probe on schedule, publish to MQTT. Stops cleanly on SIGTERM/SIGINT."""
     from edgeprobe.agent.config import load_agent_config
     from edgeprobe.agent.daemon import run_agent
@@ -347,10 +386,12 @@ def agent_run(config_path: str, log_level: str) -> None:
     cfg, jobs = _load_or_exit(load_agent_config, config_path)
     setup_logging(log_level)
     try:
-        asyncio.run(run_agent(cfg, jobs))
+        asyncio.run(run_agent(cfg, jobs, on_ready=_ready_file(ready_file)))
     except SpoolError as err:
         click.echo(f"edgeprobe: spool error: {err}", err=True)
         sys.exit(EXIT_USAGE)
+    finally:
+        _remove_ready_file(ready_file)
 
 
 @agent.command("check")
@@ -403,7 +444,14 @@ def collector() -> None:
 @collector.command("run")
 @config_option
 @log_option
-def collector_run(config_path: str, log_level: str) -> None:
+@click.option(
+    "--ready-file",
+    type=click.Path(dir_okay=False),
+    help="Write this file (atomically; it holds the pid) once the collector is ready: its spool open "
+    "and subscribed to the broker. Removed when the collector stops. For supervisors and scripts "
+    "that wait for the collector.",
+)
+def collector_run(config_path: str, log_level: str, ready_file: str | None) -> None:
     """Run the collector. Stops cleanly on SIGTERM/SIGINT."""
     from edgeprobe.collector.config import load_collector_config
     from edgeprobe.collector.service import run_collector
@@ -412,10 +460,12 @@ def collector_run(config_path: str, log_level: str) -> None:
     cfg = _load_or_exit(load_collector_config, config_path)
     setup_logging(log_level)
     try:
-        asyncio.run(run_collector(cfg))
+        asyncio.run(run_collector(cfg, on_ready=_ready_file(ready_file)))
     except CollectorSpoolError as err:  # can't open the spool (in use, unwritable, corrupt)
         click.echo(f"edgeprobe: collector spool error: {err}", err=True)
         sys.exit(EXIT_FAILED)
+    finally:
+        _remove_ready_file(ready_file)
 
 
 @main.command()

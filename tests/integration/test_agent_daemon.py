@@ -177,7 +177,8 @@ async def test_broker_restart_mid_run_loses_nothing(tmp_path: Path) -> None:
 
 
 def test_daemon_sigterm_is_clean_and_presence_is_visible(mosquitto: MosquittoServer, tmp_path: Path) -> None:
-    conf = tmp_path / "agent.yaml"
+    """Also ``agent run --ready-file``: written (the pid) once connected, removed at the clean stop."""
+    conf, ready = tmp_path / "agent.yaml", tmp_path / "agent.ready"
     conf.write_text(
         textwrap.dedent(
             f"""
@@ -197,8 +198,11 @@ def test_daemon_sigterm_is_clean_and_presence_is_visible(mosquitto: MosquittoSer
         await asyncio.wait_for(collect.ready.wait(), 10)
         exe = str(Path(sys.executable).with_name("edgeprobe"))
         proc = await asyncio.create_subprocess_exec(
-            exe, "agent", "run", "-c", str(conf), stderr=asyncio.subprocess.PIPE, env={**os.environ}
-        )
+            exe, "agent", "run", "-c", str(conf), "--ready-file", str(ready),
+            stderr=asyncio.subprocess.PIPE, env={**os.environ},
+        )  # fmt: skip
+        await wait_for_async(ready.exists, 20, "the agent's ready file")
+        pid_in_file = ready.read_text()
         await wait_for_async(
             lambda: len(collect.ids) >= 3 and any(s.agent == "sig-a1" and s.state == "online" for s in collect.status),
             20,
@@ -206,6 +210,7 @@ def test_daemon_sigterm_is_clean_and_presence_is_visible(mosquitto: MosquittoSer
         )
         proc.send_signal(signal.SIGTERM)
         _, err = await asyncio.wait_for(proc.communicate(), 15)
+        assert pid_in_file == f"{proc.pid}\n" and not ready.exists()  # removed when the agent stops
         await wait_for_async(
             lambda: [s.state for s in collect.status if s.agent == "sig-a1"][-1:] == ["offline"],
             10,

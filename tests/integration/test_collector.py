@@ -8,6 +8,8 @@ import json
 import os
 import random
 import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections import Counter
@@ -460,3 +462,61 @@ async def test_sigterm_stops_with_a_final_flush(
     assert set(ids) == {o["id"] for o in observations}
     # the handlers are gone again: SIGTERM has its default meaning outside run_collector
     assert signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, signal.Handlers.SIG_DFL)
+
+
+def _text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return ""
+
+
+async def test_cli_ready_file_once_subscribed(
+    mosquitto: MosquittoServer, influxdb: InfluxServer, influx_db: str, tmp_path: Path
+) -> None:
+    """``collector run --ready-file``: the file (holding the pid) appears once the collector is
+    subscribed, so a message published right after it is taken; a leftover is not mistaken for it,
+    and it is gone after a clean stop. A path that can't be written is refused at once."""
+    conf = tmp_path / "collector.yaml"
+    conf.write_text(
+        json.dumps(  # JSON is YAML
+            {
+                "name": f"c-{influx_db}",
+                "broker": {"url": mosquitto.url, "topic_prefix": f"it-{influx_db}", "client_id": f"cli-{influx_db}"},
+                "influx": {"url": influxdb.url, "database": influx_db, "flush_interval_s": 0.1},
+                "spool": {"path": str(tmp_path / "spool.sqlite")},
+            }
+        )
+    )
+    exe = str(Path(sys.executable).with_name("edgeprobe"))
+    unwritable = str(tmp_path / "no-such-dir" / "ready")
+    argv = [exe, "collector", "run", "-c", str(conf), "--ready-file"]
+    bad = subprocess.run([*argv, unwritable], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--ready-file" in bad.stderr, bad.stderr
+
+    ready, log_path = tmp_path / "collector.ready", tmp_path / "collector.log"
+    ready.write_text("left by a killed run\n")
+    fleet = Fleet(f"it-{influx_db}")
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen([*argv, str(ready)], stderr=log)
+    try:
+        await wait_for_async(
+            lambda: _text(ready),
+            30,
+            lambda: f"the collector's ready file; its log:\n{log_path.read_text()[-3000:]}",
+            until=lambda text: text == f"{proc.pid}\n",
+        )
+        observation = fleet.obs()
+        async with aiomqtt.Client(mosquitto.host, mosquitto.port, identifier=f"pub-{influx_db}") as pub:
+            await pub.publish(fleet.topic(), fleet.envelope([observation]), qos=1)
+        await wait_for_async(
+            lambda: stored_ids(influxdb, influx_db), 20, "the observation in InfluxDB", until=lambda ids: len(ids) > 0
+        )
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 30) == 0, log_path.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert set(await stored_ids(influxdb, influx_db)) == {observation["id"]}
+    assert not ready.exists()  # removed when the collector stops
