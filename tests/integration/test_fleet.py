@@ -47,6 +47,7 @@ from edgeprobe.schema import (
 )
 from edgeprobe.signing import SignedMessage, generate_key, load_private_key, sign, stamp
 from tests.support.paths import REPO
+from tests.support.wait import wait_for_async
 
 pytestmark = pytest.mark.integration
 
@@ -183,6 +184,7 @@ class Running:
     stop: asyncio.Event
     task: asyncio.Task[AgentHandles]
     seen: list[Observation]
+    ready: asyncio.Event  # set by run_agent's on_ready: online, control channel subscribed
 
 
 @pytest.fixture
@@ -195,8 +197,11 @@ async def agents() -> AsyncIterator[Callable[[dict[str, Any]], Any]]:
         seen: list[Observation] = []
         stop = asyncio.Event()
         started: asyncio.Future[AgentHandles] = asyncio.get_running_loop().create_future()
-        task = asyncio.create_task(run_agent(cfg, build_jobs(cfg, "test"), stop=stop, started=started, tap=seen.append))
-        r = Running(await asyncio.wait_for(started, 10), stop, task, seen)
+        ready = asyncio.Event()
+        task = asyncio.create_task(
+            run_agent(cfg, build_jobs(cfg, "test"), stop=stop, started=started, tap=seen.append, on_ready=ready.set)
+        )
+        r = Running(await asyncio.wait_for(started, 10), stop, task, seen, ready)
         running.append(r)
         return r
 
@@ -207,15 +212,7 @@ async def agents() -> AsyncIterator[Callable[[dict[str, Any]], Any]]:
 
 
 async def wait_until(cond: Callable[[], Any], timeout_s: float = 15.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = cond()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+    return await wait_for_async(cond, timeout_s, what, interval_s=0.1)
 
 
 async def statuses(fleet: Fleet) -> dict[str, Status]:
@@ -225,8 +222,8 @@ async def statuses(fleet: Fleet) -> dict[str, Status]:
 async def control_up(r: Running) -> None:
     c = r.handles.control
     assert c is not None
-    await wait_until(lambda: c._client is not None, what="control channel")
-    await asyncio.sleep(0.2)  # subscriptions acknowledged
+    await wait_until(r.ready.is_set, what="the agent ready: online, control channel subscribed")
+    assert c._client is not None
 
 
 def listener() -> tuple[socket.socket, int]:
