@@ -36,6 +36,7 @@ from edgeprobe.localstack import InfluxServer, MosquittoServer, find_binary
 from edgeprobe.mqtt import parse_broker_url
 from edgeprobe.schema import health_topic, obs_topic, status_topic
 from tests.support.paths import REPO
+from tests.support.wait import wait_for_async
 
 COMPOSE = REPO / "docker-compose.yml"
 DOCKERFILE = REPO / "Dockerfile"
@@ -652,19 +653,28 @@ async def test_real_agent_and_collector_deliver_through_the_acl(
     ccfg = convert(raw_col, CollectorConfig, "acl test")
     produced: list[Any] = []
     cstop, astop = asyncio.Event(), asyncio.Event()
-    ctask = asyncio.create_task(run_collector(ccfg, stop=cstop))
-    await asyncio.sleep(0.5)
-    atask = asyncio.create_task(run_agent(acfg, build_jobs(acfg, "acl test"), stop=astop, tap=produced.append))
-    await asyncio.sleep(2.0)
+    collector_ready, agent_ready = asyncio.Event(), asyncio.Event()
+    ctask = asyncio.create_task(run_collector(ccfg, stop=cstop, on_ready=collector_ready.set))
+    await asyncio.wait_for(collector_ready.wait(), 20)  # subscribed through the ACL
+    atask = asyncio.create_task(
+        run_agent(acfg, build_jobs(acfg, "acl test"), stop=astop, tap=produced.append, on_ready=agent_ready.set)
+    )
+    await asyncio.wait_for(agent_ready.wait(), 20)  # connected, its retained online status published
+    await wait_for_async(lambda: len(produced) >= 3, 20, "three observations produced")
     astop.set()
     await asyncio.wait_for(atask, 20)
-    got = 0
-    for _ in range(100):
-        rows = await asyncio.to_thread(influxdb.rows, 'SELECT count("seq") FROM "edgeprobe_tcp"', influx_db)
-        got = int(rows[0]["count"]) if rows else 0
-        if got >= len(produced):
-            break
-        await asyncio.sleep(0.2)
+
+    def count() -> int:
+        rows = influxdb.rows('SELECT count("seq") FROM "edgeprobe_tcp"', influx_db)
+        return int(rows[0]["count"]) if rows else 0
+
+    got = await wait_for_async(
+        lambda: asyncio.to_thread(count),
+        20,
+        f"all {len(produced)} observations in InfluxDB",
+        until=lambda n: n >= len(produced),
+        interval_s=0.2,
+    )
     cstop.set()
     await asyncio.wait_for(ctask, 20)
     assert produced and got == len(produced)
