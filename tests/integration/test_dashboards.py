@@ -40,6 +40,7 @@ from edgeprobe.localstack import InfluxServer, MosquittoServer, free_port
 from edgeprobe.probes.registry import KINDS
 from edgeprobe.schema import BASE_FIELD_KEYS, AgentHealth, Observation
 from tests.support.paths import REPO
+from tests.support.wait import wait_for_async
 
 GRAFANA = REPO / "grafana"
 DASH_DIR = GRAFANA / "dashboards"
@@ -449,24 +450,34 @@ async def run_pipeline(broker: MosquittoServer, filled: Filled, spool_dir: Path)
                 agent_config(aid, site, lat, lon, broker.url, prefix, urls, closed, spool_dir), AgentConfig, aid
             )
             agents.append((acfg, build_jobs(acfg, aid)))
-        collector_stop, agent_stop = asyncio.Event(), asyncio.Event()
-        collector_task = asyncio.create_task(run_collector(ccfg, stop=collector_stop))
-        await asyncio.sleep(0.5)  # subscribed before the agents publish
+        collector_stop, agent_stop, collector_ready = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        collector_task = asyncio.create_task(run_collector(ccfg, stop=collector_stop, on_ready=collector_ready.set))
+        await asyncio.wait_for(collector_ready.wait(), 20)  # subscribed before the agents publish
         agent_tasks = [
             asyncio.create_task(run_agent(acfg, jobs, stop=agent_stop, tap=filled.produced.append))
             for acfg, jobs in agents
         ]
+        # The scenario: a few seconds of data (each job every 2 s; "silent" gives up after 3 s).
         await asyncio.sleep(6.5)
         agent_stop.set()
         await asyncio.wait_for(asyncio.gather(*agent_tasks), 30)
-        deadline = time.monotonic() + 30
         want = len(filled.produced)
-        while time.monotonic() < deadline:
-            got = await asyncio.to_thread(_count, influx, db, 'SELECT count("seq") FROM /^edgeprobe_/')
-            if got >= want:
-                break
-            await asyncio.sleep(0.3)
-        await asyncio.sleep(1.5)  # one more collector health point
+        await wait_for_async(
+            lambda: asyncio.to_thread(_count, influx, db, 'SELECT count("seq") FROM /^edgeprobe_/'),
+            30,
+            f"the {want} observations in InfluxDB",
+            until=lambda n: n >= want,
+            interval_s=0.3,
+        )
+        collector_health = f"SELECT count(\"uptime_s\") FROM \"{HEALTH}\" WHERE \"source\" = 'collector'"
+        before = await asyncio.to_thread(_count, influx, db, collector_health)
+        await wait_for_async(
+            lambda: asyncio.to_thread(_count, influx, db, collector_health),
+            15,
+            "one more collector health point in InfluxDB",
+            until=lambda n: n > before,
+            interval_s=0.3,
+        )
         collector_stop.set()
         await asyncio.wait_for(collector_task, 30)
     got = _count(influx, db, 'SELECT count("seq") FROM /^edgeprobe_/')
