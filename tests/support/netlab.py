@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from .linkemu import Direction
+from .wait import wait_for
 
 PREFIX = "eplab-"
 A4, B4 = "10.77.0.1", "10.77.0.2"
@@ -76,15 +77,18 @@ def namespaces() -> list[str]:
 
 
 def _kill_inside(ns: str) -> None:
-    """SIGKILL every process inside the lab namespace ``ns`` (ours by construction)."""
-    for _ in range(3):
+    """SIGKILL every process inside the lab namespace ``ns`` (ours by construction), until none is
+    left or 2 s have passed (best effort: the namespace is deleted either way)."""
+
+    def none_left() -> bool:
         pids = [int(p) for p in _ip("netns", "pids", ns, check=False).stdout.split() if p.isdigit()]
-        if not pids:
-            return
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        time.sleep(0.05)
+        return not pids
+
+    with contextlib.suppress(AssertionError):
+        wait_for(none_left, 2.0, f"no process left in namespace {ns}", interval_s=0.05)
 
 
 def _delete_ns(ns: str) -> None:
