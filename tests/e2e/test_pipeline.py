@@ -19,6 +19,7 @@ from edgeprobe.collector.config import CollectorConfig
 from edgeprobe.collector.service import run_collector
 from edgeprobe.configfile import convert
 from edgeprobe.schema import Observation
+from tests.support.wait import wait_for_async
 
 pytestmark = pytest.mark.integration
 
@@ -48,14 +49,17 @@ def rows(result: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 async def wait_for_count(influxdb: Any, db: str, want: int, timeout_s: float = 20) -> int:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    got = 0
-    while asyncio.get_running_loop().time() < deadline:
-        res = await asyncio.to_thread(influxdb.query, 'SELECT count("seq") FROM /^edgeprobe_/', db)
-        got = sum(int(r["count"]) for r in rows(res))
-        if got >= want:
-            return got
-        await asyncio.sleep(0.3)
+    def count() -> int:
+        res = influxdb.query('SELECT count("seq") FROM /^edgeprobe_/', db)
+        return sum(int(r["count"]) for r in rows(res))
+
+    got: int = await wait_for_async(
+        lambda: asyncio.to_thread(count),
+        timeout_s,
+        f"{want} observations in InfluxDB",
+        until=lambda n: n >= want,
+        interval_s=0.3,
+    )
     return got
 
 
@@ -115,10 +119,16 @@ async def test_agent_to_influx_exactly_once(mosquitto: Any, influxdb: Any, influ
         )
         produced: list[Observation] = []
         collector_stop, agent_stop = asyncio.Event(), asyncio.Event()
-        collector_task = asyncio.create_task(run_collector(ccfg, stop=collector_stop))
-        await asyncio.sleep(0.5)  # subscribed before the agent publishes
+        collector_ready = asyncio.Event()
+        collector_task = asyncio.create_task(run_collector(ccfg, stop=collector_stop, on_ready=collector_ready.set))
+        await asyncio.wait_for(collector_ready.wait(), 20)  # subscribed before the agent publishes
         agent_task = asyncio.create_task(run_agent(acfg, jobs, stop=agent_stop, tap=produced.append))
-        await asyncio.sleep(4.2)  # about four intervals
+        await wait_for_async(  # about four intervals: the counts asserted below
+            lambda: collections.Counter(o.kind for o in produced),
+            30,
+            "two ICMP, one TCP and one HTTP run per interval, three intervals",
+            until=lambda n: n["icmp"] >= 6 and n["tcp"] >= 3 and n["http"] >= 3,
+        )
         agent_stop.set()
         handles = await asyncio.wait_for(agent_task, 15)
         assert len(handles.outbox) == 0 and handles.outbox.dropped == 0
