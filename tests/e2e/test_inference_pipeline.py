@@ -25,6 +25,7 @@ from edgeprobe.collector.service import run_collector
 from edgeprobe.configfile import convert
 from edgeprobe.responder import ResponderSettings, serve_responder
 from edgeprobe.schema import Observation
+from tests.support.wait import wait_for_async
 
 pytestmark = pytest.mark.integration
 
@@ -110,25 +111,40 @@ async def test_inference_jobs_end_to_end(
         mqtt_task = asyncio.create_task(record_mqtt(mosquitto.host, mosquitto.port, mqtt_seen, mqtt_ready))
         await asyncio.wait_for(mqtt_ready.wait(), 10)
         collector_stop, agent_stop = asyncio.Event(), asyncio.Event()
-        collector_task = asyncio.create_task(run_collector(ccfg, stop=collector_stop))
-        await asyncio.sleep(0.5)  # subscribed before the agent publishes
+        collector_ready = asyncio.Event()
+        collector_task = asyncio.create_task(run_collector(ccfg, stop=collector_stop, on_ready=collector_ready.set))
+        await asyncio.wait_for(collector_ready.wait(), 20)  # subscribed before the agent publishes
         agent_task = asyncio.create_task(run_agent(acfg, jobs, stop=agent_stop, tap=produced.append))
-        await asyncio.sleep(7.5)  # two to three runs of every job
+        await wait_for_async(  # two runs of every job (asserted below)
+            lambda: collections.Counter(o.job for o in produced),
+            30,
+            "two runs of every job",
+            until=lambda runs: all(runs[name] >= 2 for name in JOBS),
+        )
         agent_stop.set()
         await asyncio.wait_for(agent_task, 15)
 
-        deadline = asyncio.get_running_loop().time() + 20
-        stored: list[dict[str, Any]] = []
-        while asyncio.get_running_loop().time() < deadline:
-            res = await asyncio.to_thread(influxdb.query, "SELECT * FROM edgeprobe_inference", influx_db)
-            stored = rows(res)
-            if len(stored) >= len(produced):
-                break
-            await asyncio.sleep(0.3)
+        def inference_rows() -> list[dict[str, Any]]:
+            return rows(influxdb.query("SELECT * FROM edgeprobe_inference", influx_db))
+
+        stored = await wait_for_async(
+            lambda: asyncio.to_thread(inference_rows),
+            20,
+            f"the {len(produced)} observations in InfluxDB",
+            until=lambda got: len(got) >= len(produced),
+            interval_s=0.3,
+        )
         everything = await asyncio.to_thread(influxdb.query, "SELECT * FROM /.*/", influx_db)
         collector_stop.set()
         await asyncio.wait_for(collector_task, 15)
-        await asyncio.sleep(0.3)  # the last MQTT messages reach the recorder
+
+        def agent_states() -> list[str]:
+            return [json.loads(p)["state"] for t, p in mqtt_seen if t.endswith("/e2e-inf/status")]
+
+        # The agent's last message is its "offline" status: everything it sent before reached the recorder.
+        await wait_for_async(
+            agent_states, 10, "the agent's offline status at the recorder", until=lambda s: s[-1:] == ["offline"]
+        )
         mqtt_task.cancel()
         await asyncio.gather(mqtt_task, return_exceptions=True)
 
