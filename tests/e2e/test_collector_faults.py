@@ -37,6 +37,7 @@ from edgeprobe.configfile import convert
 from edgeprobe.localstack import InfluxServer, MosquittoServer
 from edgeprobe.schema import obs_topic
 from tests.support.paths import GOLDEN, REPO
+from tests.support.wait import wait_for_async
 
 pytestmark = pytest.mark.integration
 
@@ -90,7 +91,7 @@ class SteadyPublisher:
                 await c.publish(self.topic, json.dumps(env).encode(), qos=1)
                 self.published.extend(o["id"] for o in obs)
                 self.messages += 1
-                await asyncio.sleep(self.interval_s)
+                await asyncio.sleep(self.interval_s)  # the publisher's pace: the steady stream
 
     def start(self) -> None:
         self.task = asyncio.create_task(self._run())
@@ -109,13 +110,21 @@ async def stored_ids(influxdb: InfluxServer, db: str) -> Counter[str]:
 async def wait_for_ids(influxdb: InfluxServer, db: str, want: set[str], timeout_s: float) -> tuple[Counter[str], float]:
     """Poll InfluxDB until it holds every id in ``want``; returns the ids and the seconds it took."""
     t0 = time.monotonic()
-    ids: Counter[str] = Counter()
-    while time.monotonic() - t0 < timeout_s:
-        ids = await stored_ids(influxdb, db)
-        if want <= set(ids):
-            break
-        await asyncio.sleep(0.25)
-    return ids, time.monotonic() - t0
+    last: Counter[str] = Counter()
+
+    async def ids() -> Counter[str]:
+        nonlocal last
+        last = await stored_ids(influxdb, db)
+        return last
+
+    got = await wait_for_async(
+        ids,
+        timeout_s,
+        lambda: f"all {len(want)} published ids in InfluxDB ({len(want - set(last))} still missing)",
+        until=lambda stored: want <= set(stored),
+        interval_s=0.25,
+    )
+    return got, time.monotonic() - t0
 
 
 def verdict(name: str, published: list[str], ids: Counter[str], drain_s: float, extra: str = "") -> None:
@@ -130,12 +139,10 @@ def verdict(name: str, published: list[str], ids: Counter[str], drain_s: float, 
     assert dup == 0 and not unexpected
 
 
-async def eventually(check: Callable[[], bool], timeout_s: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
+async def eventually(
+    check: Callable[[], bool], timeout_s: float = 30.0, what: str | Callable[[], str] = "condition"
+) -> None:
+    await wait_for_async(check, timeout_s, what)
 
 
 def config_dict(
@@ -201,14 +208,15 @@ async def test_influxdb_outage_loses_nothing(fresh_influxdb: InfluxServer, tmp_p
             else:
                 fresh_influxdb.pause()
             t0 = time.monotonic()
-            await asyncio.sleep(OUTAGE_S)
+            await asyncio.sleep(OUTAGE_S)  # the outage: the scenario
             max_depth = stats.spool_lines
             if how == "stopped":
                 await fresh_influxdb.astart()
             else:
                 fresh_influxdb.resume()
             outage_s = time.monotonic() - t0
-            await asyncio.sleep(0.5)
+            writes = stats.writes
+            await eventually(lambda: stats.writes > writes, what="a write after the outage (the stream still on)")
             await pub.finish()
             ids, drain_s = await wait_for_ids(fresh_influxdb, db, set(pub.published), 60 + OUTAGE_S)
         finally:
@@ -265,7 +273,10 @@ async def test_failed_spool_commits_are_not_acknowledged(
             await eventually(lambda: stats.connects >= 1, what="collector subscribed")
             pub.start()
             await eventually(lambda: failures["left"] == 0 and stats.connects >= 4, what="three failed commits")
-            await asyncio.sleep(0.5)
+            acknowledged = stats.acknowledged_messages
+            await eventually(
+                lambda: stats.acknowledged_messages > acknowledged, what="a commit after the failures (stream still on)"
+            )
             await pub.finish()
             ids, drain_s = await wait_for_ids(influxdb, influx_db, set(pub.published), 30)
         finally:
@@ -278,6 +289,9 @@ async def test_failed_spool_commits_are_not_acknowledged(
 # ---- the collector killed -------------------------------------------------------------------------
 
 
+COLLECTOR_RUN = [sys.executable, "-m", "edgeprobe.cli", "collector", "run"]
+
+
 class CollectorProcess:
     """``edgeprobe collector run`` as a child process (so it can be SIGKILLed)."""
 
@@ -285,6 +299,7 @@ class CollectorProcess:
         self.config_path = tmp / "collector.yaml"
         self.config_path.write_text(json.dumps(config))  # JSON is YAML
         self.log_path = tmp / "collector.log"
+        self.ready_path = tmp / "collector.ready"  # --ready-file: the pid of a subscribed collector
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
@@ -294,17 +309,25 @@ class CollectorProcess:
             log.write(f"---- start {self.starts}\n".encode())
             log.flush()
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "edgeprobe.cli", "collector", "run", "-c", str(self.config_path)],
+                [*COLLECTOR_RUN, "-c", str(self.config_path), "--ready-file", str(self.ready_path)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=REPO,
             )
 
-    def connects(self) -> int:
-        return self.log_path.read_text(errors="replace").count("subscribed to")
+    def _ready_pid(self) -> str:
+        try:
+            return self.ready_path.read_text()
+        except FileNotFoundError:
+            return ""
 
-    async def wait_connected(self, count: int) -> None:
-        await eventually(lambda: self.connects() >= count, 30, f"collector connect #{count}:\n{self.log_tail()}")
+    async def wait_ready(self) -> None:
+        """Until this start's collector is subscribed (its ready file holds its pid, not a killed one's)."""
+        assert self.proc is not None
+        pid = f"{self.proc.pid}\n"
+        await eventually(
+            lambda: self._ready_pid() == pid, 30, lambda: f"collector start #{self.starts} ready:\n{self.log_tail()}"
+        )
 
     def kill(self) -> None:
         assert self.proc is not None
@@ -332,15 +355,15 @@ async def test_collector_sigkill_loses_nothing(influxdb: InfluxServer, influx_db
         pub = SteadyPublisher(broker, "edgeprobe", per_message=5, interval_s=0.005)
         try:
             col.start()
-            await col.wait_connected(1)
+            await col.wait_ready()
             pub.start()
-            for kill in range(KILLS):
-                await asyncio.sleep(1.0)
+            for _ in range(KILLS):
+                await asyncio.sleep(1.0)  # the scenario: killed after a second of the stream
                 col.kill()
-                await asyncio.sleep(RESTART_S)
+                await asyncio.sleep(RESTART_S)  # the scenario: down for RESTART_S
                 col.start()
-                await col.wait_connected(kill + 2)
-            await asyncio.sleep(1.0)
+                await col.wait_ready()
+            await asyncio.sleep(1.0)  # the scenario: a second of the stream after the last restart
             await pub.finish()
             ids, drain_s = await wait_for_ids(influxdb, influx_db, set(pub.published), 60 + RESTART_S)
         finally:
@@ -366,18 +389,25 @@ async def test_collector_killed_while_influxdb_is_down(fresh_influxdb: InfluxSer
         pub = SteadyPublisher(broker, "edgeprobe")
         try:
             col.start()
-            await col.wait_connected(1)
+            await col.wait_ready()
             pub.start()
-            await asyncio.sleep(1.0)
+            before = await wait_for_async(
+                lambda: stored_ids(fresh_influxdb, db), 30, "points in InfluxDB before the outage", until=len
+            )
             await fresh_influxdb.astop(keep_state=True)
-            await asyncio.sleep(OUTAGE_S / 2)
+            await asyncio.sleep(OUTAGE_S / 2)  # the scenario: InfluxDB down, the spool fills
             col.kill()  # the spool holds everything since InfluxDB went down
-            await asyncio.sleep(RESTART_S)
+            await asyncio.sleep(RESTART_S)  # the scenario: the collector down for RESTART_S
             col.start()
-            await col.wait_connected(2)
-            await asyncio.sleep(OUTAGE_S / 2)
+            await col.wait_ready()
+            await asyncio.sleep(OUTAGE_S / 2)  # the scenario: the rest of the InfluxDB outage
             await fresh_influxdb.astart()
-            await asyncio.sleep(0.5)
+            await wait_for_async(
+                lambda: stored_ids(fresh_influxdb, db),
+                30,
+                "new points in InfluxDB after the outage (the stream still on)",
+                until=lambda ids: len(ids) > len(before),
+            )
             await pub.finish()
             ids, drain_s = await wait_for_ids(fresh_influxdb, db, set(pub.published), 60 + OUTAGE_S)
         finally:
