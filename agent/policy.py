@@ -3,9 +3,10 @@
 Nothing from the broker can change it. By default an ad-hoc request may not aim at private,
 loopback, link-local, multicast, reserved or otherwise non-global addresses; names are resolved
 and *every* address they resolve to is checked. ``allow_cidrs`` / ``allow_hosts`` open exceptions.
-Caps: requests per target per minute, packets per request (ICMP ``count``), concurrent ad-hoc
-requests, and for inference a token budget per hour (each request is charged its ``max_tokens``
-up front, the most it can cost).
+Caps: requests per target per minute, packets per request, concurrent ad-hoc requests, and a
+model token budget per hour. What one request costs is its kind's ``policy_cost`` (ICMP and TCP:
+``count`` packets; an inference request is charged its ``max_tokens`` up front, the most it can
+cost).
 
 Limit: the probe resolves the name again when it runs; a name whose DNS answer changes between
 the check and the probe (DNS rebinding) is not caught.
@@ -23,6 +24,8 @@ from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 import msgspec
+
+from edgeprobe.probes.registry import get_kind
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolver = Callable[[str], Awaitable[list[str]]]
@@ -144,7 +147,8 @@ class TargetPolicy:
             raise PolicyRefusal(
                 "too_many_requests", f"{self.active} ad-hoc requests running (policy.max_concurrent_requests)"
             )
-        packets = int(getattr(config, "count", 1))
+        cost = get_kind(kind).policy_cost(config)
+        packets = cost.packets
         if packets > cfg.max_packets_per_request:
             raise PolicyRefusal(
                 "too_many_packets",
@@ -164,7 +168,7 @@ class TargetPolicy:
                 "rate_limited",
                 f"{len(recent)} requests to {host} in the last minute (policy.max_requests_per_target_per_min)",
             )
-        tokens = int(getattr(config, "max_tokens", 0)) if kind == "inference" else 0
+        tokens = cost.tokens
         if tokens:
             used = self.tokens_used_last_hour(now)
             if used + tokens > cfg.inference_tokens_per_hour:

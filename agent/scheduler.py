@@ -319,7 +319,7 @@ class Scheduler:
                 self.in_flight -= 1
         target_at = job.target_at.get(target)
         if self.agent_at is not None and target_at is not None:
-            for key, value in physics(obs.kind, target, obs.fields, self.agent_at, target_at).items():
+            for key, value in physics(job.kind, target, obs.fields, self.agent_at, target_at).items():
                 setattr(obs, key, value)
         self._note_lag(obs, job, target)
         self.produced += 1

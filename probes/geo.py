@@ -15,7 +15,10 @@ RTT / floor is ≥ 1 for every honest measurement and tells how far a path is fr
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any, Final
+
+from edgeprobe.probes.kind import AnyKind
 
 C_KM_PER_S: Final = 299_792.458
 FIBRE_REFRACTIVE_INDEX: Final = 1.468
@@ -62,33 +65,24 @@ def first_byte_round_trips(scheme: str, tls_version: str | None, reused: bool) -
     return ROUND_TRIPS_TO_FIRST_BYTE["tls1.2" if tls_version in ("TLSv1.2", "TLSv1.1", "TLSv1") else "tls1.3"]
 
 
-# The measured round trip each kind offers for the inflation ratio: the smallest one it saw.
-_MIN_RTT_FIELD: Final = {
-    "icmp": "rtt_min_ms",
-    "tcp": "connect_min_ms",
-    "http": "connect_ms",
-    "inference": "net_rtt_ms",
-}
-
-
 def physics(
-    kind: str, target: str, fields: dict[str, Any], agent_at: tuple[float, float], target_at: tuple[float, float]
+    kind: AnyKind, target: str, fields: Mapping[str, Any], agent_at: tuple[float, float], target_at: tuple[float, float]
 ) -> dict[str, float | None]:
-    """distance_km, floor_rtt_ms, inflation_ratio (and floor_ttft_ms for inference) (pure)."""
+    """distance_km, floor_rtt_ms, inflation_ratio and floor_ttft_ms of one run (pure).
+
+    The kind says which measured round trip faces the floor (``floor_field``: the smallest one it
+    saw) and, if it has a first byte worth a floor, how many round trips that takes
+    (``first_byte_round_trips``); otherwise inflation_ratio or floor_ttft_ms is None.
+    """
     distance = great_circle_km(*agent_at, *target_at)
     floor = floor_rtt_ms(distance)
-    measured = fields.get(_MIN_RTT_FIELD.get(kind, ""))
+    measured = fields.get(kind.floor_field) if kind.floor_field is not None else None
     out: dict[str, float | None] = {
         "distance_km": round(distance, 3),
         "floor_rtt_ms": round(floor, 6),
         "inflation_ratio": inflation_ratio(float(measured), floor) if isinstance(measured, int | float) else None,
         "floor_ttft_ms": None,
     }
-    if kind == "inference":
-        trips = first_byte_round_trips(
-            "https" if target.startswith("https://") else "http",
-            fields.get("tls_version") if isinstance(fields.get("tls_version"), str) else None,
-            reused=fields.get("connection") == "reused",
-        )
-        out["floor_ttft_ms"] = round(trips * floor, 6)
+    if kind.first_byte_round_trips is not None:
+        out["floor_ttft_ms"] = round(kind.first_byte_round_trips(target, fields) * floor, 6)
     return out

@@ -33,8 +33,10 @@ import msgspec
 
 from edgeprobe.probes import netio
 from edgeprobe.probes.context import ProbeContext
-from edgeprobe.probes.kind import ProbeKind
+from edgeprobe.probes.kind import Figure, PolicyCost, ProbeKind
 from edgeprobe.probes.outcome import Outcome, ProbeFailure
+from edgeprobe.probes.text import num
+from edgeprobe.schema import Observation
 
 REDIRECT_STATUSES: Final = frozenset({301, 302, 303, 307, 308})
 
@@ -279,6 +281,28 @@ async def probe(target: str, config: HttpConfig, ctx: ProbeContext) -> HttpResul
     return result
 
 
+PHASES: Final = (
+    ("dns", "dns_ms", "name lookup"),
+    ("connect", "connect_ms", "TCP handshake"),
+    ("tls", "tls_ms", "TLS handshake"),
+    ("ttfb", "ttfb_ms", "first byte (cumulative)"),
+    ("total", "total_ms", "last byte (cumulative)"),
+)
+
+
+def render(obs: Observation) -> list[str]:
+    """Status line, then one line per phase like ``curl -w`` (from partial fields too) (pure)."""
+    f = obs.fields
+    status = f.get("status")
+    lines = [
+        f"{obs.target} → {f.get('address', '?')}  status {status if status is not None else '-'}"
+        f"  {num(f.get('bytes'), 0)} bytes" + (f"  {f.get('tls_version')}" if f.get("tls_version") else "")
+    ]
+    for name, key, meaning in PHASES:
+        lines.append(f"  {name:<8} {num(f.get(key)):>10} ms   {meaning}")
+    return lines
+
+
 KIND: Final = ProbeKind(
     name="http",
     description="One HTTP(S) request on a fresh connection, with dns/connect/tls/ttfb/total timings",
@@ -287,4 +311,14 @@ KIND: Final = ProbeKind(
     run=probe,
     check_target=check_target,
     max_run_s=lambda config: config.timeout_s,
+    tag_fields=(),
+    target_label="url",
+    render=render,
+    headline=Figure(field="ttfb_ms", label="first byte"),
+    jitter=None,  # one request per run: no series to vary
+    fleet_field="total_ms",
+    floor_field="connect_ms",
+    first_byte_round_trips=None,
+    policy_cost=lambda config: PolicyCost(packets=1),
+    privilege=None,
 )

@@ -39,9 +39,11 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from edgeprobe.probes.context import ProbeContext
-from edgeprobe.probes.kind import ProbeKind
+from edgeprobe.probes.kind import Figure, PolicyCost, Privilege, ProbeKind
 from edgeprobe.probes.outcome import Outcome, ProbeFailure, classify_exception
 from edgeprobe.probes.stats import RttSummary, summarize_rtts
+from edgeprobe.probes.text import num
+from edgeprobe.schema import Observation
 
 SocketKind = Literal["raw", "dgram"]
 
@@ -551,6 +553,49 @@ async def probe(target: str, config: IcmpConfig, ctx: ProbeContext) -> IcmpResul
     return result
 
 
+# ---------------------------------------------------------------- the human view (pure)
+
+
+def render(obs: Observation) -> list[str]:
+    """``ping``'s output: one line per echo, then the statistics (from partial fields too)."""
+    f = obs.fields
+    address = f.get("address") or obs.target
+    lines = [f"PING {obs.target} ({address}) over a {f.get('socket', '?')} ICMP socket"]
+    rtts = f.get("rtts_ms") or []
+    assert isinstance(rtts, list)
+    for i, rtt in enumerate(rtts, start=1):
+        lines.append(
+            f"reply from {address}: icmp_seq={i} time={rtt:.3f} ms"
+            if rtt is not None
+            else f"no reply from {address}: icmp_seq={i}"
+        )
+    sent, received = f.get("sent"), f.get("received")
+    if sent is not None:
+        loss = f.get("loss_ratio")
+        loss_pct = "-" if loss is None else f"{100 * float(loss):.1f}%"  # type: ignore[arg-type]
+        dup = f.get("duplicates") or 0
+        lines.append(f"--- {obs.target} ping statistics ---")
+        lines.append(
+            f"{sent} packets transmitted, {received} received"
+            + (f", +{dup} duplicates" if dup else "")
+            + f", {loss_pct} packet loss, time {obs.duration_ms:.0f} ms"
+        )
+        if f.get("rtt_min_ms") is not None:
+            lines.append(
+                "rtt min/avg/max/stddev = "
+                f"{num(f.get('rtt_min_ms'))}/{num(f.get('rtt_avg_ms'))}/{num(f.get('rtt_max_ms'))}/"
+                f"{num(f.get('rtt_stddev_ms'))} ms"
+            )
+            extra = [
+                (k, f.get(k))
+                for k in ("rtt_p50_ms", "rtt_p95_ms", "jitter_rfc3550_ms", "ipdv_mean_ms", "pdv_p95_ms")
+                if f.get(k) is not None
+            ]
+            if extra:
+                lines.append("  ".join(f"{k}={num(v)}" for k, v in extra))
+    return lines
+
+
 KIND = ProbeKind(
     name="icmp",
     description="ICMP echo (ping): loss, RTT percentiles and jitter over `count` echo requests",
@@ -560,4 +605,14 @@ KIND = ProbeKind(
     check_target=check_target,
     max_run_s=max_run_s,
     tag_fields=("family",),
+    target_label="target",
+    render=render,
+    headline=Figure(field="rtt_p50_ms", label="rtt p50"),
+    jitter=Figure(field="jitter_rfc3550_ms", label="RFC 3550"),
+    fleet_field="rtt_avg_ms",
+    floor_field="rtt_min_ms",
+    first_byte_round_trips=None,
+    policy_cost=lambda config: PolicyCost(packets=config.count),
+    # Status.icmp_permitted: the agent could open an ICMP socket (dgram or raw) when it started.
+    privilege=Privilege(status_field="icmp_permitted", missing_note="no perm"),
 )

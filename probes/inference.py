@@ -51,9 +51,13 @@ removed from every reason and recorded string, in case a server echoes it.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
+import statistics
 import time
+from collections import Counter
+from collections.abc import Mapping
 from contextlib import aclosing
 from http import HTTPStatus
 from typing import Annotated, Any, Final, Literal
@@ -61,11 +65,13 @@ from typing import Annotated, Any, Final, Literal
 import msgspec
 
 from edgeprobe.configfile import Secret
-from edgeprobe.probes import llmstream, netio
+from edgeprobe.probes import geo, llmstream, netio
 from edgeprobe.probes.context import ProbeContext
 from edgeprobe.probes.http import HeaderName, HeaderValue, Url, parse_url
-from edgeprobe.probes.kind import ProbeKind
+from edgeprobe.probes.kind import Figure, PolicyCost, ProbeKind
 from edgeprobe.probes.outcome import Outcome, ProbeFailure
+from edgeprobe.probes.text import num
+from edgeprobe.schema import Observation
 
 DEFAULT_PROMPT: Final = "Reply with one short sentence."
 # Response headers that say what served a request (ids, server, CDN/proxy hops, region, cache)
@@ -770,6 +776,165 @@ def _stall(stats: llmstream.StreamStats, last_read_ns: int, ft_s: float, timeout
     )
 
 
+# --------------------------------------------------------------------------------------------
+# The physical floor and the human view (pure)
+# --------------------------------------------------------------------------------------------
+
+
+def first_byte_round_trips(target: str, fields: Mapping[str, Any]) -> int:
+    """Round trips this run's request needed before a first byte could come back: TCP and TLS
+    handshakes on a new connection, then the request (see :func:`edgeprobe.probes.geo.first_byte_round_trips`)."""
+    tls_version = fields.get("tls_version")
+    return geo.first_byte_round_trips(
+        "https" if target.startswith("https://") else "http",
+        tls_version if isinstance(tls_version, str) else None,
+        reused=fields.get("connection") == "reused",
+    )
+
+
+BAR_WIDTH: Final = 40
+
+
+def phases(f: Mapping[str, Any]) -> list[tuple[str, float | None, float | None]]:
+    """(phase, start, end) in ms from the run's start; None where the phase was not measured.
+
+    dns, connect and tls follow each other from 0 (a new connection only); ``wait`` runs from the
+    request being written to the first response byte, ``first token`` from there to the first
+    content event, ``stream`` from there to the end marker (or the last content event).
+    """
+    out: list[tuple[str, float | None, float | None]] = []
+    t = 0.0
+    for name in ("dns", "connect", "tls"):
+        dur = f.get(f"{name}_ms")
+        if isinstance(dur, int | float):
+            out.append((name, t, t + dur))
+            t += dur
+        else:
+            out.append((name, None, None))
+
+    def number(key: str) -> float | None:
+        v = f.get(key)
+        return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
+
+    setup, ttfb, ttft = number("setup_ms"), number("ttfb_ms"), number("ttft_ms")
+    end = number("stream_end_ms") if number("stream_end_ms") is not None else number("e2e_ms")
+    out.append(("wait", setup, ttfb))
+    out.append(("first token", ttfb, ttft))
+    out.append(("stream", ttft, end))
+    return out
+
+
+def _bar(start: float, end: float, scale: float, width: int = BAR_WIDTH) -> str:
+    if scale <= 0:
+        return ""
+    a = min(width - 1, int(start / scale * width))
+    cells = (end - start) / scale * width
+    if cells < 0.5:
+        return " " * a + "▏"
+    b = min(width, max(a + 1, round(end / scale * width)))
+    return " " * a + "█" * (b - a)
+
+
+def render(obs: Observation) -> list[str]:
+    """Where it went, a timeline of the phases, the stream's cadence and the network/server split
+    (from partial fields too)."""
+    f = obs.fields
+    where = f.get("address")
+    where_text = f" → {where}:{f.get('port')}" if where else ""
+    status = f.get("status")
+    lines = [
+        f"{obs.target}{where_text}  {f.get('api', '?')}  model {f.get('model', '?')}"
+        f"  HTTP {status if status is not None else '-'}  connection {f.get('connection') or '-'}"
+        + (f"  {f.get('tls_version')}" if f.get("tls_version") else "")
+    ]
+    timeline = phases(f)
+    ends = [e for _, _, e in timeline if e is not None]
+    scale = max(ends) if ends else 0.0
+    lines.append(f"  {'phase':<12} {'start ms':>10} {'took ms':>10}  |0{'':{BAR_WIDTH - 2}}| {num(scale, 1)} ms")
+    for name, start, end in timeline:
+        if start is None or end is None:
+            note = "  (reused connection)" if f.get("connection") == "reused" and name in ("dns", "connect") else ""
+            lines.append(f"  {name:<12} {num(start):>10} {'-':>10}{note}")
+            continue
+        lines.append(f"  {name:<12} {start:>10.3f} {end - start:>10.3f}  {_bar(start, end, scale)}")
+    if f.get("chunks") is not None:
+        src = f.get("output_tokens_source")
+        prompt = f", {f.get('prompt_tokens')} prompt" if f.get("prompt_tokens") is not None else ""
+        finish = f"; finish {f.get('finish_reason')}" if f.get("finish_reason") else ""
+        lines.append(
+            f"  tokens: {num(f.get('output_tokens'), 0)} output ({src}) in {f.get('chunks')} chunk(s){prompt}{finish}"
+        )
+        lines.append(
+            f"  itl p50/p95/max {num(f.get('itl_p50_ms'))}/{num(f.get('itl_p95_ms'))}/{num(f.get('itl_max_ms'))} ms"
+            f"  tpot {num(f.get('tpot_ms'))} ms  {num(f.get('tokens_per_s'), 1)} tokens/s"
+            f"  e2e {num(f.get('e2e_ms'))} ms"
+        )
+    if f.get("server_ms") is not None:
+        lines.append(
+            f"  network vs server: net_rtt {num(f.get('net_rtt_ms'))} ms, "
+            f"server ≈ {num(f.get('server_ms'))} ms (ttft - setup - net_rtt)"
+        )
+    elif f.get("net_rtt_ms") is not None:
+        lines.append(f"  network: net_rtt {num(f.get('net_rtt_ms'))} ms")
+    server_keys = ("load_ms", "prompt_eval_ms", "eval_ms", "server_total_ms")
+    reported = [(k, f.get(k)) for k in server_keys if f.get(k) is not None]
+    if reported:
+        lines.append("  server reports: " + "  ".join(f"{k} {num(v)}" for k, v in reported))
+    headers = f.get("server_headers")
+    if isinstance(headers, str):
+        try:
+            shown = json.loads(headers)
+            lines.append("  served by: " + "  ".join(f"{k}={v}" for k, v in shown.items()))
+        except (ValueError, AttributeError):
+            lines.append(f"  served by: {headers}")
+    return lines
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def render_summary(observations: list[Observation]) -> list[str]:
+    """Totals and medians over several runs (``edgeprobe ttft --count N``)."""
+    if not observations:
+        return []
+    target = observations[0].target
+    ok = [o for o in observations if o.outcome == Outcome.OK]
+    failed = Counter(o.outcome for o in observations if o.outcome != Outcome.OK)
+    conns = Counter(str(o.fields.get("connection")) for o in observations if o.fields.get("connection"))
+    conn_text = ", ".join(f"{n} {kind}" for kind, n in sorted(conns.items()))
+    fail_text = f", {sum(failed.values())} failed ({', '.join(f'{k} {n}' for k, n in sorted(failed.items()))})"
+    lines = [
+        f"--- {len(observations)} requests to {target}: {len(ok)} ok"
+        + (fail_text if failed else "")
+        + (f"; connections: {conn_text}" if conn_text else "")
+        + " ---"
+    ]
+
+    def series(key: str) -> list[float]:
+        return [float(v) for o in ok if isinstance(v := o.fields.get(key), int | float)]
+
+    ttft = sorted(series("ttft_ms"))
+    if ttft:
+        lines.append(f"ttft min/median/max = {ttft[0]:.3f}/{_median(ttft):.3f}/{ttft[-1]:.3f} ms")
+    medians = [
+        (label, _median(series(key)))
+        for label, key in (
+            ("ttfb", "ttfb_ms"),
+            ("setup", "setup_ms"),
+            ("itl_p50", "itl_p50_ms"),
+            ("tpot", "tpot_ms"),
+            ("e2e", "e2e_ms"),
+            ("net_rtt", "net_rtt_ms"),
+            ("server", "server_ms"),
+        )
+    ]
+    shown = [f"{label} {v:.3f}" for label, v in medians if v is not None]
+    if shown:
+        lines.append("medians (ms): " + "  ".join(shown))
+    return lines
+
+
 KIND: Final = ProbeKind(
     name="inference",
     description="One streaming LLM request: time to first token, inter-token latency, tokens, network vs server",
@@ -779,4 +944,14 @@ KIND: Final = ProbeKind(
     check_target=check_target,
     max_run_s=max_run_s,
     tag_fields=("model", "api"),
+    target_label="url",
+    render=render,
+    headline=Figure(field="ttft_ms", label="time to first token"),
+    jitter=Figure(field="itl_p95_ms", label="inter-token p95"),
+    fleet_field="ttft_ms",
+    floor_field="net_rtt_ms",
+    first_byte_round_trips=first_byte_round_trips,
+    # Charged up front at the most a request can cost: max_tokens of output.
+    policy_cost=lambda config: PolicyCost(packets=1, tokens=config.max_tokens),
+    privilege=None,
 )

@@ -1,19 +1,81 @@
-"""What every probe kind declares. The list of kinds lives in :mod:`edgeprobe.probes.registry` only."""
+"""What every probe kind declares. The list of kinds lives in :mod:`edgeprobe.probes.registry` only.
+
+A kind is one module, ``probes/<name>.py``, ending in ``KIND = ProbeKind(...)``. Everything the
+rest of edgeprobe needs to know about a kind is a field of that object, so nothing outside the
+kind's module keeps a table keyed by kind name:
+
+* running it: ``config_type``, ``result_type``, ``run``, ``check_target``, ``max_run_s``;
+* storing it: ``measurement``, ``tag_fields`` (the collector);
+* showing it: ``render`` (the CLI's human view of one observation, a pure function defined in the
+  kind's module next to ``KIND``; ``edgeprobe.render`` only adds the generic frame around it),
+  ``target_label`` (the CLI's ``--json``), ``headline`` and ``jitter`` (the demo's live view),
+  ``fleet_field`` (``edgeprobe fleet probe``);
+* judging it: ``floor_field`` and ``first_byte_round_trips`` (the physical floor,
+  :func:`edgeprobe.probes.geo.physics`), ``policy_cost`` (an agent's ad-hoc policy),
+  ``privilege`` (what the agent's host must grant, as ``edgeprobe fleet ls`` shows it).
+
+The parts beyond running it have neutral defaults (no tags, no figures, the generic renderer, one
+packet a request) so that a test can build a stand-in kind in a few lines; a *registered* kind
+must declare every part explicitly, ``None`` meaning "this kind has none". Adding a kind means: its module (config,
+result, ``probe``, the parts above and its renderer), one line in the registry's tuple, its tests
+and its docs; nothing else changes. ``tests/unit/probes/test_registry.py`` checks that each kind
+in the registry spells out every part in its ``KIND = ProbeKind(...)`` and that every result field
+it names exists in its ``result_type`` (a misspelt name would otherwise show as "-" forever).
+
+This module sits below the kinds and above nothing of theirs: the renderer and the callables are
+given to it, it imports none of them (and nothing above ``edgeprobe.probes``).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 from edgeprobe.probes.context import ProbeContext
+from edgeprobe.schema import Observation
 
 C = TypeVar("C")
 R = TypeVar("R")
 
 
 @dataclass(frozen=True, kw_only=True)
+class Figure:
+    """One number of a kind's result as a view shows it."""
+
+    field: str  # a field of the kind's result_type, in ms
+    label: str  # what the number is, in a few words ("rtt p50", "time to first token")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PolicyCost:
+    """What one run with a given config costs against an agent's ad-hoc policy (agent/policy.py)."""
+
+    packets: int  # checked against policy.max_packets_per_request (echoes, connection attempts …)
+    tokens: int = 0  # model tokens at most, charged to policy.inference_tokens_per_hour
+
+
+@dataclass(frozen=True, kw_only=True)
+class Privilege:
+    """Something the agent's host must grant before the kind can run (e.g. an ICMP socket)."""
+
+    status_field: str  # the edgeprobe.schema.Status field in which an agent reports whether it has it
+    missing_note: str  # how a listing marks an agent without it: "<kind>(<missing_note>)"
+
+
+def plain_lines(obs: Observation) -> list[str]:
+    """The generic human view: every field as ``name: value`` (pure)."""
+    return [f"{k}: {v}" for k, v in obs.fields.items()]
+
+
+def one_request(config: Any) -> PolicyCost:
+    """The generic policy cost: one packet, no tokens."""
+    return PolicyCost(packets=1)
+
+
+@dataclass(frozen=True, kw_only=True)
 class ProbeKind(Generic[C, R]):
+    # Running it.
     name: str
     description: str
     config_type: type[C]  # msgspec.Struct with forbid_unknown_fields; its defaults are the defaults
@@ -23,7 +85,23 @@ class ProbeKind(Generic[C, R]):
     # The longest one run may take with this config, its own timeouts included. The handler's hard
     # limit is this plus HANDLER_GRACE_S, so a probe's own typed timeout fires first.
     max_run_s: Callable[[C], float]
+    # Storing it.
     tag_fields: tuple[str, ...] = ()  # result fields of low cardinality stored as InfluxDB tags
+    # Showing it.
+    target_label: Literal["target", "url"] = "target"  # the target's name in the CLI's --json object
+    # The human view of one observation: lines, from fields that may be partial or absent (a failed
+    # run); pure. The generic frame (the error line) is added by edgeprobe.render.
+    render: Callable[[Observation], list[str]] = plain_lines
+    headline: Figure | None = None  # the latency a one-line live view shows (the demo)
+    jitter: Figure | None = None  # the variation a one-line live view shows next to it
+    fleet_field: str | None = None  # the number `edgeprobe fleet probe` shows per agent and summarises
+    # Judging it.
+    floor_field: str | None = None  # the smallest measured round trip, compared with the physical floor
+    # Round trips a fresh request needs before the first byte of its answer, from the target and the
+    # result fields (pure): the physics gives floor_ttft_ms = this × floor_rtt_ms. None: not computed.
+    first_byte_round_trips: Callable[[str, Mapping[str, Any]], int] | None = None
+    policy_cost: Callable[[C], PolicyCost] = one_request  # what one ad-hoc run with this config is charged
+    privilege: Privilege | None = None  # what the agent's host must grant; None: nothing beyond the network
 
     @property
     def measurement(self) -> str:

@@ -1,4 +1,8 @@
-"""The one list of probe kinds. Config validation, the CLI, the agent and the collector draw on it."""
+"""The one list of probe kinds. Config validation, the CLI, the agent and the collector draw on it.
+
+Each entry is a kind's ``KIND``: everything the rest of edgeprobe knows about a kind is there (see
+:mod:`edgeprobe.probes.kind`). A kind is listed here explicitly; importing its module registers nothing.
+"""
 
 from __future__ import annotations
 

@@ -28,9 +28,11 @@ import msgspec
 
 from edgeprobe.probes import netio
 from edgeprobe.probes.context import ProbeContext
-from edgeprobe.probes.kind import ProbeKind
+from edgeprobe.probes.kind import Figure, PolicyCost, ProbeKind
 from edgeprobe.probes.outcome import Outcome, ProbeFailure
 from edgeprobe.probes.stats import summarize_rtts
+from edgeprobe.probes.text import num
+from edgeprobe.schema import Observation
 
 
 class TcpConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -150,6 +152,22 @@ def max_run_s(config: TcpConfig) -> float:
     return config.timeout_s * (config.count + 1) + config.interval_s * (config.count - 1)
 
 
+def render(obs: Observation) -> list[str]:
+    """DNS time, each attempt, then the median (from partial fields too) (pure)."""
+    f = obs.fields
+    address = f.get("address") or obs.target
+    lines = [f"TCP connect to {obs.target} ({address}), dns {num(f.get('dns_ms'))} ms"]
+    attempts = f.get("connects_ms") or []
+    assert isinstance(attempts, list)
+    for i, c in enumerate(attempts, start=1):
+        lines.append(f"  attempt {i}: " + (f"connected in {c:.3f} ms" if c is not None else "no connection"))
+    if f.get("sent") is not None:
+        lines.append(
+            f"{f.get('sent')} attempts, {f.get('received')} connected; connect median {num(f.get('connect_ms'))} ms"
+        )
+    return lines
+
+
 KIND: Final = ProbeKind(
     name="tcp",
     description="TCP handshake time to host:port, several attempts with loss and statistics",
@@ -158,4 +176,14 @@ KIND: Final = ProbeKind(
     run=probe,
     check_target=check_target,
     max_run_s=max_run_s,
+    tag_fields=(),
+    target_label="target",
+    render=render,
+    headline=Figure(field="connect_ms", label="connect"),
+    jitter=Figure(field="connect_jitter_rfc3550_ms", label="RFC 3550"),
+    fleet_field="connect_ms",
+    floor_field="connect_min_ms",
+    first_byte_round_trips=None,
+    policy_cost=lambda config: PolicyCost(packets=config.count),  # each attempt: SYN, ACK, FIN
+    privilege=None,
 )

@@ -195,7 +195,7 @@ def _run_ttft(url: str, options: dict[str, Any], count: int, interval_s: float, 
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
     if count > 1 and not as_json:
-        for line in render.inference_summary(done):
+        for line in inference.render_summary(done):
             click.echo(line)
     if len(done) < count:
         return EXIT_FAILED
@@ -578,6 +578,20 @@ def fleet_keygen(private_key: str, public_key: str, force: bool) -> None:
     click.echo(f"wrote {private_key} (keep it secret) and {public_key} (for the agents)")
 
 
+def _kinds_cell(row: dict[str, Any]) -> str:
+    """The kinds an agent runs, each marked when the agent reports lacking the kind's privilege
+    (``icmp(no perm)``)."""
+    cells = []
+    for name in row["kinds"]:
+        kind = KINDS.get(name)
+        need = kind.privilege if kind is not None else None
+        if need is not None and row.get(need.status_field) is False:
+            cells.append(f"{name}({need.missing_note})")
+        else:
+            cells.append(name)
+    return ",".join(cells)
+
+
 @fleet.command("ls")
 @_fleet_options
 @where_option
@@ -617,7 +631,7 @@ def fleet_ls(
             f"[{style}]{row['state']}[/]",
             f"{row['age_s']:.0f} s",
             ",".join(f"{k}={v}" for k, v in sorted(row["labels"].items())),
-            ",".join(k if k != "icmp" or row["icmp_permitted"] is not False else "icmp(no perm)" for k in row["kinds"]),
+            _kinds_cell(row),
             str(row["refused"] or 0),
             ("error: " + row["config_error"]) if row["config_error"] else ",".join(row["config_docs"]),
         )
@@ -664,7 +678,7 @@ def fleet_probe(
 ) -> None:
     """Run one probe now from many agents; results stream in as they answer."""
 
-    from edgeprobe.fleet import PRIMARY_FIELD, ProbeRun, check_request
+    from edgeprobe.fleet import ProbeRun, check_request, primary_field
     from edgeprobe.schema import CommandReply
 
     ff = _fleet_broker(fleet_config, broker_url)
@@ -676,7 +690,7 @@ def fleet_probe(
     except ConfigError as err:
         click.echo(f"edgeprobe fleet probe: {err}", err=True)
         sys.exit(EXIT_USAGE)
-    field_name = PRIMARY_FIELD.get(kind, "")
+    field_name = primary_field(kind) or ""
 
     def reply_cells(r: CommandReply) -> tuple[str, str, str]:
         if r.status != "ok" or r.observation is None:

@@ -26,15 +26,12 @@ from rich.text import Text
 from edgeprobe.agent.config import AgentConfig, build_jobs
 from edgeprobe.agent.daemon import run_agent
 from edgeprobe.configfile import convert
+from edgeprobe.probes.kind import Figure
+from edgeprobe.probes.registry import KINDS
 from edgeprobe.responder import ResponderSettings, serve_responder
 from edgeprobe.schema import Observation
 
 SPARK = "▁▂▃▄▅▆▇█"
-
-# The headline latency of each kind, for the live view.
-HEADLINE = {"icmp": "rtt_p50_ms", "tcp": "connect_ms", "http": "ttfb_ms", "inference": "ttft_ms"}
-# The jitter measure shown for each kind (named as stored, see the README).
-JITTER = {"icmp": "jitter_rfc3550_ms", "tcp": "connect_jitter_rfc3550_ms", "inference": "itl_p95_ms"}
 
 # Two local responders standing in for an edge and a core inference site. Their time to first
 # token is the server's own (queue + prefill stand-in): loopback adds no distance.
@@ -42,6 +39,21 @@ RESPONDERS = {
     "edge": {"ttft_ms": 40.0, "token_interval_ms": 15.0, "tokens": 24, "model_suffix": "edge"},
     "core": {"ttft_ms": 120.0, "token_interval_ms": 25.0, "tokens": 24, "model_suffix": "core"},
 }
+
+
+def figure_value(figure: Figure | None, fields: dict[str, Any]) -> Any:
+    """The value of a kind's ``headline`` or ``jitter`` figure in ``fields`` (None: the kind has none)."""
+    return fields.get(figure.field) if figure is not None else None
+
+
+def legend() -> str:
+    """What the latency and jitter columns show for each kind, from the kinds' own figures."""
+    latency = ", ".join(f"{k.name} {k.headline.label}" for k in KINDS.values() if k.headline is not None)
+    jitter: dict[str, list[str]] = {}  # label -> kinds, in registry order
+    for k in KINDS.values():
+        if k.jitter is not None:
+            jitter.setdefault(k.jitter.label, []).append(k.name)
+    return f"latency: {latency}; jitter: " + ", ".join(f"{label} ({'/'.join(ks)})" for label, ks in jitter.items())
 
 
 def sparkline(values: list[float | None]) -> str:
@@ -75,7 +87,8 @@ class View:
         row.count += 1
         row.failures += obs.outcome != "ok"
         row.last = obs
-        value = obs.fields.get(HEADLINE.get(obs.kind, ""))
+        kind = KINDS.get(obs.kind)
+        value = figure_value(kind.headline if kind is not None else None, obs.fields)
         row.history.append(float(value) if isinstance(value, int | float) else None)
 
     def render(self, header: str, written: int | None) -> Group:
@@ -86,9 +99,10 @@ class View:
             )
         for (kind, target), row in sorted(self.rows.items()):
             f = row.last.fields if row.last else {}
-            lat = f.get(HEADLINE.get(kind, ""))
+            k = KINDS.get(kind)
+            lat = figure_value(k.headline if k is not None else None, f)
             loss = f.get("loss_ratio")
-            jit = f.get(JITTER.get(kind, ""))
+            jit = figure_value(k.jitter if k is not None else None, f)
             outcome = row.last.outcome if row.last else "-"
             table.add_row(
                 kind,
@@ -102,11 +116,7 @@ class View:
                 sparkline(list(row.history)),
             )
         seen = sum(r.count for r in self.rows.values())
-        footer = (
-            f"{seen} observations produced, {'?' if written is None else written} in InfluxDB.  "
-            "latency: icmp rtt p50, tcp connect, http first byte, inference time to first token; "
-            "jitter: RFC 3550 (icmp/tcp), inter-token p95 (inference)"
-        )
+        footer = f"{seen} observations produced, {'?' if written is None else written} in InfluxDB.  {legend()}"
         return Group(Text(header), table, Text(footer, style="dim"))
 
 

@@ -38,13 +38,12 @@ from edgeprobe.signing import sign, stamp
 
 KEY_ENV = "EDGEPROBE_CONTROLLER_KEY_FILE"
 
-# The one number per kind that the live table and the summary show.
-PRIMARY_FIELD: dict[str, str] = {
-    "icmp": "rtt_avg_ms",
-    "tcp": "connect_ms",
-    "http": "total_ms",
-    "inference": "ttft_ms",
-}
+
+def primary_field(kind: str) -> str | None:
+    """The one number of a kind that the live table and the summary show (its ``fleet_field``);
+    None for a kind this build does not know."""
+    k = KINDS.get(kind)
+    return k.fleet_field if k is not None else None
 
 
 class FleetFile(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -173,7 +172,7 @@ class ProbeRun:
 
     def values(self) -> list[float]:
         """The primary value of every answered, measured reply."""
-        key = PRIMARY_FIELD.get(self.kind, "")
+        key = primary_field(self.kind) or ""
         out: list[float] = []
         for r in self.replies.values():
             v = r.observation.fields.get(key) if r.observation is not None else None
@@ -184,7 +183,7 @@ class ProbeRun:
     def summary(self) -> dict[str, Any]:
         vals = self.values()
         return {
-            "field": PRIMARY_FIELD.get(self.kind),
+            "field": primary_field(self.kind),
             "asked": len(self.asked),
             "answered": len(self.replies),
             "measured": len(vals),

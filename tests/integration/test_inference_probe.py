@@ -690,7 +690,7 @@ def test_phases_and_timeline() -> None:
         "dns_ms": 1.0, "connect_ms": 10.0, "tls_ms": 20.0, "setup_ms": 31.5, "ttfb_ms": 45.0,
         "ttft_ms": 245.0, "e2e_ms": 545.0, "stream_end_ms": 546.0,
     }  # fmt: skip
-    assert render.inference_phases(fields) == [
+    assert inference.phases(fields) == [
         ("dns", 0.0, 1.0),
         ("connect", 1.0, 11.0),
         ("tls", 11.0, 31.0),
@@ -698,7 +698,7 @@ def test_phases_and_timeline() -> None:
         ("first token", 45.0, 245.0),
         ("stream", 245.0, 546.0),
     ]
-    reused = render.inference_phases({"setup_ms": 0.01, "ttfb_ms": 1.0, "ttft_ms": 201.0, "e2e_ms": 501.0})
+    reused = inference.phases({"setup_ms": 0.01, "ttfb_ms": 1.0, "ttft_ms": 201.0, "e2e_ms": 501.0})
     assert reused[:3] == [("dns", None, None), ("connect", None, None), ("tls", None, None)]
     assert reused[-1] == ("stream", 201.0, 501.0)
 

@@ -45,15 +45,16 @@ def test_bad_latitude() -> None:
 
 def test_physics_fields_per_kind() -> None:
     from edgeprobe.probes.geo import physics
+    from edgeprobe.probes.registry import get_kind
 
     fra, lon = (50.1109, 8.6821), (51.5074, -0.1278)
-    icmp = physics("icmp", "x", {"rtt_min_ms": 12.0}, fra, lon)
+    icmp = physics(get_kind("icmp"), "x", {"rtt_min_ms": 12.0}, fra, lon)
     assert icmp["distance_km"] == pytest.approx(637, abs=5)
     assert icmp["inflation_ratio"] == pytest.approx(12.0 / icmp["floor_rtt_ms"])  # type: ignore[operator]
     assert icmp["floor_ttft_ms"] is None
-    lost = physics("icmp", "x", {"rtt_min_ms": None}, fra, lon)
+    lost = physics(get_kind("icmp"), "x", {"rtt_min_ms": None}, fra, lon)
     assert lost["inflation_ratio"] is None  # nothing measured: no ratio, never 0
-    fresh = physics("inference", "https://x/", {"net_rtt_ms": 14.0, "tls_version": "TLSv1.3"}, fra, lon)
+    fresh = physics(get_kind("inference"), "https://x/", {"net_rtt_ms": 14.0, "tls_version": "TLSv1.3"}, fra, lon)
     assert fresh["floor_ttft_ms"] == pytest.approx(3 * fresh["floor_rtt_ms"])  # type: ignore[operator]
-    reused = physics("inference", "https://x/", {"connection": "reused"}, fra, lon)
+    reused = physics(get_kind("inference"), "https://x/", {"connection": "reused"}, fra, lon)
     assert reused["floor_ttft_ms"] == pytest.approx(reused["floor_rtt_ms"])
