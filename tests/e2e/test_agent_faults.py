@@ -50,6 +50,7 @@ from edgeprobe.collector.service import run_collector
 from edgeprobe.configfile import convert
 from edgeprobe.localstack import InfluxServer, MosquittoServer, free_port
 from edgeprobe.schema import AgentHealth, Envelope, Observation
+from tests.support.wait import wait_for_async
 
 pytestmark = pytest.mark.integration
 
@@ -137,15 +138,19 @@ class Subscriber:
                         elif topic.endswith("/health"):
                             self.health.append(msgspec.json.decode(payload, type=AgentHealth))
             except aiomqtt.MqttError:
-                await asyncio.sleep(0.1)
+                await asyncio.sleep(0.1)  # retry pace while the broker is down
 
     def start(self) -> None:
         self.task = asyncio.create_task(self._run())
 
     async def wait_for(self, want: set[str], timeout_s: float = DRAIN_TIMEOUT_S) -> float:
         t0 = time.monotonic()
-        while not want <= set(self.ids) and time.monotonic() - t0 < timeout_s:
-            await asyncio.sleep(0.1)
+        await wait_for_async(
+            lambda: want <= set(self.ids),
+            timeout_s,
+            lambda: f"all {len(want)} ids at the subscriber ({len(want - set(self.ids))} still missing)",
+            interval_s=0.1,
+        )
         return time.monotonic() - t0
 
     async def close(self) -> None:
@@ -159,11 +164,7 @@ def ids_of(entries: list[SpoolEntry]) -> list[str]:
 
 
 async def eventually(check: Callable[[], bool], timeout_s: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
+    await wait_for_async(check, timeout_s, what)
 
 
 class RunningAgent:
@@ -195,7 +196,7 @@ class RunningAgent:
         while True:
             assert self.handles is not None
             self.max_depth = max(self.max_depth, len(self.handles.spool))
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # a sample of the spool depth every 50 ms: a measurement
 
     async def wait_drained(self, timeout_s: float = DRAIN_TIMEOUT_S) -> float:
         """Seconds until the spool holds no more than one flush interval's worth."""
@@ -203,6 +204,16 @@ class RunningAgent:
         t0 = time.monotonic()
         await eventually(lambda: self.handles is not None and len(self.handles.spool) < 100, timeout_s, "drain")
         return time.monotonic() - t0
+
+    async def wait_live(self, timeout_s: float = 30.0) -> None:
+        """Until an observation produced from now on is acknowledged: the backlog is gone and the
+        agent delivers live again (the spool is FIFO, so more acks than it holds now means that)."""
+        assert self.handles is not None
+        stats, held = self.handles.publisher.stats, len(self.handles.spool)
+        acknowledged = stats.acknowledged_observations
+        await eventually(
+            lambda: stats.acknowledged_observations > acknowledged + held, timeout_s, "live observations acknowledged"
+        )
 
     async def finish(self) -> AgentHandles:
         self.stop.set()
@@ -246,12 +257,12 @@ async def test_broker_down_then_back_loses_nothing(tmp_path: Path) -> None:
             await eventually(lambda: handles.publisher.stats.acknowledged_observations > 50, what="publishing")
             await broker.astop(keep_state=True)
             t_down = time.monotonic()
-            await asyncio.sleep(OUTAGE_S)
+            await asyncio.sleep(OUTAGE_S)  # the outage: the scenario
             backlog = len(handles.spool)
             await broker.astart()
             down_s = time.monotonic() - t_down
             drain_s = await agent.wait_drained()
-            await asyncio.sleep(1.0)
+            await agent.wait_live()
             handles = await agent.finish()
             produced = [o.id for o in agent.produced]
             await sub.wait_for(set(produced))
@@ -296,14 +307,14 @@ async def test_broker_frozen_then_thawed_loses_nothing(tmp_path: Path) -> None:
             broker.pause()
             t_pause = time.monotonic()
             try:
-                await asyncio.sleep(OUTAGE_S)
+                await asyncio.sleep(OUTAGE_S)  # the freeze: the scenario
                 detected = handles.publisher.stats.publish_failures > failures_before
                 backlog = len(handles.spool)
             finally:
                 broker.resume()
             frozen_s = time.monotonic() - t_pause
             drain_s = await agent.wait_drained()
-            await asyncio.sleep(1.0)
+            await agent.wait_live()
             handles = await agent.finish()
             produced = [o.id for o in agent.produced]
             await sub.wait_for(set(produced))
@@ -352,9 +363,10 @@ async def test_agent_killed_loses_only_what_was_in_flight(tmp_path: Path) -> Non
             await eventually(lambda: len(sub.ids) > 50, what="first run publishing")
             # The broker goes away so the agent builds a backlog, then the agent is killed.
             await broker.astop(keep_state=True)
-            await asyncio.sleep(OUTAGE_S)
+            await asyncio.sleep(OUTAGE_S)  # the outage: the scenario
             proc.send_signal(signal.SIGKILL)
             await proc.wait()
+            killed_at_ns = time.time_ns()
             committed_1 = commit_log.read_text().split()
             in_spool_at_kill = spool_ids(spool)
             info = inspect_spool(spool)
@@ -364,7 +376,13 @@ async def test_agent_killed_loses_only_what_was_in_flight(tmp_path: Path) -> Non
             t_restart = time.monotonic()
             await sub.wait_for(set(committed_1))
             replay_s = time.monotonic() - t_restart
-            await asyncio.sleep(1.0)
+            # The second run delivers its own observations too: its health says it acknowledged more
+            # than the backlog it started with (health follows the acknowledged obs on one connection).
+            backlog_at_restart = len(in_spool_at_kill)
+            await eventually(
+                lambda: any(h.started_at_ns > killed_at_ns and h.acknowledged > backlog_at_restart for h in sub.health),
+                what="the restarted agent delivering its own observations",
+            )
             proc.send_signal(signal.SIGTERM)
             assert await asyncio.wait_for(proc.wait(), 30) == 0
             committed = commit_log.read_text().split()
@@ -423,29 +441,32 @@ async def test_broker_down_end_to_end_exactly_once_in_influxdb(
             CollectorConfig,
             "t",
         )
-        collector_stop = asyncio.Event()
-        collector = asyncio.create_task(run_collector(ccfg, stop=collector_stop))
-        await asyncio.sleep(1.0)  # subscribed (persistent session) before the agent publishes
+        collector_stop, collector_ready = asyncio.Event(), asyncio.Event()
+        collector = asyncio.create_task(run_collector(ccfg, stop=collector_stop, on_ready=collector_ready.set))
+        await asyncio.wait_for(collector_ready.wait(), 20)  # subscribed (persistent session) before the agent publishes
         cfg = convert(agent_dict(broker, tmp_path / "agent-spool.db", "f-a4"), AgentConfig, "t")
         agent = RunningAgent(cfg)
         try:
             handles = await agent.start()
             await eventually(lambda: handles.publisher.stats.acknowledged_observations > 50, what="publishing")
             await broker.astop(keep_state=True)
-            await asyncio.sleep(OUTAGE_S)
+            await asyncio.sleep(OUTAGE_S)  # the outage: the scenario
             await broker.astart()
             await agent.wait_drained()
-            await asyncio.sleep(1.0)
+            await agent.wait_live()
             handles = await agent.finish()
             produced = {o.id for o in agent.produced}
-            t0 = time.monotonic()
-            stored: Counter[str] = Counter()
-            while time.monotonic() - t0 < DRAIN_TIMEOUT_S:
-                rows = await asyncio.to_thread(influxdb.rows, 'SELECT "id" FROM "edgeprobe_icmp"', influx_db)
-                stored = Counter(r["id"] for r in rows)
-                if produced <= set(stored):
-                    break
-                await asyncio.sleep(0.3)
+
+            def stored_ids() -> Counter[str]:
+                return Counter(r["id"] for r in influxdb.rows('SELECT "id" FROM "edgeprobe_icmp"', influx_db))
+
+            stored = await wait_for_async(
+                lambda: asyncio.to_thread(stored_ids),
+                DRAIN_TIMEOUT_S,
+                f"the {len(produced)} produced ids in InfluxDB",
+                until=lambda ids: produced <= set(ids),
+                interval_s=0.3,
+            )
         finally:
             collector_stop.set()
             agent.stop.set()
