@@ -35,7 +35,7 @@ def run_demo(args: list[str], stop_with: signal.Signals | None) -> tuple[int, st
     deadline = time.monotonic() + 12
     while time.monotonic() < deadline and proc.poll() is None:
         seen_children.update(children_of(proc.pid))
-        time.sleep(0.5)
+        time.sleep(0.5)  # a sample of its children every 0.5 s while the demo runs its 10-12 s scenario
     if stop_with is not None and proc.poll() is None:
         proc.send_signal(stop_with)
     out, _ = proc.communicate(timeout=60)
