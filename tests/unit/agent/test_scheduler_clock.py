@@ -17,6 +17,7 @@ from edgeprobe.agent import scheduler as sched
 from edgeprobe.agent.scheduler import Scheduler, clock_step_ns
 from edgeprobe.probes.context import ProbeContext
 from edgeprobe.schema import Observation
+from tests.support.wait import wait_for_async
 from tests.unit.agent.test_scheduler import fake_kind, job
 
 S = 1_000_000_000
@@ -47,12 +48,12 @@ async def test_probing_goes_on_through_a_wall_clock_step(
         s = Scheduler("a", [job(fake_kind(), ["t"], 0.1)], ctx, lambda o: seen.append((time.monotonic_ns(), o)), 8)
         stop = asyncio.Event()
         task = asyncio.create_task(s.run(stop, 1.0))
-        while len(seen) < 3:  # running on the old clock
-            await asyncio.sleep(0.02)
+        await wait_for_async(lambda: len(seen) >= 3, 5, "three runs on the old clock")
         stepped_at = time.monotonic_ns()
         shift_ns = int(step_s * S)
-        while len([1 for at, _ in seen if at > stepped_at]) < 6:  # hangs (and times out) if probing stopped
-            await asyncio.sleep(0.02)
+        await wait_for_async(  # times out if probing stopped
+            lambda: len([1 for at, _ in seen if at > stepped_at]) >= 6, 5, "six runs after the wall-clock step"
+        )
         stop.set()
         await asyncio.wait_for(task, 5)
     after = [o for at, o in seen if at > stepped_at]
