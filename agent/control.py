@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import re
 import time
 from collections import Counter
@@ -33,9 +32,9 @@ import msgspec
 
 from edgeprobe.agent.config import AgentConfig, Job, JobConfig, build_jobs
 from edgeprobe.agent.policy import PolicyRefusal, TargetPolicy
-from edgeprobe.agent.publisher import backoff_s
 from edgeprobe.agent.scheduler import Scheduler
 from edgeprobe.configfile import ConfigError, convert
+from edgeprobe.mqtt import run_session
 from edgeprobe.probes.context import ProbeContext
 from edgeprobe.probes.handler import run_probe
 from edgeprobe.probes.registry import KINDS
@@ -152,32 +151,31 @@ class Control:
         c = self.cfg.control
         if not (c.accept_commands or c.accept_config):
             return
-        broker = self.cfg.broker
-        rng = random.Random()
-        attempt = 0
+
+        async def session(client: aiomqtt.Client) -> None:
+            await self._session(client, stop)
+
         try:
-            while not stop.is_set():
-                try:
-                    await self._connected(stop)
-                    return
-                except aiomqtt.MqttError as err:
-                    self._client = None
-                    delay = backoff_s(attempt, broker.reconnect_min_s, broker.reconnect_max_s, rng)
-                    attempt += 1
-                    log.warning("control channel lost (%s); retrying in %.1f s", err, delay)
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), delay)
+            await run_session(
+                self.cfg.broker,
+                f"edgeprobe-agent-{self.cfg.agent.id}-control",
+                session,
+                stop=stop,
+                name="control channel",
+                log=log,
+                clean_session=True,
+            )
         finally:
             for task in list(self._tasks):
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
             await self._stop_central()
 
-    async def _connected(self, stop: asyncio.Event) -> None:
+    async def _session(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
+        """One connection: subscribe, then handle messages until ``stop`` (or an MqttError)."""
         c = self.cfg.control
-        kwargs = self.cfg.broker.client_kwargs(f"edgeprobe-agent-{self.cfg.agent.id}-control")
-        async with aiomqtt.Client(**kwargs, clean_session=True) as client:
-            self._client = client
+        self._client = client
+        try:
             if c.accept_commands:
                 await client.subscribe(self.cmd_topic, qos=1)
             if c.accept_config:
@@ -199,6 +197,8 @@ class Control:
                     await self._on_message(str(msg.topic), bytes(msg.payload) if msg.payload else b"")
             finally:
                 stop_wait.cancel()
+        finally:
+            self._client = None
 
     async def _on_message(self, topic: str, payload: bytes) -> None:
         if topic == self.cmd_topic:

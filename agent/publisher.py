@@ -1,6 +1,6 @@
-"""Publishing observations to the broker: batches at QoS 1, presence, health, reconnect loop.
+"""Publishing observations to the broker: batches at QoS 1, presence, health (the session body).
 
-The connection is an async context manager (aiomqtt); this module owns the reconnect loop.
+The reconnect loop is :func:`edgeprobe.mqtt.run_session`; this module holds the session body.
 Observations are taken from the spool (agent/spool.py) oldest first and deleted from it only
 when the broker has acknowledged them (PUBACK); a failed or interrupted publish releases what
 was not acknowledged, so a reconnect re-sends it first (at least once: a PUBACK lost with the
@@ -26,6 +26,7 @@ import msgspec
 from edgeprobe import __version__
 from edgeprobe.agent.config import AgentConfig
 from edgeprobe.agent.spool import Spool, SpoolEntry
+from edgeprobe.mqtt import run_session
 from edgeprobe.schema import (
     SCHEMA_VERSION,
     AgentHealth,
@@ -77,12 +78,6 @@ def icmp_permitted() -> bool:
         except OSError:
             continue
     return False
-
-
-def backoff_s(attempt: int, min_s: float, max_s: float, rng: random.Random) -> float:
-    """Capped exponential backoff with full jitter in its upper half (pure given ``rng``)."""
-    cap = min(max_s, min_s * 2.0 ** min(attempt, 30))
-    return cap / 2 + rng.random() * cap / 2
 
 
 class TokenBucket:
@@ -233,13 +228,9 @@ class Publisher:
             overloaded_runs=probes.overloaded_runs,
         )
 
-    def _client(self) -> aiomqtt.Client:
-        will = aiomqtt.Will(self.status_topic, encode(self.status("offline")), qos=1, retain=True)
-        return aiomqtt.Client(
-            **self.cfg.broker.client_kwargs(f"edgeprobe-agent-{self.cfg.agent.id}"),
-            will=will,
-            clean_session=True,
-        )
+    def _will(self) -> aiomqtt.Will:
+        """The last will: "offline" as of this connection, retained like every status."""
+        return aiomqtt.Will(self.status_topic, encode(self.status("offline")), qos=1, retain=True)
 
     def _left(self) -> str:
         n = len(self.spool)
@@ -257,18 +248,13 @@ class Publisher:
             self._flush_deadline = asyncio.get_running_loop().time() + self.cfg.publish.flush_timeout_s
         return self._flush_deadline
 
-    async def _connected(self, stop: asyncio.Event, attempt: int) -> None:
+    async def _session(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
         """One connection: presence, then publish until stopped and flushed (or an MqttError)."""
-        broker = self.cfg.broker
-        async with self._client() as client:
-            self.stats.connects += 1
-            if self.stats.connects > 1:
-                self.stats.reconnects += 1
-            self.stats.connected = True
-            if attempt:
-                log.info("connected to broker %s after %d failed attempt(s)", broker.url, attempt)
-            else:
-                log.info("connected to broker %s", broker.url)
+        self.stats.connects += 1
+        if self.stats.connects > 1:
+            self.stats.reconnects += 1
+        self.stats.connected = True
+        try:
             backlog = self.spool.available()
             if backlog:
                 log.info(
@@ -281,54 +267,44 @@ class Publisher:
                 self.on_online()
             await self._pump(client, stop)
             await self._publish_status(client, "offline")
+        finally:
             self.stats.connected = False
+
+    async def _linger(self) -> float | None:
+        """Once stopped: until when to keep (re)connecting, None when there is nothing left to send."""
+        await self.spool.flush()  # what the scheduler produced last
+        return self._shutdown_deadline() if self.spool.available() else None
+
+    def _report_retry(self, err: Exception, line: str) -> None:
+        spool = self.spool.stats()
+        log.warning(
+            "%s (%d spooled, %d dropped so far)", line, spool.depth, spool.dropped_bytes_limit + spool.dropped_age_limit
+        )
 
     async def run(self, stop: asyncio.Event) -> None:
         """Publish until ``stop`` is set and the spool is flushed; once stopped, keep trying
         (reconnecting if need be) for at most ``publish.flush_timeout_s``."""
-        attempt = 0
         broker = self.cfg.broker
-        loop = asyncio.get_running_loop()
         self._flush_deadline = None
-        while True:
-            try:
-                if stop.is_set():
-                    async with asyncio.timeout_at(self._shutdown_deadline()):
-                        await self._connected(stop, attempt)
-                else:
-                    await self._connected(stop, attempt)
-                return
-            except (aiomqtt.MqttError, TimeoutError) as err:
-                self.stats.connected = False
-                if isinstance(err, TimeoutError) and not stop.is_set():
-                    raise
-                if stop.is_set():
-                    await self.spool.flush()  # what the scheduler produced last
-                    if not self.spool.available() or loop.time() >= self._shutdown_deadline():
-                        log.warning("stopping without broker (%s): %s", str(err) or "flush timeout", self._left())
-                        return
-                delay = backoff_s(attempt, broker.reconnect_min_s, broker.reconnect_max_s, self._rng)
-                attempt += 1
-                spool = self.spool.stats()
-                log.warning(
-                    "broker %s unreachable or lost (%s); retrying in %.1f s (%d spooled, %d dropped so far)",
-                    broker.url,
-                    err,
-                    delay,
-                    spool.depth,
-                    spool.dropped_bytes_limit + spool.dropped_age_limit,
-                )
-                if stop.is_set():
-                    await asyncio.sleep(max(0.0, min(delay, self._shutdown_deadline() - loop.time())))
-                    continue
-                try:
-                    await asyncio.wait_for(stop.wait(), delay)
-                except TimeoutError:
-                    pass
-                if stop.is_set():
-                    await self.spool.flush()
-                    if not self.spool.available():
-                        return
+
+        async def session(client: aiomqtt.Client) -> None:
+            await self._session(client, stop)
+
+        error = await run_session(
+            broker,
+            f"edgeprobe-agent-{self.cfg.agent.id}",
+            session,
+            stop=stop,
+            name=f"broker {broker.url}",
+            log=log,
+            clean_session=True,
+            will=self._will,
+            linger=self._linger,
+            report=self._report_retry,
+            rng=self._rng,
+        )
+        if error is not None:
+            log.warning("stopping without broker (%s): %s", str(error) or "flush timeout", self._left())
 
     async def _pump(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
         pub = self.cfg.publish

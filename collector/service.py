@@ -21,7 +21,8 @@ Three tasks:
   reason; re-sending them would not help). When the spool can't be written the session is
   dropped without acknowledging, and the broker re-sends after the reconnect. When the spool
   holds ``spool.max_bytes`` the consumer waits (the broker keeps the rest) until it drains.
-  On any :class:`aiomqtt.MqttError` it reconnects with capped exponential backoff.
+  On any :class:`aiomqtt.MqttError` it reconnects with capped exponential backoff
+  (:func:`edgeprobe.mqtt.run_session`).
 * the **flusher** writes the oldest spooled lines in batches of up to ``influx.batch_max_lines``
   when that many are waiting or every ``influx.flush_interval_s``, then deletes them from the
   spool. Retryable write errors (unreachable, timeout, 5xx, 429) are retried with capped
@@ -47,7 +48,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import signal
 import time
 from collections import Counter, deque
@@ -58,11 +58,13 @@ from typing import Any, ParamSpec, TypeVar
 
 import aiomqtt
 
+from edgeprobe.backoff import Backoff
 from edgeprobe.collector.config import CollectorConfig
 from edgeprobe.collector.decode import REASONS, decode_health, decode_message
 from edgeprobe.collector.influx import InfluxWriter, WriteError, make_writer
 from edgeprobe.collector.lineproto import HEALTH_MEASUREMENT, encode_batch, encode_point
 from edgeprobe.collector.spool import DeadLetters, Spool, SpoolError
+from edgeprobe.mqtt import ack, run_session
 from edgeprobe.probes.kind import AnyKind
 from edgeprobe.probes.stats import percentile
 from edgeprobe.schema import parse_agent_topic
@@ -214,45 +216,11 @@ class RateLimitedLog:
         return dict(self._suppressed)
 
 
-class Backoff:
-    """Capped exponential backoff with jitter: each delay is drawn from [d/2, d], d doubling to ``max_s``."""
-
-    def __init__(self, min_s: float, max_s: float, rng: random.Random | None = None) -> None:
-        self.min_s = min_s
-        self.max_s = max_s
-        self._rng = rng or random.Random()
-        self._next = min_s
-
-    def next(self) -> float:
-        ceiling = self._next
-        self._next = min(self._next * 2, self.max_s)
-        return self._rng.uniform(ceiling / 2, ceiling)
-
-    def reset(self) -> None:
-        self._next = self.min_s
-
-
 async def _sleep_unless(event: asyncio.Event, seconds: float) -> None:
     """Sleep ``seconds`` or until ``event`` is set, whichever is first."""
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(seconds):
             await event.wait()
-
-
-def enable_manual_ack(client: aiomqtt.Client) -> None:
-    """Make the client's paho instance leave PUBACKs to us (:func:`ack`). aiomqtt 2.5 has no option
-    for it, so this reaches into its (stable since 2.0) ``_client`` attribute."""
-    paho = getattr(client, "_client", None)
-    if paho is None or not hasattr(paho, "manual_ack_set") or not hasattr(paho, "ack"):
-        raise RuntimeError("this aiomqtt/paho version does not expose paho's manual acknowledgement")
-    paho.manual_ack_set(True)
-
-
-def ack(client: aiomqtt.Client, message: aiomqtt.Message) -> None:
-    """Send the PUBACK of a QoS 1 message (nothing for QoS 0). A lost connection makes it a no-op:
-    the broker re-sends the message after the reconnect."""
-    if message.qos > 0:
-        client._client.ack(message.mid, message.qos)
 
 
 class _Collector:
@@ -420,40 +388,45 @@ class _Collector:
     async def consume(self, stop: asyncio.Event) -> None:
         """Hold the MQTT session until ``stop`` is set, reconnecting as needed."""
         broker = self.config.broker
-        kwargs = broker.client_kwargs(self.config.default_client_id)
+
+        async def session(client: aiomqtt.Client) -> None:
+            await self._session(client, stop)
+
+        await run_session(
+            broker,
+            self.config.default_client_id,
+            session,
+            stop=stop,
+            name=f"MQTT broker {broker.url}",
+            log=log,
+            clean_session=False,  # persistent: the broker queues QoS 1 messages while we are away
+            manual_ack=True,  # acknowledged after the spool commit (take)
+            retry_on=(aiomqtt.MqttError, SpoolError),  # a failed commit drops the session unacknowledged
+            report=self._report_retry,
+        )
+
+    def _report_retry(self, err: Exception, line: str) -> None:
+        if isinstance(err, SpoolError):
+            log.error("%s; messages stay with the broker", line)
+        else:
+            self.rlog.warning("mqtt", "%s", line)
+
+    async def _session(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
+        """One connection: subscribe (a refusal is an MqttError), then take messages until ``stop``."""
+        filters = self.config.topic_filters
         qos: int = self.config.subscription.qos
-        backoff = Backoff(broker.reconnect_min_s, broker.reconnect_max_s)
-        while not stop.is_set():
-            connected_at: float | None = None
-            try:
-                client = aiomqtt.Client(**kwargs, clean_session=False)
-                enable_manual_ack(client)
-                async with client:
-                    filters = self.config.topic_filters
-                    granted = await client.subscribe([(f, qos) for f in filters])
-                    _check_granted(granted, filters, qos)
-                    connected_at = time.monotonic()
-                    self.stats.connects += 1
-                    self.stats.connected = True
-                    log.info("connected to %s as %s, subscribed to %s", broker.url, kwargs["identifier"], filters)
-                    if self.on_ready is not None:
-                        ready, self.on_ready = self.on_ready, None  # once
-                        ready()
-                    await self._pump(client, stop)
-            except (aiomqtt.MqttError, SpoolError) as exc:
-                self.stats.connected = False
-                if stop.is_set():
-                    break
-                if connected_at is not None and time.monotonic() - connected_at > broker.reconnect_max_s:
-                    backoff.reset()  # it had been up for a while: start over
-                delay = backoff.next()
-                if isinstance(exc, SpoolError):
-                    log.error("%s; messages stay with the broker; reconnecting in %.1f s", exc, delay)
-                else:
-                    self.rlog.warning("mqtt", "MQTT broker %s: %s; reconnecting in %.1f s", broker.url, exc, delay)
-                await _sleep_unless(stop, delay)
-            finally:
-                self.stats.connected = False
+        granted = await client.subscribe([(f, qos) for f in filters])
+        _check_granted(granted, filters, qos)
+        self.stats.connects += 1
+        self.stats.connected = True
+        try:
+            log.info("subscribed to %s as %s", filters, client.identifier)
+            if self.on_ready is not None:
+                ready, self.on_ready = self.on_ready, None  # once
+                ready()
+            await self._pump(client, stop)
+        finally:
+            self.stats.connected = False
 
     async def _pump(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
         iterator = client.messages
@@ -565,7 +538,7 @@ class _Collector:
                     mid = len(chunk) // 2
                     self.pending.appendleft(chunk[mid:])
                     self.pending.appendleft(chunk[:mid])
-                delay = backoff.next()
+                delay = backoff.next_delay_s()
                 self.rlog.warning(
                     "write", "writing %d lines failed: %s; retrying in %.1f s", len(chunk), err.message, delay
                 )
@@ -593,7 +566,7 @@ class _Collector:
 
     async def _spool_trouble(self, err: Exception, backoff: Backoff) -> None:
         self.stats.spool_errors += 1
-        delay = backoff.next()
+        delay = backoff.next_delay_s()
         self.rlog.warning("spool", "spool: %s; retrying in %.1f s", err, delay)
         await asyncio.sleep(delay)
 

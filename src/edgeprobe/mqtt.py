@@ -1,17 +1,31 @@
-"""MQTT broker connection settings shared by agent and collector.
+"""MQTT for agent, collector and fleet: broker settings, the one client factory, the one session loop.
 
-Plain data only: this module does not import an MQTT library. ``client_kwargs`` returns the
-keyword arguments that ``aiomqtt.Client`` takes, so both sides build clients the same way.
+:class:`BrokerConfig` is plain data (loaded from the config files). :func:`make_client` is the only
+place an ``aiomqtt.Client`` is built from it (address, credentials, TLS, keepalive, client id, last
+will, paho's manual acknowledgement), and :func:`run_session` the only reconnect loop: connect, run
+the caller's session body, and after a retryable error log one line and wait with the backoff
+(:mod:`edgeprobe.backoff`). Callers keep only their session bodies: the agent's publisher (presence,
+publishing, flushing at shutdown), its control channel (subscriptions) and the collector's consumer
+(persistent session, manual acknowledgement); the fleet controller builds its short-lived clients
+with :func:`make_client`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import random
 import ssl
+import time
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
+import aiomqtt
 import msgspec
 
+from edgeprobe.backoff import Backoff
 from edgeprobe.configfile import Secret
 
 BROKER_ENV = {
@@ -101,3 +115,126 @@ class BrokerConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_o
             "timeout": self.connect_timeout_s,
             "tls_context": self.tls_context(),
         }
+
+
+def make_client(
+    broker: BrokerConfig,
+    default_client_id: str,
+    *,
+    clean_session: bool,
+    will: aiomqtt.Will | None = None,
+    manual_ack: bool = False,
+) -> aiomqtt.Client:
+    """An (unconnected) client for ``broker``; ``broker.client_id`` wins over ``default_client_id``.
+
+    ``manual_ack``: paho does not acknowledge QoS 1 messages when they arrive; the caller sends
+    each PUBACK with :func:`ack` (RuntimeError when this aiomqtt/paho can't do that)."""
+    client = aiomqtt.Client(**broker.client_kwargs(default_client_id), clean_session=clean_session, will=will)
+    if manual_ack:
+        # aiomqtt 2.x has no option for it: this reaches into its (stable since 2.0) ``_client``.
+        paho = getattr(client, "_client", None)
+        if paho is None or not hasattr(paho, "manual_ack_set") or not hasattr(paho, "ack"):
+            raise RuntimeError("this aiomqtt/paho version does not expose paho's manual acknowledgement")
+        paho.manual_ack_set(True)
+    return client
+
+
+def ack(client: aiomqtt.Client, message: aiomqtt.Message) -> None:
+    """Send the PUBACK of a QoS 1 message received by a ``manual_ack`` client (nothing for QoS 0).
+    A lost connection makes it a no-op: the broker re-sends the message after the reconnect."""
+    if message.qos > 0:
+        client._client.ack(message.mid, message.qos)
+
+
+def _cause(err: BaseException) -> str:
+    return str(err) or type(err).__name__
+
+
+async def run_session(
+    broker: BrokerConfig,
+    default_client_id: str,
+    session: Callable[[aiomqtt.Client], Awaitable[None]],
+    *,
+    stop: asyncio.Event,
+    name: str,
+    log: logging.Logger,
+    clean_session: bool,
+    will: Callable[[], aiomqtt.Will] | None = None,
+    manual_ack: bool = False,
+    retry_on: tuple[type[Exception], ...] = (aiomqtt.MqttError,),
+    linger: Callable[[], Awaitable[float | None]] | None = None,
+    report: Callable[[Exception, str], None] | None = None,
+    rng: random.Random | None = None,
+) -> Exception | None:
+    """Hold an MQTT session until ``session`` returns, reconnecting after retryable errors.
+
+    Each attempt builds a client (:func:`make_client`; ``will`` is called each time, so the last
+    will says what is true then), connects, logs ``"<name> connected"`` and awaits
+    ``session(client)``; when that returns, so does this (None). An exception of a ``retry_on``
+    type ends the attempt: one line ``"<name> lost (<cause>); retrying in X s"`` ("unreachable"
+    when it did not connect) goes to ``report(error, line)`` (default: ``log.warning``), then a
+    :class:`~edgeprobe.backoff.Backoff` delay that ``stop`` cuts short. The backoff starts over
+    after a session that stayed up longer than ``broker.reconnect_max_s`` (a broker that accepts
+    and drops at once keeps backing off).
+
+    Once ``stop`` is set no attempt starts, unless ``linger()`` (awaited before each) returns a
+    deadline in event-loop time: attempts then go on until it, each one bounded by it (its
+    TimeoutError counts as retryable) and so are the waits. An attempt that started before
+    ``stop`` is left to ``session`` to end. Returns the last attempt's error when it gave up
+    because of ``stop`` (None if none failed); other exceptions propagate.
+    """
+    loop = asyncio.get_running_loop()
+    backoff = Backoff(broker.reconnect_min_s, broker.reconnect_max_s, rng)
+    failures = 0  # attempts that did not connect, since the last connection
+    error: Exception | None = None
+    while True:
+        until: float | None = None
+        if stop.is_set():
+            until = await linger() if linger is not None else None
+            if until is None or loop.time() >= until:
+                return error
+        connected_at: float | None = None
+        try:
+            async with asyncio.timeout_at(until):  # None: not bounded
+                client = make_client(
+                    broker,
+                    default_client_id,
+                    clean_session=clean_session,
+                    will=will() if will is not None else None,
+                    manual_ack=manual_ack,
+                )
+                async with client:
+                    connected_at = time.monotonic()
+                    if failures:
+                        log.info("%s connected after %d failed attempt(s)", name, failures)
+                    else:
+                        log.info("%s connected", name)
+                    failures = 0
+                    await session(client)
+            return None
+        except Exception as err:
+            if not (isinstance(err, retry_on) or (until is not None and isinstance(err, TimeoutError))):
+                raise
+            error = failed = err
+        if connected_at is None:
+            failures += 1
+        elif time.monotonic() - connected_at > broker.reconnect_max_s:
+            backoff.reset()  # it had been up for a while: start over
+        until = None
+        if stop.is_set():
+            until = await linger() if linger is not None else None
+            if until is None or loop.time() >= until:
+                return error
+        delay = backoff.next_delay_s()
+        what = "lost" if connected_at is not None else "unreachable"
+        line = f"{name} {what} ({_cause(failed)}); retrying in {delay:.1f} s"
+        if report is not None:
+            report(failed, line)
+        else:
+            log.warning("%s", line)
+        if until is not None:  # stopping: no event to wait for, only the deadline
+            await asyncio.sleep(max(0.0, min(delay, until - loop.time())))
+        else:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await stop.wait()

@@ -1,13 +1,12 @@
-"""Pure parts of the agent: slot arithmetic, offsets, batch splitting, pacing, backoff (the spool: test_spool.py)."""
+"""Pure parts of the agent: slot arithmetic, offsets, batch splitting, pacing (the spool: test_spool.py;
+the backoff: tests/unit/edgeprobe/test_backoff.py)."""
 
 from __future__ import annotations
-
-import random
 
 import msgspec
 import pytest
 
-from edgeprobe.agent.publisher import TokenBucket, backoff_s, encode_batches
+from edgeprobe.agent.publisher import TokenBucket, encode_batches
 from edgeprobe.agent.scheduler import next_slot_ns, offset_ns
 from edgeprobe.schema import Envelope, Observation, encode
 
@@ -73,13 +72,6 @@ def test_token_bucket_paces_after_the_burst() -> None:
         waited += delay
         now += delay
     assert waited == pytest.approx(19.5)
-
-
-def test_backoff_grows_and_is_capped() -> None:
-    rng = random.Random(1)
-    values = [backoff_s(a, 0.5, 30, rng) for a in range(12)]
-    assert 0.25 <= values[0] <= 0.5
-    assert all(15 <= v <= 30 for v in values[8:])
 
 
 def test_status_and_health_say_overloaded_and_status_does_not_steal_the_lag_window() -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import random
 import sqlite3
 import time
 from collections.abc import Iterator, Sequence
@@ -20,10 +19,10 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
+from edgeprobe.backoff import Backoff
 from edgeprobe.collector.config import CollectorConfig, default_state_dir, load_collector_config
 from edgeprobe.collector.influx import WriteError
 from edgeprobe.collector.service import (
-    Backoff,
     CollectorStats,
     RateLimitedLog,
     _check_granted,
@@ -210,16 +209,6 @@ def test_dead_letters_are_json_lines(tmp_path: Path) -> None:
         "line": 'm,t=a f="x\ny" 1',
     }
     assert records[1]["status"] == 413 and len(dl.path.read_text().splitlines()) == 2
-
-
-def test_backoff_is_capped_exponential_with_jitter() -> None:
-    b = Backoff(0.5, 4.0, random.Random(1))
-    delays = [b.next() for _ in range(8)]
-    ceilings = [0.5, 1.0, 2.0, 4.0, 4.0, 4.0, 4.0, 4.0]
-    assert all(c / 2 <= d <= c for d, c in zip(delays, ceilings, strict=True)), delays
-    assert len(set(delays)) == len(delays)  # jittered
-    b.reset()
-    assert b.next() <= 0.5
 
 
 # ---- flusher -------------------------------------------------------------------------------------
