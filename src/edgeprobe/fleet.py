@@ -16,13 +16,12 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
-import aiomqtt
 import msgspec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgeprobe.agent.control import AdhocCommand, ConfigDocument
 from edgeprobe.configfile import ConfigError, convert, load, read_yaml
-from edgeprobe.mqtt import BROKER_ENV, BrokerConfig
+from edgeprobe.mqtt import BROKER_ENV, BrokerConfig, make_client
 from edgeprobe.probes.registry import KINDS
 from edgeprobe.schema import (
     NAME_RE,
@@ -103,8 +102,7 @@ async def read_statuses(broker: BrokerConfig, *, quiet_s: float = 0.5, max_s: fl
     """Every retained agent status on the broker (read until no new one came for ``quiet_s``)."""
     topic = f"{broker.topic_prefix}/{TOPIC_VERSION}/+/+/status"
     found: dict[str, Status] = {}
-    kwargs = broker.client_kwargs(f"edgeprobe-fleet-{uuid.uuid4().hex[:12]}")
-    async with aiomqtt.Client(**kwargs, clean_session=True) as client:
+    async with make_client(broker, f"edgeprobe-fleet-{uuid.uuid4().hex[:12]}", clean_session=True) as client:
         await client.subscribe(topic, qos=1)
         deadline = time.monotonic() + max_s
         it = client.messages.__aiter__()
@@ -245,8 +243,7 @@ async def fleet_probe(
     if not chosen:
         return run
     prefix = broker.topic_prefix
-    kwargs = broker.client_kwargs(f"edgeprobe-fleet-{run.request_id[:12]}")
-    async with aiomqtt.Client(**kwargs, clean_session=True) as client:
+    async with make_client(broker, f"edgeprobe-fleet-{run.request_id[:12]}", clean_session=True) as client:
         await client.subscribe(result_topic(prefix, run.request_id, "+"), qos=1)
         for s in chosen:
             cmd = make_command(run.request_id, s.agent, kind, target, options, ttl_s)
@@ -337,8 +334,7 @@ def load_mesh(path: str) -> MeshFile:
 
 async def publish_documents(broker: BrokerConfig, key: Ed25519PrivateKey, docs: list[ConfigDocument]) -> None:
     """Publish signed documents, retained, at QoS 1."""
-    kwargs = broker.client_kwargs(f"edgeprobe-fleet-{uuid.uuid4().hex[:12]}")
-    async with aiomqtt.Client(**kwargs, clean_session=True) as client:
+    async with make_client(broker, f"edgeprobe-fleet-{uuid.uuid4().hex[:12]}", clean_session=True) as client:
         for doc in docs:
             await client.publish(doc.topic, sign(doc, "config", key), qos=1, retain=True)
 
