@@ -570,7 +570,7 @@ def fleet_keygen(private_key: str, public_key: str, force: bool) -> None:
     try:
         generate_key(private_key, public_key, replace=force)
     except FileExistsError as err:
-        click.echo(f"edgeprobe fleet keygen: {err}", err=True)
+        click.echo(f"edgeprobe fleet keygen: {err.filename}: {err.strerror}", err=True)
         sys.exit(EXIT_USAGE)
     except OSError as err:
         click.echo(f"edgeprobe fleet keygen: {err.filename}: {err.strerror or err}", err=True)
@@ -884,29 +884,12 @@ def _sample_text(role: str) -> str:
 def _write_private(path: str, data: bytes, force: bool) -> str | None:
     """Write ``data`` to the file ``path`` with mode 0600 (a config may hold secrets); refuse to
     replace an existing file unless ``force``. Returns why it could not, or None."""
-    import os
-    import tempfile
-    from pathlib import Path
+    from edgeprobe.files import write_new_file
 
-    target = Path(path)
-    if target.is_dir():
-        return f"{path}: is a directory; give a file name"
-    if not force and (target.exists() or target.is_symlink()):
-        return f"{path} exists; pass --force to overwrite it"
     try:
-        if force:  # a new file put in place: also replaces a symlink instead of writing through it
-            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        else:
-            fd, tmp = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), str(target)
-        try:
-            os.fchmod(fd, 0o600)  # whatever the umask
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            if force:
-                Path(tmp).replace(target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_new_file(path, data, mode=0o600, replace=force)
+    except IsADirectoryError:
+        return f"{path}: is a directory; give a file name"
     except FileExistsError:
         return f"{path} exists; pass --force to overwrite it"
     except OSError as err:

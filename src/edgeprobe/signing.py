@@ -28,6 +28,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from edgeprobe.files import write_new_file
+
 SIGNED_VERSION: Final = 1
 MAX_CLOCK_SKEW_S: Final = 30.0  # issued_at_ns may be this far in the future (clocks differ)
 
@@ -65,48 +67,25 @@ def new_nonce() -> str:
     return secrets.token_hex(16)
 
 
-class KeyFileExistsError(FileExistsError):
-    """A key file is already there; ``fleet keygen --force`` replaces it."""
-
-
-def _create_new(path: str | os.PathLike[str], data: bytes, mode: int, replace: bool) -> None:
-    """Write ``data`` to a file that this call creates itself, with ``mode``.
-
-    ``O_EXCL | O_NOFOLLOW``: never writes through a symlink planted at ``path`` and never reuses
-    an existing file's (possibly wider) permissions. With ``replace``, an existing entry is
-    unlinked first (a symlink is removed, not followed).
-    """
-    if replace:
-        Path(path).unlink(missing_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
-    except FileExistsError as err:
-        raise KeyFileExistsError(f"{path} exists; use --force to replace it") from err
-    with os.fdopen(fd, "wb") as f:
-        os.fchmod(f.fileno(), mode)  # the umask may have narrowed the mode; never widened it
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def generate_key(
     private_path: str | os.PathLike[str], public_path: str | os.PathLike[str], *, replace: bool = False
 ) -> None:
     """Write a new controller key pair (PEM): the private key 0600, the public key 0644.
 
-    Refuses (:class:`KeyFileExistsError`) when either file exists, unless ``replace``.
+    Refuses (:class:`FileExistsError`, nothing written) when either file exists, unless ``replace``;
+    see :func:`edgeprobe.files.write_new_file` for how the files are created.
     """
     if not replace:
         for path in (private_path, public_path):
             if Path(path).is_symlink() or Path(path).exists():
-                raise KeyFileExistsError(f"{path} exists; use --force to replace it")
+                raise FileExistsError(17, "exists; use --force to replace it", str(path))
     key = Ed25519PrivateKey.generate()
     priv = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
     pub = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    _create_new(private_path, priv, 0o600, replace)
-    _create_new(public_path, pub, 0o644, replace)
+    write_new_file(private_path, priv, mode=0o600, replace=replace)
+    write_new_file(public_path, pub, mode=0o644, replace=replace)
 
 
 def load_private_key(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
