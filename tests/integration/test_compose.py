@@ -32,7 +32,7 @@ import click
 import pytest
 import yaml
 
-from edgeprobe.localstack import InfluxServer, MosquittoServer, find_binary
+from edgeprobe.localstack import MAX_PACKET_SIZE, InfluxServer, MosquittoServer, find_binary
 from edgeprobe.mqtt import parse_broker_url
 from edgeprobe.schema import health_topic, obs_topic, status_topic
 from tests.support.paths import REPO
@@ -137,11 +137,44 @@ def volume_for(svc: Mapping[str, Any], container_path: str) -> str:
     raise AssertionError(f"{container_path} is not on a named volume")
 
 
-def mqtt_users(c: Mapping[str, Any]) -> dict[str, str]:
+def mqtt_entries(c: Mapping[str, Any]) -> dict[str, str]:
+    """EDGEPROBE_MQTT_USERS as given: ``user`` or ``site/agent`` -> password."""
     pairs = service_env(c["services"]["mosquitto-init"])["EDGEPROBE_MQTT_USERS"].split()
-    users = dict(p.split(":", 1) for p in pairs)
-    assert len(users) == len(pairs), "a user is listed twice"
-    return users
+    entries = dict(p.split(":", 1) for p in pairs)
+    assert len(entries) == len(pairs), "a user is listed twice"
+    return entries
+
+
+def mqtt_users(c: Mapping[str, Any]) -> dict[str, str]:
+    """login (an agent's is its id) -> password."""
+    return {e.rsplit("/", 1)[-1]: p for e, p in mqtt_entries(c).items()}
+
+
+def mqtt_sites(c: Mapping[str, Any]) -> dict[str, str]:
+    """agent login -> the site make-passwd.sh binds it to."""
+    return {e.split("/", 1)[1]: e.split("/", 1)[0] for e in mqtt_entries(c) if "/" in e}
+
+
+def generated_acl(entries: Mapping[str, str]) -> str:
+    """The ACL make-passwd.sh writes for these entries (run for real, with a stand-in for
+    mosquitto_passwd: only the ACL is read here)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        stub = Path(d) / "bin" / "mosquitto_passwd"
+        stub.parent.mkdir()
+        stub.write_text('#!/bin/sh\necho "$3:stub" >> "$2"\n')
+        stub.chmod(0o755)
+        env = {
+            **os.environ,
+            "EDGEPROBE_MQTT_USERS": "\n".join(f"{u}:{p}" for u, p in entries.items()),
+            "PATH": f"{stub.parent}:{os.environ.get('PATH', '')}",
+        }
+        out = Path(d) / "auth"
+        subprocess.run(
+            ["sh", str(MAKE_PASSWD), str(out), str(ACL)], env=env, check=True, capture_output=True, timeout=60
+        )
+        return (out / "acl").read_text()
 
 
 def conf_lines(path: Path) -> list[list[str]]:
@@ -351,11 +384,13 @@ def check_agreement(c: dict[str, Any]) -> None:
 
     services = c["services"]
     users = mqtt_users(c)
-    acl = parse_acl(ACL.read_text())
+    agent_sites = mqtt_sites(c)
+    acl = parse_acl(generated_acl(mqtt_entries(c)))
 
     # mosquitto: listener port, where the auth files are, and that mosquitto-init writes them there
     listener_port = int(conf_value(MOSQUITTO_CONF, "listener").split()[0])
     assert conf_value(MOSQUITTO_CONF, "allow_anonymous") == "false"
+    assert int(conf_value(MOSQUITTO_CONF, "max_packet_size")) == MAX_PACKET_SIZE  # the tests' brokers use it
     mosq, init = services["mosquitto"], services["mosquitto-init"]
     assert host_path_for(mosq, "/mosquitto/config/mosquitto.conf") == MOSQUITTO_CONF
     auth_dir = str(PurePosixPath(conf_value(MOSQUITTO_CONF, "password_file")).parent)
@@ -416,6 +451,7 @@ def check_agreement(c: dict[str, Any]) -> None:
         broker_ok(cfg.broker.url)
         assert cfg.broker.username == aid, f"{name}: the MQTT username must be the agent id (the ACL relies on it)"
         assert cfg.broker.password is not None and cfg.broker.password.reveal() == users[aid], f"{name}: password"
+        assert agent_sites.get(aid) == cfg.agent.site, f"{name}: EDGEPROBE_MQTT_USERS must bind {aid} to its site"
         assert svc["hostname"] == aid
         prefix = cfg.broker.topic_prefix
         for topic in (
@@ -425,6 +461,8 @@ def check_agreement(c: dict[str, Any]) -> None:
         ):
             assert acl_allows(acl, aid, aid, topic, "write"), topic
             assert not acl_allows(acl, aid, aid, topic.replace(f"/{aid}/", "/someone-else/"), "write"), topic
+            other_site = topic.replace(f"/{cfg.agent.site}/{aid}/", f"/another-site/{aid}/")
+            assert not acl_allows(acl, aid, aid, other_site, "write"), other_site
             assert acl_allows(acl, ccfg.broker.username, "c", topic, "read") or topic.endswith("/status"), topic
         tiers = set()
         for job in jobs:
@@ -538,11 +576,11 @@ def test_docker_compose_config_agrees(tmp_path: Path) -> None:
 # ----- on a real mosquitto ------------------------------------------------------------------------------
 
 
-def make_passwd(users: Mapping[str, str], out_dir: Path) -> None:
+def make_passwd(entries: Mapping[str, str], out_dir: Path) -> None:
     """Run the stack's own script, as mosquitto-init does."""
     sh = shutil.which("sh")
     assert sh is not None and find_binary("mosquitto_passwd") is not None, "needs /bin/sh and mosquitto_passwd"
-    env = {**os.environ, "EDGEPROBE_MQTT_USERS": "\n".join(f"{u}:{p}" for u, p in users.items())}
+    env = {**os.environ, "EDGEPROBE_MQTT_USERS": "\n".join(f"{u}:{p}" for u, p in entries.items())}
     mosquitto_passwd = find_binary("mosquitto_passwd")
     assert mosquitto_passwd is not None
     env["PATH"] = f"{Path(mosquitto_passwd).parent}:{env.get('PATH', '')}"
@@ -551,11 +589,12 @@ def make_passwd(users: Mapping[str, str], out_dir: Path) -> None:
 
 @pytest.fixture
 def acl_broker(tmp_path: Path) -> Any:
-    users = mqtt_users(compose())
+    entries, users = mqtt_entries(compose()), mqtt_users(compose())
     auth = tmp_path / "auth"
-    make_passwd(users, auth)
+    make_passwd(entries, auth)
     assert (auth / "passwd").stat().st_mode & 0o777 == 0o600
-    assert (auth / "acl").read_text() == ACL.read_text()
+    acl = (auth / "acl").read_text()
+    assert acl.startswith(ACL.read_text()) and "\nuser fra1-a\ntopic write edgeprobe/v1/fra1/fra1-a/obs\n" in acl
     passwd_lines = (auth / "passwd").read_text().splitlines()
     assert sorted(line.split(":", 1)[0] for line in passwd_lines) == sorted(users)
     assert not any(p in (auth / "passwd").read_text() for p in users.values()), "passwords must be hashed"
@@ -592,6 +631,8 @@ async def test_agent_can_publish_only_under_its_own_id(acl_broker: Any) -> None:
         async with aiomqtt.Client(server.host, server.port, username=a, password=users[a], identifier=a) as agent:
             # Sent first: had the broker taken it, it would reach the subscriber before the next one.
             await agent.publish(foreign, b"spoofed: A pretending to be B", qos=1)
+            # its own id under another site: the generated ACL binds the login to its site
+            await agent.publish(obs_topic("edgeprobe", "mad1", a), b"A under site B", qos=1)
             await agent.publish(own, b"from A", qos=1)
             # The collector may read but not write.
             await sub.publish(own, b"collector pretending to be A", qos=1)
@@ -611,6 +652,36 @@ async def test_agent_can_publish_only_under_its_own_id(acl_broker: Any) -> None:
         with pytest.raises(aiomqtt.MqttError):
             async with aiomqtt.Client(server.host, server.port, username=username, password=password):
                 pass
+
+
+@pytest.mark.integration
+async def test_an_oversized_publish_is_refused(acl_broker: Any) -> None:
+    """max_packet_size (deploy/mosquitto/mosquitto.conf, and the tests' brokers): a 2 MiB message
+    disconnects its sender and reaches nobody; the next connection's small message does."""
+    server, users = acl_broker
+    a = "fra1-a"
+    own = obs_topic("edgeprobe", "fra1", a)
+    received: list[bytes] = []
+    async with aiomqtt.Client(
+        server.host, server.port, username="collector", password=users["collector"], identifier="collector-size"
+    ) as sub:
+        await sub.subscribe("edgeprobe/v1/+/+/obs", qos=1)
+        with pytest.raises(aiomqtt.MqttError):
+            async with aiomqtt.Client(server.host, server.port, username=a, password=users[a], identifier=a) as agent:
+                await agent.publish(own, b"x" * (2 * 1024 * 1024), qos=1, timeout=10)
+                await agent.publish(own, b"still connected?", qos=1, timeout=10)
+        async with aiomqtt.Client(server.host, server.port, username=a, password=users[a], identifier=a) as agent:
+            await agent.publish(own, b"after", qos=1)
+
+        async def take() -> None:
+            async for msg in sub.messages:
+                assert isinstance(msg.payload, bytes)
+                received.append(msg.payload)
+                if msg.payload == b"after":
+                    return
+
+        await asyncio.wait_for(take(), 10)
+    assert received == [b"after"], [len(r) for r in received]
 
 
 @pytest.mark.integration

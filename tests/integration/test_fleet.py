@@ -57,6 +57,13 @@ AGENTS = {"a1": ("s1", {"tier": "pop"}), "a2": ("s2", {"tier": "pop"}), "a3": ("
 LOOPBACK_ONLY = {"allow_cidrs": ["127.0.0.0/8", "::1/128"]}
 
 
+def login_entry(user: str) -> str:
+    """``user`` as an EDGEPROBE_MQTT_USERS entry: ``site/agent`` for an agent."""
+    if user in ("controller", "collector"):
+        return user
+    return f"{AGENTS.get(user, ('s9', {}))[0]}/{user}"
+
+
 def openssl(*args: str, cwd: Path) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
 
@@ -141,7 +148,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Any:
     passwords = {u: secrets.token_hex(8) for u in users}
     env = {
         **os.environ,
-        "EDGEPROBE_MQTT_USERS": "\n".join(f"{u}:{p}" for u, p in passwords.items()),
+        # agents as site/agent: make-passwd.sh binds each agent's login to its site in the ACL
+        "EDGEPROBE_MQTT_USERS": "\n".join(f"{login_entry(u)}:{p}" for u, p in passwords.items()),
         "PATH": f"{Path(find_binary('mosquitto_passwd') or '').parent}:{os.environ.get('PATH', '')}",
     }
     auth = d / "auth"
