@@ -14,7 +14,7 @@ from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
-from edgeprobe.agent.policy import PolicyConfig
+from edgeprobe.agent.policy import AGENT_SECRET_ENV_PREFIXES, PolicyConfig, agent_secret_env
 from edgeprobe.configfile import ConfigError, convert, load
 from edgeprobe.mqtt import BROKER_ENV, BrokerConfig
 from edgeprobe.probes.kind import AnyKind
@@ -153,7 +153,7 @@ class AgentConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_on
     spool: SpoolConfig = SpoolConfig()
     jobs: list[JobConfig] = []
     control: ControlConfig = ControlConfig()
-    policy: PolicyConfig = PolicyConfig()  # ad-hoc requests only; never taken from the broker
+    policy: PolicyConfig = PolicyConfig()  # remote requests (ad-hoc and central); never taken from the broker
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -186,6 +186,13 @@ def build_jobs(cfg: AgentConfig, source: str) -> list[Job]:
                 f"{source}: {where}.kind: unknown probe kind {job.kind!r}; expected one of: {', '.join(sorted(KINDS))}"
             )
         options = convert(job.options, kind.config_type, source, prefix=f"{where}.options")
+        for var in kind.reads_env(options):
+            if agent_secret_env(var):
+                raise ConfigError(
+                    f"{source}: {where}.options: reads the environment variable {var}, which holds this agent's "
+                    f"own credentials ({', '.join(p + '*' for p in AGENT_SECRET_ENV_PREFIXES)} and what the agent's "
+                    "config loading reads): no probe may send it; put the key in a variable of its own"
+                )
         targets: list[str] = []
         target_at: dict[str, tuple[float, float]] = {}
         target_labels: dict[str, dict[str, str]] = {}

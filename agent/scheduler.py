@@ -182,7 +182,7 @@ class Scheduler:
                 job.name,
                 worst,
                 job.name,
-                target,
+                job.kind.shown_target(target),  # no credentials in logs
             )
 
     # ------------------------------------------------------------ the timer
@@ -222,7 +222,7 @@ class Scheduler:
                 while heap and heap[0][0] <= now:
                     slot, index = heapq.heappop(heap)
                     entry = self._entries[index]
-                    name = f"probe:{entry.job.name}:{entry.target}"
+                    name = f"probe:{entry.job.name}:{entry.job.kind.shown_target(entry.target)}"
                     task = asyncio.create_task(self._run_slot(index, slot), name=name)
                     runs.add(task)
                     task.add_done_callback(runs.discard)
@@ -277,7 +277,7 @@ class Scheduler:
         try:
             await self.run_once(entry.job, entry.target, slot)
         except Exception:  # a bug in emit or the like: log it, keep the target scheduled
-            log.exception("%s %s: run failed", entry.job.name, entry.target)
+            log.exception("%s %s: run failed", entry.job.name, entry.job.kind.shown_target(entry.target))
         if self._stopping:
             return
         now = time.monotonic_ns()

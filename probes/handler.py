@@ -4,19 +4,25 @@ Probes only measure. Whatever they raise is turned into an :class:`~edgeprobe.sc
 here: :class:`ProbeFailure` keeps its outcome and partial result, a deadline overrun becomes
 ``timeout``, anything else goes through :func:`~edgeprobe.probes.outcome.classify_exception` (OS
 errors by errno, DNS, TLS; else ``error`` with the exception named).
+
+The observation's ``target`` is the kind's ``display_target`` of the target run (credentials in a
+URL's query replaced): it is what MQTT and InfluxDB get. Whatever that hides is also taken out of
+the failure reason and the result's text fields, in case they quote it (a server may echo a URL).
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import uuid
 from typing import Any
+from urllib.parse import quote, unquote_plus
 
 import msgspec
 
 from edgeprobe.probes.context import ProbeContext
-from edgeprobe.probes.kind import AnyKind
+from edgeprobe.probes.kind import REDACTED, AnyKind
 from edgeprobe.probes.outcome import Outcome, ProbeFailure, classify_exception
 from edgeprobe.schema import Observation
 
@@ -26,6 +32,25 @@ HANDLER_GRACE_S = 1.0
 
 def new_id() -> str:
     return uuid.uuid4().hex
+
+
+_PIECES_RE = re.compile(r"[?&;#=/]")
+MIN_HIDDEN_CHARS = 4  # shorter pieces are not credentials, and replacing them would garble a reason
+
+
+def hide_in_text(text: str, target: str, shown: str) -> str:
+    """``text`` without what ``shown`` hides of ``target`` (pure): the target itself, then each
+    piece of it (between ``? & ; # = /``) that ``shown`` no longer has, as written and decoded."""
+    if shown == target:
+        return text
+    text = text.replace(target, shown)
+    kept = set(_PIECES_RE.split(shown))
+    hidden = {p for p in _PIECES_RE.split(target) if p not in kept and len(p) >= MIN_HIDDEN_CHARS}
+    for piece in sorted(hidden, key=len, reverse=True):
+        for form in {piece, unquote_plus(piece), quote(unquote_plus(piece), safe="")}:
+            if len(form) >= MIN_HIDDEN_CHARS:
+                text = text.replace(form, REDACTED)
+    return text
 
 
 async def run_probe(
@@ -66,11 +91,16 @@ async def run_probe(
     except Exception as exc:  # translated here, at the one boundary, with the cause named
         outcome, reason = classify_exception(exc)
     duration_ms = (time.perf_counter_ns() - t0) / 1e6
+    shown = kind.shown_target(target)
+    if shown != target:
+        if reason is not None:
+            reason = hide_in_text(reason, target, shown)
+        fields = {k: hide_in_text(v, target, shown) if isinstance(v, str) else v for k, v in fields.items()}
     return Observation(
         id=new_id(),
         seq=seq,
         kind=kind.name,
-        target=target,
+        target=shown,
         started_at_ns=started_at_ns,
         duration_ms=round(duration_ms, 6),
         outcome=outcome.value,

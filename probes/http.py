@@ -15,25 +15,32 @@ Fields of :class:`HttpResult`, all in milliseconds from :func:`time.perf_counter
 
 ``timeout_s`` bounds the whole run, redirects included; each phase waits at most for what is left of
 it. A phase that was not reached is None, never 0. Redirects are not followed by default; a 3xx then
-is the answer, and by default 2xx and 3xx are accepted (``expect_status`` to change that). An
+is the answer, and by default 2xx and 3xx are accepted (``expect_status`` to change that). With
+``follow_redirects``, every hop's address goes through the caller's check
+(:attr:`ProbeContext.check_address <edgeprobe.probes.context.ProbeContext>`) before it is
+connected to: a refused hop ends the run as ``policy_refused`` and is never contacted. An
 unexpected status is ``http_error`` with every field measured. The connection is never reused
 (``connection`` is always ``"new"``); the request says ``Connection: close``.
+
+The target is sent as given but stored and published (the observation's ``target``, a tag) with
+the values of credential-like query parameters replaced by ``REDACTED`` (:func:`redact_url`).
 """
 
 from __future__ import annotations
 
+import re
 import time
 from contextlib import aclosing
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Annotated, Final, Literal
-from urllib.parse import quote, urljoin, urlsplit
+from urllib.parse import quote, unquote_plus, urljoin, urlsplit
 
 import msgspec
 
 from edgeprobe.probes import netio
 from edgeprobe.probes.context import ProbeContext
-from edgeprobe.probes.kind import Figure, PolicyCost, ProbeKind
+from edgeprobe.probes.kind import REDACTED, Figure, PolicyCost, ProbeKind
 from edgeprobe.probes.outcome import Outcome, ProbeFailure
 from edgeprobe.probes.text import num
 from edgeprobe.schema import Observation
@@ -130,6 +137,45 @@ def parse_url(url: str) -> Url:
     return Url(text=url, tls=tls, host=host, port=port, target=target, host_header=host_header)
 
 
+# Query (and fragment) parameters whose value is a credential: ``key=…``, ``api_key=…``,
+# ``X-Amz-Signature=…``. A name matches when, lower-cased with "-" read as "_", it is one of these
+# or ends in "_" + one of these (private_token, client_secret, x_amz_signature).
+CREDENTIAL_PARAMS: Final = frozenset(
+    {"key", "api_key", "apikey", "token", "access_token", "auth", "password", "secret", "sig", "signature"}
+)
+_PARAM_SPLIT_RE: Final = re.compile(r"([&;])")
+
+
+def is_credential_param(name: str) -> bool:
+    """Whether a query parameter named ``name`` (as written, maybe percent-encoded) carries a credential."""
+    norm = unquote_plus(name).strip().lower().replace("-", "_")
+    return norm in CREDENTIAL_PARAMS or any(norm.endswith("_" + c) for c in CREDENTIAL_PARAMS)
+
+
+def _redact_params(text: str) -> str:
+    parts = _PARAM_SPLIT_RE.split(text)
+    for i in range(0, len(parts), 2):  # even indexes are parameters, odd ones the separators
+        name, sep, value = parts[i].partition("=")
+        if sep and value and is_credential_param(name):
+            parts[i] = f"{name}={REDACTED}"
+    return "".join(parts)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with the values of credential-like query and fragment parameters replaced (pure).
+
+    What a result stores and publishes as its target (``display_target``); the request itself still
+    sends them. Everything else is kept character for character.
+    """
+    rest, hash_, fragment = url.partition("#")
+    base, qmark, query = rest.partition("?")
+    if qmark:
+        query = _redact_params(query)
+    if hash_:
+        fragment = _redact_params(fragment)
+    return base + qmark + query + hash_ + fragment
+
+
 def check_target(target: str) -> str | None:
     try:
         parse_url(target)
@@ -183,7 +229,14 @@ def _result(hop: _Hop, redirects: int, redirect_ms: float | None) -> HttpResult:
 
 
 async def _exchange(
-    hop: _Hop, url: Url, method: str, body: bytes | None, config: HttpConfig, t0: int, deadline_ns: int
+    hop: _Hop,
+    url: Url,
+    method: str,
+    body: bytes | None,
+    config: HttpConfig,
+    ctx: ProbeContext,
+    t0: int,
+    deadline_ns: int,
 ) -> None:
     def left_s() -> float:
         return max(0.0, (deadline_ns - time.perf_counter_ns()) / 1e9)
@@ -200,6 +253,7 @@ async def _exchange(
             verify=config.verify_tls,
             family=config.family,
             timeout_s=left_s(),
+            check=ctx.check_address,  # every hop: a redirect goes nowhere the caller refuses
         )
     except ProbeFailure as failure:
         if isinstance(failure.partial, netio.ConnectTiming):
@@ -245,7 +299,7 @@ async def probe(target: str, config: HttpConfig, ctx: ProbeContext) -> HttpResul
     while True:
         hop = _Hop(url.port)
         try:
-            await _exchange(hop, url, method, body, config, t0, deadline_ns)
+            await _exchange(hop, url, method, body, config, ctx, t0, deadline_ns)
         except ProbeFailure as failure:
             failure.partial = _result(hop, redirects, redirect_ms)
             raise
@@ -256,7 +310,7 @@ async def probe(target: str, config: HttpConfig, ctx: ProbeContext) -> HttpResul
         if redirects >= config.max_redirects:
             raise ProbeFailure(
                 Outcome.HTTP_ERROR,
-                f"more than {config.max_redirects} redirects (the next to {hop.location!r})",
+                f"more than {config.max_redirects} redirects (the next to {redact_url(hop.location)!r})",
                 partial=result,
             )
         try:
@@ -313,6 +367,7 @@ KIND: Final = ProbeKind(
     max_run_s=lambda config: config.timeout_s,
     tag_fields=(),
     target_label="url",
+    display_target=redact_url,
     render=render,
     headline=Figure(field="ttfb_ms", label="first byte"),
     jitter=None,  # one request per run: no series to vary
@@ -320,5 +375,6 @@ KIND: Final = ProbeKind(
     floor_field="connect_ms",
     first_byte_round_trips=None,
     policy_cost=lambda config: PolicyCost(packets=1),
+    env_vars=None,
     privilege=None,
 )

@@ -38,6 +38,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from edgeprobe.probes import netio
 from edgeprobe.probes.context import ProbeContext
 from edgeprobe.probes.kind import Figure, PolicyCost, Privilege, ProbeKind
 from edgeprobe.probes.outcome import Outcome, ProbeFailure, classify_exception
@@ -528,6 +529,8 @@ def _build_result(echoes: Sequence[_Echo], *, address: str, ipv6: bool, kind: So
 
 async def probe(target: str, config: IcmpConfig, ctx: ProbeContext) -> IcmpResult:
     ipv6, sockaddr = await _resolve(target, config.family)
+    if ctx.check_address is not None:  # the address echoes go to, before the first one
+        await netio.check_address(ctx.check_address, target, str(sockaddr[0]), 0)
     sock = await _open_socket(ctx, ipv6, config.socket)
     loop = asyncio.get_running_loop()
     echoes: list[_Echo] = []
@@ -606,6 +609,7 @@ KIND = ProbeKind(
     max_run_s=max_run_s,
     tag_fields=("family",),
     target_label="target",
+    display_target=None,
     render=render,
     headline=Figure(field="rtt_p50_ms", label="rtt p50"),
     jitter=Figure(field="jitter_rfc3550_ms", label="RFC 3550"),
@@ -613,6 +617,7 @@ KIND = ProbeKind(
     floor_field="rtt_min_ms",
     first_byte_round_trips=None,
     policy_cost=lambda config: PolicyCost(packets=config.count),
+    env_vars=None,
     # Status.icmp_permitted: the agent could open an ICMP socket (dgram or raw) when it started.
     privilege=Privilege(status_field="icmp_permitted", missing_note="no perm"),
 )

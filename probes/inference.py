@@ -45,7 +45,13 @@ that are not the API's JSON → ``malformed_stream``; a proper end without text 
 The API key is read at run time from the environment variable named by ``api_key_env`` (the
 config never holds it), held as a :class:`~edgeprobe.configfile.Secret`, sent as the API expects
 (``Authorization: Bearer`` or ``x-api-key``; ``api_key_header`` to name another header) and
-removed from every reason and recorded string, in case a server echoes it.
+removed from every reason and recorded string, in case a server echoes it. The kind declares the
+variable (``env_vars``): an agent lets a remote request name only those its policy allows. A key in
+the target URL's query (``?key=…``) is sent, but stored and published as ``REDACTED``
+(``display_target``, :func:`edgeprobe.probes.http.redact_url`).
+
+Every connection (the request's, ``net_rtt``'s, a kept one before reuse) goes only to an address the
+caller's :attr:`ProbeContext.check_address <edgeprobe.probes.context.ProbeContext>` accepts.
 """
 
 from __future__ import annotations
@@ -67,7 +73,7 @@ import msgspec
 from edgeprobe.configfile import Secret
 from edgeprobe.probes import geo, llmstream, netio
 from edgeprobe.probes.context import ProbeContext
-from edgeprobe.probes.http import HeaderName, HeaderValue, Url, parse_url
+from edgeprobe.probes.http import HeaderName, HeaderValue, Url, parse_url, redact_url
 from edgeprobe.probes.kind import Figure, PolicyCost, ProbeKind
 from edgeprobe.probes.outcome import Outcome, ProbeFailure
 from edgeprobe.probes.text import num
@@ -523,14 +529,24 @@ async def probe(target: str, config: InferenceConfig, ctx: ProbeContext) -> Infe
     return run.result(secret)
 
 
-async def _net_rtt(host: str, port: int, config: InferenceConfig) -> float | None:
-    """One TCP handshake on a connection of its own (closed at once): one network round trip."""
+async def _net_rtt(
+    name: str, host: str, port: int, config: InferenceConfig, ctx: ProbeContext
+) -> float | None:
+    """One TCP handshake on a connection of its own (closed at once): one network round trip.
+
+    ``host`` is ``name`` or, next to a kept connection, the address that connection went to.
+    """
     budget_s = min(config.timeout_s, NET_RTT_MAX_TIMEOUT_S)
     deadline = time.perf_counter_ns() + int(budget_s * 1e9)
+    check = ctx.check_address
     try:
         resolved = await netio.resolve(host, port, family=config.family, timeout_s=budget_s)
+        if check is not None:
+            await netio.check_address(check, name, resolved.address, port)
         sock, connect_ms = await netio.connect_socket(resolved, timeout_s=_left_s(deadline))
-    except ProbeFailure:
+    except ProbeFailure as failure:
+        if failure.outcome is Outcome.POLICY_REFUSED:
+            raise  # never contacted; nor will the request be
         return None  # the request itself will say what is wrong with the path
     sock.close()
     return connect_ms
@@ -556,8 +572,16 @@ async def _measure(url: Url, config: InferenceConfig, ctx: ProbeContext, run: _R
     pool = await ctx.resource(POOL_KEY, _new_pool) if reuse else None
     pool_key: PoolKey = (url.host, url.port, url.tls, config.verify_tls, config.family)
     conn = await pool.take(pool_key, config.max_idle_s) if pool is not None else None
+    if conn is not None and ctx.check_address is not None:
+        # The pool is the context owner's, shared with runs nobody checked: vet a kept connection too.
+        try:
+            await netio.check_address(ctx.check_address, url.host, conn.address, url.port)
+        except ProbeFailure:
+            await conn.aclose()
+            raise
     if config.measure_net_rtt:
-        run.net_rtt_ms = await _net_rtt(conn.address if conn is not None else url.host, url.port, config)
+        host = conn.address if conn is not None else url.host
+        run.net_rtt_ms = await _net_rtt(url.host, host, url.port, config, ctx)
 
     ft_s = min(config.first_token_timeout_s, config.timeout_s)
     t_start = time.perf_counter_ns()
@@ -576,6 +600,7 @@ async def _measure(url: Url, config: InferenceConfig, ctx: ProbeContext, run: _R
                         verify=config.verify_tls,
                         family=config.family,
                         timeout_s=_left_s(ft_deadline),
+                        check=ctx.check_address,
                     )
                 except ProbeFailure as failure:
                     if isinstance(failure.partial, netio.ConnectTiming):
@@ -945,6 +970,7 @@ KIND: Final = ProbeKind(
     max_run_s=max_run_s,
     tag_fields=("model", "api"),
     target_label="url",
+    display_target=redact_url,
     render=render,
     headline=Figure(field="ttft_ms", label="time to first token"),
     jitter=Figure(field="itl_p95_ms", label="inter-token p95"),
@@ -953,5 +979,6 @@ KIND: Final = ProbeKind(
     first_byte_round_trips=first_byte_round_trips,
     # Charged up front at the most a request can cost: max_tokens of output.
     policy_cost=lambda config: PolicyCost(packets=1, tokens=config.max_tokens),
+    env_vars=lambda config: () if config.api_key_env is None else (config.api_key_env,),
     privilege=None,
 )

@@ -5,14 +5,17 @@ rest of edgeprobe needs to know about a kind is a field of that object, so nothi
 kind's module keeps a table keyed by kind name:
 
 * running it: ``config_type``, ``result_type``, ``run``, ``check_target``, ``max_run_s``;
-* storing it: ``measurement``, ``tag_fields`` (the collector);
+* storing it: ``measurement``, ``tag_fields`` (the collector), ``display_target`` (the target as
+  every observation stores and publishes it: credentials in it replaced, applied by the handler);
 * showing it: ``render`` (the CLI's human view of one observation, a pure function defined in the
   kind's module next to ``KIND``; ``edgeprobe.render`` only adds the generic frame around it),
   ``target_label`` (the CLI's ``--json``), ``headline`` and ``jitter`` (the demo's live view),
   ``fleet_field`` (``edgeprobe fleet probe``);
 * judging it: ``floor_field`` and ``first_byte_round_trips`` (the physical floor,
   :func:`edgeprobe.probes.geo.physics`), ``policy_cost`` (an agent's ad-hoc policy),
-  ``privilege`` (what the agent's host must grant, as ``edgeprobe fleet ls`` shows it).
+  ``env_vars`` (the environment variables a run reads: an agent lets a remote request name only
+  those its owner allowed), ``privilege`` (what the agent's host must grant, as
+  ``edgeprobe fleet ls`` shows it).
 
 The parts beyond running it have neutral defaults (no tags, no figures, the generic renderer, one
 packet a request) so that a test can build a stand-in kind in a few lines; a *registered* kind
@@ -30,13 +33,15 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Final, Generic, Literal, TypeVar
 
 from edgeprobe.probes.context import ProbeContext
 from edgeprobe.schema import Observation
 
 C = TypeVar("C")
 R = TypeVar("R")
+
+REDACTED: Final = "REDACTED"  # what a hidden credential becomes in what is stored (display_target)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,6 +92,9 @@ class ProbeKind(Generic[C, R]):
     max_run_s: Callable[[C], float]
     # Storing it.
     tag_fields: tuple[str, ...] = ()  # result fields of low cardinality stored as InfluxDB tags
+    # The target as observations store and publish it (pure), e.g. with credentials in a URL's query
+    # replaced; the run itself gets the target as given. None: stored as given.
+    display_target: Callable[[str], str] | None = None
     # Showing it.
     target_label: Literal["target", "url"] = "target"  # the target's name in the CLI's --json object
     # The human view of one observation: lines, from fields that may be partial or absent (a failed
@@ -101,11 +109,22 @@ class ProbeKind(Generic[C, R]):
     # result fields (pure): the physics gives floor_ttft_ms = this × floor_rtt_ms. None: not computed.
     first_byte_round_trips: Callable[[str, Mapping[str, Any]], int] | None = None
     policy_cost: Callable[[C], PolicyCost] = one_request  # what one ad-hoc run with this config is charged
+    # The names of the environment variables a run with this config reads (an API key's, say), pure.
+    # An agent refuses a remote request naming one its policy does not allow. None: it reads none.
+    env_vars: Callable[[C], tuple[str, ...]] | None = None
     privilege: Privilege | None = None  # what the agent's host must grant; None: nothing beyond the network
 
     @property
     def measurement(self) -> str:
         return f"edgeprobe_{self.name}"
+
+    def shown_target(self, target: str) -> str:
+        """``target`` as observations store it (see ``display_target``)."""
+        return target if self.display_target is None else self.display_target(target)
+
+    def reads_env(self, config: C) -> tuple[str, ...]:
+        """The environment variables a run with ``config`` reads (see ``env_vars``)."""
+        return () if self.env_vars is None else self.env_vars(config)
 
 
 AnyKind = ProbeKind[Any, Any]

@@ -43,18 +43,19 @@ Layers, from pure to I/O:
 * pure: :func:`build_request`, :func:`parse_status_line`, :func:`parse_headers`,
   :func:`find_head_end`, :func:`parse_response_head`, :func:`body_framing`,
   :class:`ChunkedDecoder` (feed bytes as they arrive, get body bytes back).
-* I/O: :func:`resolve`, :func:`connect_socket`, :func:`open_connection` → :class:`Conn`,
-  :meth:`Conn.send`, :func:`read_response_head`, :func:`iter_body` (an async iterator of
-  :class:`BodyPiece`, one per socket read that carried body bytes, so a streaming consumer can
-  timestamp every piece).
+* I/O: :func:`resolve` (with the caller's :func:`check_address`), :func:`connect_socket`,
+  :func:`open_connection` → :class:`Conn`, :meth:`Conn.send`, :func:`read_response_head`,
+  :func:`iter_body` (an async iterator of :class:`BodyPiece`, one per socket read that carried body
+  bytes, so a streaming consumer can timestamp every piece).
 
 Every I/O function raises :class:`~edgeprobe.probes.outcome.ProbeFailure` for what goes wrong on the network,
 with the foreign exception kept as ``__cause__``: ``socket.gaierror`` → ``dns_error``; connection
 refused → ``refused``; unreachable → ``unreachable``; certificate or handshake failure →
-``tls_error``; a phase that overruns its budget → ``timeout`` naming the phase; a peer that does not
-speak HTTP/1.x, or closes or resets the connection mid-response → ``protocol_error``. ``timeout_s``
-arguments are the budget of that one call (the low-level :meth:`Conn.read_some` alone leaves its
-builtin ``TimeoutError`` to the caller, who knows what was awaited). The failures of
+``tls_error``; an address the caller's check refuses → ``policy_refused``; a phase that overruns
+its budget → ``timeout`` naming the phase; a peer that does not speak HTTP/1.x, or closes or
+resets the connection mid-response → ``protocol_error``. ``timeout_s`` arguments are the budget
+of that one call (the low-level :meth:`Conn.read_some` alone leaves its builtin ``TimeoutError``
+to the caller, who knows what was awaited). The failures of
 :func:`open_connection` carry the :class:`ConnectTiming` measured so far as ``partial``; the others
 carry none. Callers put their own typed result in ``partial`` before the failure reaches
 :mod:`edgeprobe.probes.handler`.
@@ -78,6 +79,7 @@ from typing import Any, Final, Literal, SupportsIndex
 
 import msgspec
 
+from edgeprobe.probes.context import AddressCheck
 from edgeprobe.probes.outcome import Outcome, ProbeFailure, classify_exception
 
 Family = Literal["auto", "ipv4", "ipv6"]
@@ -428,8 +430,15 @@ def is_ip_literal(host: str) -> bool:
     return True
 
 
-async def resolve(host: str, port: int, *, family: Family = "auto", timeout_s: float) -> Resolved:
-    """Resolve ``host`` with ``getaddrinfo`` (timed) and keep the first address returned."""
+async def resolve(
+    host: str, port: int, *, family: Family = "auto", timeout_s: float, check: AddressCheck | None = None
+) -> Resolved:
+    """Resolve ``host`` with ``getaddrinfo`` (timed) and keep the first address returned.
+
+    ``check`` (a :attr:`ProbeContext.check_address <edgeprobe.probes.context.ProbeContext>`) vets
+    that address before it is returned: a refusal is a ``policy_refused`` failure, and the caller
+    connects to exactly the address that passed (no second lookup: no DNS rebinding in between).
+    """
     loop = asyncio.get_running_loop()
     fam = _FAMILIES[family]
     t0 = time.perf_counter_ns()
@@ -453,9 +462,19 @@ async def resolve(host: str, port: int, *, family: Family = "auto", timeout_s: f
         what = {"ipv4": "IPv4 ", "ipv6": "IPv6 "}.get(family, "")
         raise ProbeFailure(Outcome.DNS_ERROR, f"no {what}address for {host!r}")
     fam_found, _, _, _, sockaddr = infos[0]
-    return Resolved(
-        host=host, address=str(sockaddr[0]), port=port, family=fam_found, sockaddr=sockaddr, dns_ms=dns_ms
-    )
+    address = str(sockaddr[0])
+    if check is not None:
+        await check_address(check, host, address, port)
+    return Resolved(host=host, address=address, port=port, family=fam_found, sockaddr=sockaddr, dns_ms=dns_ms)
+
+
+async def check_address(check: AddressCheck, host: str, address: str, port: int) -> None:
+    """Ask ``check`` about ``address`` (what ``host`` resolved to); refused: ``policy_refused``."""
+    why = await check(host, address, port)
+    if why is not None:
+        where = host_port(address, port) if port else address
+        shown = where if host == address else f"{host} ({where})"
+        raise ProbeFailure(Outcome.POLICY_REFUSED, f"not connecting to {shown}: {why}")
 
 
 def _connect_failure(exc: OSError, where: str) -> ProbeFailure:
@@ -719,17 +738,19 @@ async def open_connection(
     family: Family = "auto",
     timeout_s: float,
     ssl_context: ssl.SSLContext | None = None,
+    check: AddressCheck | None = None,
 ) -> tuple[Conn, ConnectTiming]:
     """Resolve, connect and (if ``tls``) handshake, each phase timed; ``timeout_s`` covers all three.
 
     ``server_hostname`` (SNI and certificate name) defaults to ``host``. ``ssl_context`` replaces
-    the default one built from ``verify`` (system CAs, ALPN ``http/1.1``). On failure the
+    the default one built from ``verify`` (system CAs, ALPN ``http/1.1``). ``check`` vets the
+    resolved address before connecting (see :func:`resolve`). On failure the
     :class:`ProbeFailure` carries the :class:`ConnectTiming` measured so far as ``partial``.
     """
     deadline = _deadline_ns(timeout_s)
     timing = ConnectTiming(port=port)
     try:
-        resolved = await resolve(host, port, family=family, timeout_s=timeout_s)
+        resolved = await resolve(host, port, family=family, timeout_s=timeout_s, check=check)
         timing.address, timing.dns_ms = resolved.address, resolved.dns_ms
         sock, timing.connect_ms = await connect_socket(resolved, timeout_s=_remaining_s(deadline))
         try:

@@ -32,6 +32,9 @@ class Outcome(StrEnum):
     STREAM_CUT = "stream_cut"  # the stream ended (connection closed) before its end marker
     MALFORMED_STREAM = "malformed_stream"  # events that are not the API's JSON
     NO_CONTENT = "no_content"  # the stream ended properly but carried no generated text
+    # Whoever ran the probe refused an address it resolved to or was redirected to (the agent's
+    # policy, through ProbeContext.check_address): nothing was sent there.
+    POLICY_REFUSED = "policy_refused"
     CANCELLED = "cancelled"  # stopped by shutdown before it finished
     ERROR = "error"  # anything else; the reason says what
 

@@ -117,7 +117,9 @@ async def probe(target: str, config: TcpConfig, ctx: ProbeContext) -> TcpResult:
         raise ProbeFailure(Outcome.ERROR, str(exc)) from exc
     result = TcpResult(port=port)
     try:
-        resolved = await netio.resolve(host, port, family=config.family, timeout_s=config.timeout_s)
+        resolved = await netio.resolve(
+            host, port, family=config.family, timeout_s=config.timeout_s, check=ctx.check_address
+        )
     except ProbeFailure as failure:
         failure.partial = result
         raise
@@ -178,6 +180,7 @@ KIND: Final = ProbeKind(
     max_run_s=max_run_s,
     tag_fields=(),
     target_label="target",
+    display_target=None,
     render=render,
     headline=Figure(field="connect_ms", label="connect"),
     jitter=Figure(field="connect_jitter_rfc3550_ms", label="RFC 3550"),
@@ -185,5 +188,6 @@ KIND: Final = ProbeKind(
     floor_field="connect_min_ms",
     first_byte_round_trips=None,
     policy_cost=lambda config: PolicyCost(packets=config.count),  # each attempt: SYN, ACK, FIN
+    env_vars=None,
     privilege=None,
 )
