@@ -22,6 +22,7 @@ from edgeprobe.probes.handler import run_probe
 from edgeprobe.probes.outcome import Outcome
 from edgeprobe.probes.registry import KINDS
 from edgeprobe.schema import Observation
+from edgeprobe.termtext import json_safe, term_safe
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -54,7 +55,7 @@ def _adhoc_config(command: str, kind_name: str, target: str, options: dict[str, 
 def _show_json(obs: Observation) -> None:
     from edgeprobe import render
 
-    click.echo(json.dumps(render.as_json_obj(obs), ensure_ascii=False))
+    click.echo(json_safe(json.dumps(render.as_json_obj(obs), ensure_ascii=False)))
     failure = render.error_line(obs)
     if failure:
         click.echo(failure, err=True)
@@ -196,7 +197,7 @@ def _run_ttft(url: str, options: dict[str, Any], count: int, interval_s: float, 
         click.echo("interrupted", err=True)
     if count > 1 and not as_json:
         for line in inference.render_summary(done):
-            click.echo(line)
+            click.echo(term_safe(line, render.MAX_LINE_CHARS))
     if len(done) < count:
         return EXIT_FAILED
     return EXIT_OK if all(o.outcome == Outcome.OK for o in done) else EXIT_FAILED
@@ -603,15 +604,24 @@ def fleet_ls(
     """List agents from their retained status messages."""
     import aiomqtt
 
-    from edgeprobe.fleet import age_s, matches, read_statuses, status_row
+    from edgeprobe.fleet import age_s, matches, scan_statuses, status_row
 
     ff = _fleet_broker(fleet_config, broker_url)
     sel = _where(where)
     try:
-        statuses = [s for s in asyncio.run(read_statuses(ff.broker)) if matches(s, sel)]
+        scan = asyncio.run(scan_statuses(ff.broker))
     except aiomqtt.MqttError as err:
         click.echo(f"edgeprobe fleet: broker {ff.broker.url}: {err}", err=True)
         sys.exit(EXIT_FAILED)
+    statuses = [s for s in scan.statuses if matches(s, sel)]
+    if scan.skipped or scan.truncated:
+        counts = ", ".join(f"{code} {n}" for code, n in sorted(scan.skipped.items()))
+        click.echo(
+            f"edgeprobe fleet: skipped {sum(scan.skipped.values())} invalid status message(s)"
+            + (f" ({counts})" if counts else "")
+            + ("; stopped at the read limit" if scan.truncated else ""),
+            err=True,
+        )
     rows = [status_row(s) for s in statuses]
     for row, s in zip(rows, statuses, strict=True):
         if s.state == "online" and age_s(s) > stale_s:
@@ -621,19 +631,24 @@ def fleet_ls(
         return
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
+
+    def cell(value: object, style: str = "") -> Text:
+        """Agent-written text, terminal-safe and never read as rich markup."""
+        return Text(term_safe(value, 200), style=style)
 
     table = Table("agent", "site", "state", "age", "labels", "kinds", "refused", "config")
     for row in rows:
         style = {"online": "green", "offline": "red", "stale": "yellow"}.get(row["state"], "")
         table.add_row(
-            row["agent"],
-            row["site"],
-            f"[{style}]{row['state']}[/]",
+            cell(row["agent"]),
+            cell(row["site"]),
+            cell(row["state"], style),
             f"{row['age_s']:.0f} s",
-            ",".join(f"{k}={v}" for k, v in sorted(row["labels"].items())),
-            _kinds_cell(row),
+            cell(",".join(f"{k}={v}" for k, v in sorted(row["labels"].items()))),
+            cell(_kinds_cell(row)),
             str(row["refused"] or 0),
-            ("error: " + row["config_error"]) if row["config_error"] else ",".join(row["config_docs"]),
+            cell(("error: " + row["config_error"]) if row["config_error"] else ",".join(row["config_docs"])),
         )
     Console().print(table)
     click.echo(f"{len(rows)} agent(s), {sum(r['state'] == 'online' for r in rows)} online")
@@ -711,10 +726,12 @@ def fleet_probe(
         task = progress.add_task("answered", total=0)
         rows: list[tuple[str, ...]] = []
 
+        from rich.text import Text
+
         def render() -> Group:
-            table = Table("agent", "site", "outcome", field_name, "reason", title=f"{kind} {target}")
-            for row in rows:
-                table.add_row(*row)
+            table = Table("agent", "site", "outcome", field_name, "reason", title=Text(term_safe(f"{kind} {target}")))
+            for row in rows:  # an agent's text: terminal-safe, never rich markup
+                table.add_row(*(Text(term_safe(c, 300)) for c in row))
             return Group(table, progress)
 
         live = Live(render(), console=console, refresh_per_second=8)
@@ -743,7 +760,10 @@ def fleet_probe(
                 f"  ({summary['measured']} of {summary['asked']} agents)"
             )
         for agent_id in summary["missing"]:
-            click.echo(f"{agent_id}: no answer within {timeout_s:g} s")
+            click.echo(f"{term_safe(agent_id)}: no answer within {timeout_s:g} s")
+        if run.skipped:
+            counts = ", ".join(f"{code} {n}" for code, n in sorted(run.skipped.items()))
+            click.echo(f"edgeprobe fleet: skipped {sum(run.skipped.values())} invalid reply(ies) ({counts})", err=True)
     sys.exit(EXIT_OK if run.asked and summary["answered"] == summary["asked"] else EXIT_FAILED)
 
 

@@ -8,10 +8,12 @@ functions are separate from the MQTT I/O so they can be tested alone.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import statistics
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any
@@ -25,15 +27,20 @@ from edgeprobe.mqtt import BROKER_ENV, BrokerConfig, make_client
 from edgeprobe.probes.registry import KINDS
 from edgeprobe.schema import (
     NAME_RE,
+    RESERVED_NAMES,
     TOPIC_VERSION,
     CommandReply,
     Status,
     cmd_topic,
     config_topic,
     group_config_topic,
+    parse_agent_topic,
     result_topic,
 )
 from edgeprobe.signing import sign, stamp
+from edgeprobe.termtext import term_safe
+
+log = logging.getLogger("edgeprobe.fleet")
 
 KEY_ENV = "EDGEPROBE_CONTROLLER_KEY_FILE"
 
@@ -98,10 +105,90 @@ def select_agents(statuses: Iterable[Status], where: Mapping[str, str], limit: i
     return chosen
 
 
-async def read_statuses(broker: BrokerConfig, *, quiet_s: float = 0.5, max_s: float = 5.0) -> list[Status]:
-    """Every retained agent status on the broker (read until no new one came for ``quiet_s``)."""
-    topic = f"{broker.topic_prefix}/{TOPIC_VERSION}/+/+/status"
-    found: dict[str, Status] = {}
+# What the controller reads from the broker is bounded: an agent (or whoever has its login) writes
+# these messages, so a status is input to validate, not a record to trust.
+MAX_STATUS_BYTES = 64 * 1024  # a real status is well under 4 KiB
+MAX_STATUSES = 10_000  # status messages read per scan; more are counted and not read
+MAX_SCAN_BYTES = 32 * 1024 * 1024  # status bytes read per scan
+MAX_TEXT_CHARS = 256  # any string in a status (version, reasons, label keys and values, kinds …)
+MAX_ITEMS = 64  # labels, kinds, refusals, config_docs
+MAX_REPLY_BYTES = 1024 * 1024  # one reply to an ad-hoc request (the observation of one run)
+
+
+class StatusRejected(Exception):
+    """Why a status message was skipped. ``code`` is short and stable (counted)."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+def _check_text(name: str, value: str | None) -> None:
+    if value is not None and len(value) > MAX_TEXT_CHARS:
+        raise StatusRejected("too_long", f"{name}: longer than {MAX_TEXT_CHARS} characters")
+
+
+def check_status(prefix: str, topic: str, payload: bytes) -> Status:
+    """The status in ``payload`` received on ``topic``, validated and bounded (pure), or
+    :class:`StatusRejected`.
+
+    The agent's identity is the topic's (the broker's ACL binds an agent's login to its own
+    ``<site>/<agent>`` topics); the payload must name the same site and agent, so a compromised
+    agent can neither list a fake agent nor overwrite what another one says.
+    """
+    if len(payload) > MAX_STATUS_BYTES:
+        raise StatusRejected("too_large", f"{len(payload)} bytes, more than {MAX_STATUS_BYTES}")
+    parsed = parse_agent_topic(prefix, topic)
+    if parsed is None or parsed[2] != "status":
+        raise StatusRejected("bad_topic", "not a status topic")
+    site, agent, _ = parsed
+    for what, name in (("site", site), ("agent", agent)):
+        if not NAME_RE.match(name) or name in RESERVED_NAMES:
+            raise StatusRejected("bad_topic", f"topic {what} is not a valid name")
+    try:
+        status = msgspec.json.decode(payload, type=Status)
+    except msgspec.DecodeError as err:
+        raise StatusRejected("malformed", f"not a status message: {str(err)[:200]}") from None
+    if status.site != site or status.agent != agent:
+        raise StatusRejected("spoofed", "the status names another site/agent than its topic")
+    if status.state not in ("online", "offline"):
+        raise StatusRejected("malformed", "state: expected online or offline")
+    for name in ("version", "last_refusal", "config_error"):
+        _check_text(name, getattr(status, name))
+    for name, items in (
+        ("labels", status.labels),
+        ("kinds", status.kinds),
+        ("refusals", status.refusals),
+        ("config_docs", status.config_docs),
+    ):
+        if len(items) > MAX_ITEMS:
+            raise StatusRejected("too_long", f"{name}: more than {MAX_ITEMS} items")
+        for item in items:
+            _check_text(name, item)
+    for key, value in status.labels.items():
+        _check_text(f"labels.{key}", value)
+    return status
+
+
+@dataclass
+class StatusScan:
+    """What one read of the retained statuses found: valid statuses and what was skipped."""
+
+    statuses: list[Status]
+    skipped: Counter[str] = field(default_factory=Counter)  # by StatusRejected code
+    truncated: bool = False  # a bound (MAX_STATUSES, MAX_SCAN_BYTES) stopped the read early
+
+
+async def scan_statuses(broker: BrokerConfig, *, quiet_s: float = 0.5, max_s: float = 5.0) -> StatusScan:
+    """Every retained agent status on the broker (read until no new one came for ``quiet_s``),
+    each validated (:func:`check_status`); a bad one is skipped and counted, never fatal."""
+    prefix = broker.topic_prefix
+    topic = f"{prefix}/{TOPIC_VERSION}/+/+/status"
+    found: dict[tuple[str, str], Status] = {}
+    skipped: Counter[str] = Counter()
+    truncated = False
+    count = total = 0
     async with make_client(broker, f"edgeprobe-fleet-{uuid.uuid4().hex[:12]}", clean_session=True) as client:
         await client.subscribe(topic, qos=1)
         deadline = time.monotonic() + max_s
@@ -114,14 +201,34 @@ async def read_statuses(broker: BrokerConfig, *, quiet_s: float = 0.5, max_s: fl
                 msg = await asyncio.wait_for(it.__anext__(), left)
             except TimeoutError:
                 break
-            if not msg.payload:
+            payload = msg.payload
+            if not isinstance(payload, bytes | bytearray) or not payload:
                 continue
+            count += 1
+            total += len(payload)
+            if count > MAX_STATUSES or total > MAX_SCAN_BYTES:
+                truncated = True
+                break
             try:
-                status = msgspec.json.decode(bytes(msg.payload), type=Status)
-            except msgspec.DecodeError:
+                status = check_status(prefix, str(msg.topic), bytes(payload))
+            except StatusRejected as rej:
+                skipped[rej.code] += 1
+                log.warning(
+                    "skipped a status message on %s: %s: %s",
+                    term_safe(str(msg.topic), 200),
+                    rej.code,
+                    term_safe(rej.reason, 300),
+                )
                 continue
-            found[str(msg.topic)] = status
-    return sorted(found.values(), key=lambda s: (s.site, s.agent))
+            found[(status.site, status.agent)] = status
+    if truncated:
+        log.warning("stopped reading statuses at %d messages / %d bytes", MAX_STATUSES, MAX_SCAN_BYTES)
+    return StatusScan(sorted(found.values(), key=lambda s: (s.site, s.agent)), skipped, truncated)
+
+
+async def read_statuses(broker: BrokerConfig, *, quiet_s: float = 0.5, max_s: float = 5.0) -> list[Status]:
+    """The valid statuses of :func:`scan_statuses`."""
+    return (await scan_statuses(broker, quiet_s=quiet_s, max_s=max_s)).statuses
 
 
 def age_s(status: Status, now_ns: int | None = None) -> float:
@@ -163,6 +270,7 @@ class ProbeRun:
     target: str
     asked: list[Status]
     replies: dict[str, CommandReply] = field(default_factory=dict)  # agent -> reply
+    skipped: Counter[str] = field(default_factory=Counter)  # replies not taken, by reason
 
     @property
     def missing(self) -> list[str]:
@@ -248,7 +356,7 @@ async def fleet_probe(
         for s in chosen:
             cmd = make_command(run.request_id, s.agent, kind, target, options, ttl_s)
             await client.publish(cmd_topic(prefix, s.site, s.agent), sign(cmd, "cmd", key), qos=1)
-        asked = {s.agent for s in chosen}
+        asked = {s.agent: s.site for s in chosen}
         deadline = time.monotonic() + timeout_s
         it = client.messages.__aiter__()
         while len(run.replies) < len(chosen):
@@ -259,13 +367,22 @@ async def fleet_probe(
                 msg = await asyncio.wait_for(it.__anext__(), left)
             except TimeoutError:
                 break
+            payload = msg.payload
+            if not isinstance(payload, bytes | bytearray) or len(payload) > MAX_REPLY_BYTES:
+                run.skipped["too_large"] += 1
+                continue
             try:
-                reply = msgspec.json.decode(bytes(msg.payload), type=CommandReply)
+                reply = msgspec.json.decode(bytes(payload), type=CommandReply)
             except msgspec.DecodeError:
+                run.skipped["malformed"] += 1
                 continue
             # The topic's last level is the agent (the broker's ACL ties it to the agent's login).
             agent = str(msg.topic).rsplit("/", 1)[-1]
             if agent not in asked or reply.agent != agent or reply.request_id != run.request_id:
+                run.skipped["spoofed"] += 1
+                continue
+            if reply.site != asked[agent]:
+                run.skipped["spoofed"] += 1
                 continue
             run.replies[agent] = reply
             if on_reply is not None:

@@ -1,5 +1,8 @@
 """Human and JSON renderings of one observation for the CLI (pure: observation in, text out).
 
+Every line is terminal-safe: control characters and escape sequences from a server or a target are
+escaped (:mod:`edgeprobe.termtext`).
+
 What a kind's fields mean on screen is part of the kind (``ProbeKind.render``, next to its
 ``KIND``); this module adds the frame every kind shares: the ``--json`` object and the error line.
 """
@@ -12,6 +15,9 @@ from edgeprobe.probes.kind import plain_lines
 from edgeprobe.probes.outcome import Outcome
 from edgeprobe.probes.registry import KINDS
 from edgeprobe.schema import Observation
+from edgeprobe.termtext import term_safe
+
+MAX_LINE_CHARS = 4096
 
 
 def as_json_obj(obs: Observation) -> dict[str, Any]:
@@ -30,14 +36,17 @@ def error_line(obs: Observation) -> str | None:
     """The one-line error for a failed run, or None when it succeeded."""
     if obs.outcome == Outcome.OK:
         return None
-    return f"edgeprobe {obs.kind} {obs.target}: {obs.outcome}: {obs.reason or 'no reason given'}"
+    return term_safe(
+        f"edgeprobe {obs.kind} {obs.target}: {obs.outcome}: {obs.reason or 'no reason given'}", MAX_LINE_CHARS
+    )
 
 
 def render(obs: Observation) -> list[str]:
     """The kind's own lines (every field as ``name: value`` for a kind this build does not know),
-    then the error line of a failed run."""
+    then the error line of a failed run. Terminal-safe (:func:`edgeprobe.termtext.term_safe`): the
+    target, a server's reason or headers are not this program's text."""
     kind = KINDS.get(obs.kind)
-    lines = kind.render(obs) if kind is not None else plain_lines(obs)
+    lines = [term_safe(line, MAX_LINE_CHARS) for line in (kind.render(obs) if kind is not None else plain_lines(obs))]
     err = error_line(obs)
     if err:
         lines.append(err)
