@@ -32,6 +32,7 @@ import msgspec
 
 from edgeprobe.agent.config import AgentConfig, Job, JobConfig, build_jobs
 from edgeprobe.agent.policy import PolicyRefusal, TargetPolicy
+from edgeprobe.agent.replay import ReplayState, ReplayStateError, state_path_for
 from edgeprobe.agent.scheduler import Scheduler
 from edgeprobe.configfile import ConfigError, convert
 from edgeprobe.mqtt import run_session
@@ -104,6 +105,8 @@ class Control:
         key = load_public_key(c.public_key_file) if c.public_key_file else None
         self.cmd_verifier = Verifier(key, max_ttl_s=c.max_command_ttl_s) if key else None
         self.cfg_verifier = Verifier(key, max_ttl_s=c.max_config_ttl_s) if key else None
+        # nonces and config issued_at kept across restarts, beside the spool (agent/replay.py)
+        self.replay = ReplayState(state_path_for(cfg.spool.resolved_path(cfg.agent.id)))
         self.policy = policy or TargetPolicy(cfg.policy)
         ident, prefix = cfg.agent, cfg.broker.topic_prefix
         self.cmd_topic = cmd_topic(prefix, ident.site, ident.id)
@@ -217,6 +220,8 @@ class Control:
                 cmd = self.cmd_verifier.open(payload, "cmd", AdhocCommand, replay=True)
             except SignatureError as err:
                 raise Refusal(err.code, err.reason) from None
+            if self.replay.seen_command(cmd.nonce):
+                raise Refusal("replayed", f"nonce {cmd.nonce} was already used (before a restart)")
             request_id = cmd.request_id
             if not REQUEST_ID_RE.match(cmd.request_id):
                 raise Refusal("bad_request", "request_id: expected 1-64 letters, digits, '_' or '-'")
@@ -232,6 +237,10 @@ class Control:
             problem = kind.check_target(cmd.target)
             if problem is not None:
                 raise Refusal("bad_request", problem)
+            try:  # before it runs: a restart must not run it again
+                self.replay.record_command(cmd.nonce, cmd.expires_at_ns)
+            except ReplayStateError as err:
+                raise Refusal(err.code, str(err)) from None
         except Refusal as ref:
             self._refused(ref.code, ref.reason)
             if request_id is not None:
@@ -318,6 +327,9 @@ class Control:
                     return  # the retained copy again (reconnect)
                 if doc.issued_at_ns < previous[0].issued_at_ns:
                     raise Refusal("config_replayed", "older than the document in force")
+            if self.replay.config_is_older(topic, doc.issued_at_ns):
+                raise Refusal("config_replayed", "older than a document already seen on this topic (before a restart)")
+            self.replay.record_config(topic, doc.issued_at_ns)
             ident = self.cfg.agent
             if topic != self.config_topic and not label_match(doc.where, ident.site, ident.id, ident.labels):
                 if self.docs.pop(topic, None) is not None:  # no longer for us
