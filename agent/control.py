@@ -123,6 +123,8 @@ class Control:
         self.replies_sent = 0
         self._central: tuple[Scheduler, asyncio.Event, asyncio.Task[None]] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._expiry: dict[str, asyncio.TimerHandle] = {}  # topic -> timer at its document's expires_at
+        self.expired_docs = 0  # central documents that expired while in force
         self._client: aiomqtt.Client | None = None
         self.on_status_change: Any = None  # callable(): the publisher republishes the status
         self.on_subscribed: Any = None  # callable(): after each (re)subscription (daemon.py: on_ready)
@@ -169,6 +171,9 @@ class Control:
                 clean_session=True,
             )
         finally:
+            for timer in self._expiry.values():
+                timer.cancel()
+            self._expiry.clear()
             for task in list(self._tasks):
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -361,6 +366,41 @@ class Control:
             self._refused(ref.code, ref.reason)
             return
         self.config_error = None
+        self._arm_expiry(topic, doc)
+        if self.on_status_change is not None:
+            self.on_status_change()
+
+    def _arm_expiry(self, topic: str, doc: ConfigDocument) -> None:
+        """Expire ``doc`` at its ``expires_at_ns``: a timer on the loop's monotonic clock for the
+        remaining lifetime (the wall clock is read once, now; a later step of it changes nothing)."""
+        old = self._expiry.pop(topic, None)
+        if old is not None:
+            old.cancel()
+        remaining_s = max(0.0, (doc.expires_at_ns - time.time_ns()) / 1e9)
+        self._expiry[topic] = asyncio.get_running_loop().call_later(
+            remaining_s, lambda: self._spawn(self._expire(topic, doc.nonce))
+        )
+
+    async def _expire(self, topic: str, nonce: str) -> None:
+        """The document on ``topic`` reached its expires_at: drop it and run the file's jobs (and the
+        other documents in force) only, as if it had been cleared; logged and shown in the status."""
+        self._expiry.pop(topic, None)
+        current = self.docs.get(topic)
+        if current is None or current[0].nonce != nonce:
+            return  # replaced or dropped since
+        name = topic.rsplit("/", 1)[-1] if topic.startswith(self.group_prefix) else "agent"
+        remaining = {t: d for t, d in self.docs.items() if t != topic}
+        try:
+            await self._apply(remaining)
+        except (ConfigError, Refusal) as err:  # they passed together before; stop them all rather than guess
+            log.error("central configuration: after %s expired the rest does not apply (%s): stopped", name, err)
+            await self._stop_central()
+            self.docs, self.central_jobs = {}, []
+        self.expired_docs += 1
+        self.config_error = f"{name}: expired; reverted to the file's jobs" + (
+            " and the other documents in force" if self.docs else ""
+        )
+        log.warning("central configuration %s expired: %s", name, self.config_error)
         if self.on_status_change is not None:
             self.on_status_change()
 
