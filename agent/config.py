@@ -101,6 +101,10 @@ class SpoolConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_on
     # full: every commit is fsynced (survives power loss); normal: survives a process crash only.
     synchronous: Literal["full", "normal"] = "full"
     commit_log: str | None = None  # debugging/tests: append every committed observation id here
+    # While the disk refuses commits (full, I/O errors) observations wait in memory, bounded by
+    # both (the oldest dropped and counted beyond); the publisher sends from there meanwhile.
+    memory_max_observations: Annotated[int, msgspec.Meta(ge=1, le=10_000_000)] = 20_000
+    memory_max_bytes: Annotated[int, msgspec.Meta(ge=1024, le=2**34)] = 8 * 1024 * 1024
 
     def __post_init__(self) -> None:
         if self.path is not None and not self.path.strip():

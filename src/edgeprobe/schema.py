@@ -102,6 +102,8 @@ class Status(msgspec.Struct, kw_only=True, omit_defaults=True):
     queued: int | None = None
     dropped: int | None = None
     published: int | None = None
+    memory_backlog: int | None = None  # additive: observations held in memory only (the disk refuses commits)
+    quarantined: int | None = None  # additive: spooled rows that failed their checksum (spool lifetime)
     # The fleet (agent/control.py); additive to v1.
     heartbeat_at_ns: int | None = None  # wall clock of this status message (same as at_ns when online)
     icmp_permitted: bool | None = None  # the agent may open an ICMP socket (dgram or raw), IPv4
@@ -150,6 +152,11 @@ class AgentHealth(msgspec.Struct, kw_only=True, omit_defaults=True):
     spool_errors: int = 0  # process: failed spool writes/commits (disk full, I/O error)
     dropped_bytes_limit: int = 0  # spool: oldest dropped because spool.max_bytes was reached
     dropped_age_limit: int = 0  # spool: dropped because older than spool.max_age_s
+    # Additive: the disk refusing commits, and rows damaged on it.
+    dropped_memory_limit: int = 0  # spool: dropped from the in-memory backlog (over its bounds)
+    memory_backlog: int = 0  # observations held in memory only, not (yet) in the spool file
+    memory_backlog_bytes: int = 0  # their encoded size, bytes
+    spool_quarantined: int = 0  # spool: rows that failed their checksum, set aside (never sent)
     # The publisher, process counters.
     produced: int = 0  # process: observations the scheduler produced (== put into the spool)
     published: int = 0  # process: observations sent to the broker (a re-send counts again)

@@ -6,12 +6,17 @@ What every spool needs from its file is written here once:
   the holder's pid in it) keeps a second process out, the database runs in WAL mode with
   ``synchronous=FULL`` (or ``NORMAL`` when asked) and a busy timeout of :data:`BUSY_TIMEOUT_S`;
 - the **schema version** (``PRAGMA user_version``): a new file gets :attr:`SqliteQueue.SCHEMA_VERSION`,
-  a file of that version opens, and any other version is *refused* with :class:`SpoolVersionError`
-  naming the file and both versions; it is never overwritten;
+  a file of that version opens, an older file for which :attr:`SqliteQueue.MIGRATIONS` has every
+  step is migrated in the opening transaction (all steps or none), and any other version is
+  *refused* with :class:`SpoolVersionError` naming the file and both versions; it is never
+  overwritten;
 - **corruption**: a file that is not a readable database raises :class:`SpoolCorruptError`, or
   (``ON_CORRUPT = "move_aside"``) is renamed to ``<path>.corrupt-<time>`` and a new one started;
 - the **queue**: one table of ``(seq INTEGER PRIMARY KEY AUTOINCREMENT, <time>_ns, [size,]
-  payload)`` described by a :class:`QueueLayout`; ``seq`` is the order of arrival and never reused.
+  payload[, check])`` described by a :class:`QueueLayout`; ``seq`` is the order of arrival and never
+  reused. With a ``check`` column every row is written with the CRC-32 of its payload
+  (:func:`payload_check`), read back with it (:attr:`QueueRow.check`) and :meth:`QueueRow.intact`
+  says whether it still matches (a row without one, written before the column existed, is trusted).
   :meth:`SqliteQueue.append_rows` commits rows in one transaction, :meth:`SqliteQueue.read_oldest`
   reads the oldest, :meth:`SqliteQueue.delete_through` removes everything up to a seq; depth, bytes
   and the oldest row's time are kept in memory and loaded at open;
@@ -36,7 +41,8 @@ import fcntl
 import os
 import sqlite3
 import time
-from collections.abc import Iterator, Sequence
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Generic, Literal, NamedTuple, Self, TypeVar
@@ -91,15 +97,17 @@ class QueueLayout:
     payload: str
     payload_type: Literal["TEXT", "BLOB"]
     size: str | None = None  # a column holding the payload's size in bytes; None: computed from the payload
+    check: str | None = None  # a column holding the payload's CRC-32 (NULL: written before it existed)
 
     @property
     def ddl(self) -> str:
         size = f" {self.size} INTEGER NOT NULL," if self.size else ""
+        check = f", {self.check} INTEGER" if self.check else ""
         return (
             f"CREATE TABLE IF NOT EXISTS {self.table} ("
             f" {self.seq} INTEGER PRIMARY KEY AUTOINCREMENT,"
             f" {self.at_ns} INTEGER NOT NULL,{size}"
-            f" {self.payload} {self.payload_type} NOT NULL)"
+            f" {self.payload} {self.payload_type} NOT NULL{check})"
         )
 
     @property
@@ -107,10 +115,25 @@ class QueueLayout:
         return self.size or f"LENGTH(CAST({self.payload} AS BLOB))"
 
 
+def _payload_bytes(payload: str | bytes) -> bytes:
+    return payload.encode("utf-8", "surrogatepass") if isinstance(payload, str) else payload
+
+
+def payload_check(payload: str | bytes) -> int:
+    """The CRC-32 stored with a payload (of its UTF-8 bytes for TEXT): catches any one changed byte
+    and any burst of up to 32 bits."""
+    return zlib.crc32(_payload_bytes(payload))
+
+
 class QueueRow(NamedTuple, Generic[P]):
     seq: int
     at_ns: int
     payload: P
+    check: int | None = None  # the stored CRC-32; None: the layout has none, or the row predates it
+
+    def intact(self: QueueRow[Any]) -> bool:
+        """The payload still matches its stored checksum (True when it has none)."""
+        return self.check is None or self.check == payload_check(self.payload)
 
 
 def lock_path_of(path: Path) -> Path:
@@ -151,6 +174,10 @@ class SqliteQueue(Generic[P]):
 
     LAYOUT: ClassVar[QueueLayout]
     SCHEMA_VERSION: ClassVar[int] = 1
+    # Version v -> the statements that turn a file of version v into one of version v + 1 (e.g.
+    # ``ALTER TABLE ... ADD COLUMN``). They run in the opening transaction, before the tables of
+    # this version are created; a file older than the first step is refused like a newer one.
+    MIGRATIONS: ClassVar[Mapping[int, tuple[str, ...]]] = {}
     EXTRA_DDL: ClassVar[tuple[str, ...]] = ()  # more tables, created with the queue's
     NEW_FILE_PRAGMAS: ClassVar[tuple[str, ...]] = ()  # run before the tables are created (e.g. auto_vacuum)
     OWNER: ClassVar[str] = "process"  # who holds a spool, in messages: "agent", "collector"
@@ -168,6 +195,7 @@ class SqliteQueue(Generic[P]):
         self._depth = 0
         self._bytes = 0
         self._oldest_at_ns: int | None = None
+        self.migrated_from: int | None = None  # the file's version when open() migrated it
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -295,7 +323,12 @@ class SqliteQueue(Generic[P]):
             for pragma in self.NEW_FILE_PRAGMAS:
                 db.execute(pragma)
             with self.transaction("open") as tx:
-                self._check_version(tx)
+                found = self._check_version(tx)
+                if 0 < found < self.SCHEMA_VERSION:
+                    for version in range(found, self.SCHEMA_VERSION):
+                        for statement in self.MIGRATIONS[version]:
+                            tx.execute(statement)
+                    self.migrated_from = found
                 tx.execute(self.LAYOUT.ddl)
                 for ddl in self.EXTRA_DDL:
                     tx.execute(ddl)
@@ -310,9 +343,14 @@ class SqliteQueue(Generic[P]):
                 raise self._translate("open", exc) from exc
             raise
 
-    def _check_version(self, db: sqlite3.Connection) -> None:
+    def can_migrate(self, found: int) -> bool:
+        """Whether a file of version ``found`` (older than this one) can be migrated step by step."""
+        return 0 < found < self.SCHEMA_VERSION and all(v in self.MIGRATIONS for v in range(found, self.SCHEMA_VERSION))
+
+    def _check_version(self, db: sqlite3.Connection) -> int:
+        """The file's version (0: new); raises SpoolVersionError for one this code can neither open nor migrate."""
         found = int(db.execute("PRAGMA user_version").fetchone()[0])
-        if found not in (0, self.SCHEMA_VERSION):  # 0: a new file
+        if found not in (0, self.SCHEMA_VERSION) and not self.can_migrate(found):  # 0: a new file
             raise SpoolVersionError(
                 f"spool {self} has schema version {found}, this {self.OWNER} knows version {self.SCHEMA_VERSION}: "
                 f"refusing to open it (was it written by a newer edgeprobe?); run that version to drain it, "
@@ -320,6 +358,7 @@ class SqliteQueue(Generic[P]):
                 found=found,
                 known=self.SCHEMA_VERSION,
             )
+        return found
 
     def _create(self, db: sqlite3.Connection) -> None:
         """Inside the opening transaction, after the tables exist: fill what a subclass needs."""
@@ -370,9 +409,7 @@ class SqliteQueue(Generic[P]):
 
     def _payload_size(self, payload: P) -> int:
         """Bytes a payload counts for: what the ``size`` column holds, or what LENGTH(CAST(… AS BLOB)) gives."""
-        if isinstance(payload, str):
-            return len(payload.encode("utf-8", "surrogatepass"))
-        return len(payload)
+        return len(_payload_bytes(payload))
 
     def _payload(self, raw: Any) -> P:
         """A payload as read from the table (TEXT → str, BLOB → bytes)."""
@@ -381,16 +418,23 @@ class SqliteQueue(Generic[P]):
     # ---- primitives inside a transaction (sqlite3 errors: the transaction translates them) --
 
     def _insert(self, db: sqlite3.Connection, rows: Sequence[tuple[int, P]]) -> tuple[int, int]:
-        """Insert ``(at_ns, payload)`` rows at the end; returns (rows, bytes) added."""
+        """Insert ``(at_ns, payload)`` rows at the end (with their size and checksum when the layout
+        has those columns); returns (rows, bytes) added. Their seqs are consecutive, the last one
+        is ``last_insert_rowid()``."""
         lay = self.LAYOUT
         sizes = [self._payload_size(payload) for _, payload in rows]
+        columns = [lay.at_ns, lay.payload]
+        values: list[list[Any]] = [[at, payload] for at, payload in rows]
         if lay.size:
-            db.executemany(
-                f"INSERT INTO {lay.table} ({lay.at_ns}, {lay.size}, {lay.payload}) VALUES (?, ?, ?)",
-                [(at, size, payload) for (at, payload), size in zip(rows, sizes, strict=True)],
-            )
-        else:
-            db.executemany(f"INSERT INTO {lay.table} ({lay.at_ns}, {lay.payload}) VALUES (?, ?)", rows)
+            columns.append(lay.size)
+            for value, size in zip(values, sizes, strict=True):
+                value.append(size)
+        if lay.check:
+            columns.append(lay.check)
+            for value, (_, payload) in zip(values, rows, strict=True):
+                value.append(payload_check(payload))
+        marks = ", ".join("?" for _ in columns)
+        db.executemany(f"INSERT INTO {lay.table} ({', '.join(columns)}) VALUES ({marks})", values)
         return len(rows), sum(sizes)
 
     def _delete_range(self, db: sqlite3.Connection, after: int, through: int) -> tuple[int, int]:
@@ -451,17 +495,22 @@ class SqliteQueue(Generic[P]):
             self._oldest_at_ns = rows[0][0]
 
     def read_oldest(self, limit: int, *, after: int = 0) -> list[QueueRow[P]]:
-        """Up to ``limit`` of the oldest rows with a seq above ``after``, oldest first."""
+        """Up to ``limit`` of the oldest rows with a seq above ``after``, oldest first (with their
+        stored checksum when the layout has one: see :meth:`QueueRow.intact`)."""
         lay = self.LAYOUT
+        check = lay.check or "NULL"
         try:
             rows = self.conn.execute(
-                f"SELECT {lay.seq}, {lay.at_ns}, {lay.payload} FROM {lay.table}"
+                f"SELECT {lay.seq}, {lay.at_ns}, {lay.payload}, {check} FROM {lay.table}"
                 f" WHERE {lay.seq} > ? ORDER BY {lay.seq} LIMIT ?",
                 (after, limit),
             ).fetchall()
         except sqlite3.Error as err:
             raise self._translate("read", err) from err
-        return [QueueRow(int(seq), int(at), self._payload(payload)) for seq, at, payload in rows]
+        return [
+            QueueRow(int(seq), int(at), self._payload(payload), None if crc is None else int(crc))
+            for seq, at, payload, crc in rows
+        ]
 
     def delete_through(self, seq: int) -> int:
         """Remove every row up to and including ``seq`` in one transaction; returns how many."""

@@ -99,6 +99,7 @@ class Subscriber:
         self.seq_of: dict[str, int] = {}
         self.health: list[AgentHealth] = []
         self.redelivered = 0  # messages received twice byte for byte (broker → subscriber re-delivery)
+        self.unreadable = 0  # obs messages that do not decode (a collector rejects them whole)
         self._payloads: set[bytes] = set()
         self.task: asyncio.Task[None] | None = None
 
@@ -132,7 +133,12 @@ class Subscriber:
                                 self.redelivered += 1
                                 continue
                             self._payloads.add(digest)
-                            for o in msgspec.json.decode(payload, type=Envelope).observations:
+                            try:
+                                envelope = msgspec.json.decode(payload, type=Envelope)
+                            except msgspec.DecodeError:
+                                self.unreadable += 1  # every observation in it is lost
+                                continue
+                            for o in envelope.observations:
                                 self.ids.append(o.id)
                                 self.seq_of[o.id] = o.seq
                         elif topic.endswith("/health"):
@@ -477,3 +483,69 @@ async def test_broker_down_end_to_end_exactly_once_in_influxdb(
         f", distinct ids {len(stored)}, max copies of one id {copies}, re-sent by the agent {len(agent.released)}"
     )
     assert set(stored) == produced and copies == 1
+
+
+# ---- (d) one spooled row damaged on the disk ------------------------------------------------------------
+
+
+def corrupt_payload_in_file(path: Path, obs_id: str) -> None:
+    """Change one byte of one spooled observation, in the SQLite file itself (the agent is stopped):
+    its leading '{' becomes '[', so it is no longer a JSON object."""
+    assert not path.with_name(path.name + "-wal").exists() or path.with_name(path.name + "-wal").stat().st_size == 0
+    data = path.read_bytes()
+    needle = b'{"id":"' + obs_id.encode()
+    at = data.find(needle)
+    assert at >= 0 and data.find(needle, at + 1) < 0, "the observation is in the file once"
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, b"[", at)
+    finally:
+        os.close(fd)
+
+
+async def test_one_corrupted_spooled_row_is_quarantined_the_rest_delivered(tmp_path: Path) -> None:
+    """Measured before: one changed byte in one spooled payload made the whole message it went out
+    in unreadable (a collector rejects it as bad JSON): ~500 observations lost, the agent unaware."""
+    spool_path = tmp_path / "spool.db"
+    async with MosquittoServer(port=free_port(), extra_config=BROKER_CONFIG) as broker:
+        sub = Subscriber(broker, "f-a4")
+        await sub.register()
+        cfg = convert(agent_dict(broker, spool_path, "f-a4", flush_timeout_s=0.5), AgentConfig, "t")
+        await broker.astop(keep_state=True)
+        first = RunningAgent(cfg)  # no broker: everything it produces stays in its spool
+        await first.start()
+        await eventually(lambda: len(first.produced) >= 300, what="300 observations spooled")
+        await first.finish()
+        spooled = spool_ids(spool_path)
+        assert len(spooled) == len(first.produced) >= 300
+        victim = spooled[len(spooled) // 2]
+        corrupt_payload_in_file(spool_path, victim)
+
+        await broker.astart()
+        sub.start()
+        second = RunningAgent(cfg)
+        try:
+            handles = await second.start()
+            wanted = set(spooled) - {victim}
+            await sub.wait_for(wanted, 30)
+            await second.wait_live()
+            await eventually(lambda: any(h.spool_quarantined == 1 for h in sub.health), what="health counting it")
+            handles = await second.finish()
+            produced = [o.id for o in second.produced]
+            await sub.wait_for(set(produced), 30)
+        finally:
+            await sub.close()
+            if not second.stop.is_set():
+                second.stop.set()
+    info = inspect_spool(spool_path)
+    check_delivery(
+        "one spooled row corrupted",
+        [i for i in spooled if i != victim] + produced,
+        sub,
+        second.released,
+        f"; {len(spooled)} spooled, 1 corrupted on disk: quarantined {info.quarantined_total}, "
+        f"unreadable messages {sub.unreadable}",
+    )
+    assert victim not in sub.ids and sub.unreadable == 0
+    assert handles.spool.stats().quarantined == 1 and info.quarantined_total == 1 and info.quarantine_rows == 1
+    assert info.depth == 0

@@ -7,8 +7,9 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -21,6 +22,7 @@ from edgeprobe.sqlqueue import (
     SpoolVersionError,
     SqliteQueue,
     lock_holder,
+    payload_check,
 )
 from tests.support.paths import REPO
 
@@ -193,15 +195,16 @@ async def test_both_spools_refuse_a_newer_file(tmp_path: Path, which: str) -> No
 
     path = tmp_path / "spool.sqlite"
     db = sqlite3.connect(path)
-    db.execute("PRAGMA user_version=2")
+    db.execute("PRAGMA user_version=99")
     db.close()
-    message = rf"spool {path} has schema version 2, this {which} knows version 1"
+    known = 1 if which == "collector" else 2  # the agent's spool is at version 2 (checksums)
+    message = rf"spool {path} has schema version 99, this {which} knows version {known}"
     with pytest.raises(SpoolVersionError, match=message):
         if which == "collector":
             Spool(path).open()
         else:
             await SqliteSpool.open(path, max_bytes=10**6, max_age_s=60.0)
-    assert user_version(path) == 2
+    assert user_version(path) == 99
     assert not list(tmp_path.glob("*.corrupt-*"))  # not mistaken for corruption
 
 
@@ -259,3 +262,76 @@ def test_closed_queue_is_a_spool_error(tmp_path: Path) -> None:
     q.close()  # twice is fine
     with pytest.raises(SpoolClosedError):
         q.read_oldest(1)
+
+
+# ----- migrations and checksums -------------------------------------------------------------------
+
+
+class CheckedQueue(SqliteQueue[bytes]):
+    """BlobQueue's file at version 2: a checksum column, added to version-1 files by a migration."""
+
+    LAYOUT = QueueLayout(
+        table="q", seq="rowid", at_ns="at_ns", payload="body", payload_type="BLOB", size="size", check="crc"
+    )
+    SCHEMA_VERSION = 2
+    MIGRATIONS: ClassVar[Mapping[int, tuple[str, ...]]] = {1: ("ALTER TABLE q ADD COLUMN crc INTEGER",)}
+
+    def _payload(self, raw: Any) -> bytes:
+        return bytes(raw)
+
+
+def test_an_older_file_is_migrated_its_rows_trusted(tmp_path: Path) -> None:
+    path = tmp_path / "q.sqlite"
+    with BlobQueue(path) as q:
+        q.append_rows([(1, b"old")])
+    assert user_version(path) == 1
+    with CheckedQueue(path) as q:
+        assert q.migrated_from == 1 and q.depth == 1
+        q.append_rows([(2, b"new")])
+        rows = q.read_oldest(10)
+        assert [(r.payload, r.check) for r in rows] == [(b"old", None), (b"new", payload_check(b"new"))]
+        assert all(r.intact() for r in rows)  # no checksum: trusted as before
+    assert user_version(path) == 2
+    with CheckedQueue(path) as q:
+        assert q.migrated_from is None and q.depth == 2
+
+
+def test_a_failed_migration_leaves_the_file_as_it_was(tmp_path: Path) -> None:
+    class Broken(CheckedQueue):
+        MIGRATIONS: ClassVar[Mapping[int, tuple[str, ...]]] = {
+            1: ("ALTER TABLE q ADD COLUMN crc INTEGER", "ALTER TABLE nope ADD COLUMN x")
+        }
+
+    path = tmp_path / "q.sqlite"
+    with BlobQueue(path) as q:
+        q.append_rows([(1, b"keep")])
+    with pytest.raises(SpoolError, match="open failed"):
+        Broken(path).open_queue()
+    assert user_version(path) == 1  # all steps or none
+    with BlobQueue(path) as q:
+        assert [r.payload for r in q.read_oldest(5)] == [b"keep"]
+
+
+def test_a_file_older_than_the_first_migration_is_refused(tmp_path: Path) -> None:
+    class V3(CheckedQueue):
+        SCHEMA_VERSION = 3
+        MIGRATIONS: ClassVar[Mapping[int, tuple[str, ...]]] = {2: ()}  # knows 2 -> 3 only
+
+    path = tmp_path / "q.sqlite"
+    with BlobQueue(path):
+        pass
+    with pytest.raises(SpoolVersionError, match="schema version 1, this process knows version 3"):
+        V3(path).open_queue()
+    assert user_version(path) == 1
+
+
+def test_a_changed_byte_fails_the_checksum(tmp_path: Path) -> None:
+    path = tmp_path / "q.sqlite"
+    with CheckedQueue(path) as q:
+        q.append_rows([(1, b'{"id":"a"}'), (2, b'{"id":"b"}')])
+    db = sqlite3.connect(path)
+    with db:
+        db.execute("UPDATE q SET body = ? WHERE at_ns = 2", (b'{"id":"c"}',))
+    db.close()
+    with CheckedQueue(path) as q:
+        assert [r.intact() for r in q.read_oldest(5)] == [True, False]
