@@ -12,6 +12,9 @@ Both send the same body: the lines joined by ``\\n``, gzip-compressed when ``gzi
 Every foreign exception is translated here into :class:`WriteError` (cause kept): connection
 problems, timeouts, 5xx, 408 and 429 are ``retryable``; other 4xx are not, with InfluxDB's error
 text (which names the offending line for parse errors). Credentials are never part of a message.
+A refusal that names field type conflicts carries them (:attr:`WriteError.conflicts`, read from the
+whole answer by :func:`edgeprobe.collector.conflicts.conflicts_in`), so the collector can set the
+lines they refuse aside without writing each one.
 """
 
 from __future__ import annotations
@@ -28,21 +31,33 @@ from urllib.parse import urlencode
 import aiohttp
 
 from edgeprobe.collector.config import InfluxConfig
+from edgeprobe.collector.conflicts import FieldConflict, conflicts_in
 
 MAX_ERROR_CHARS = 500
 RETRYABLE_STATUS = frozenset({408, 429})
-DATA_ERROR_STATUS = frozenset({400, 413})  # a problem with the lines themselves: worth bisecting
+# A problem with the lines themselves: worth bisecting. 422: InfluxDB 2.x's refusal of points
+# (field type conflicts, points outside the retention period).
+DATA_ERROR_STATUS = frozenset({400, 413, 422})
 
 
 class WriteError(Exception):
     """A failed write. ``retryable``: the same lines may succeed later; ``status``: HTTP status."""
 
-    def __init__(self, message: str, *, retryable: bool, status: int | None = None, timeout: bool = False) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        retryable: bool,
+        status: int | None = None,
+        timeout: bool = False,
+        conflicts: tuple[FieldConflict, ...] = (),
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.retryable = retryable
         self.status = status
         self.timeout = timeout  # no answer within influx.timeout_s (the server may be slow, or the batch large)
+        self.conflicts = conflicts  # the field type conflicts InfluxDB named (data errors only)
 
     @property
     def data_error(self) -> bool:
@@ -150,10 +165,12 @@ class V1Writer:
                 status, reason = resp.status, resp.reason or ""
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise _transport_error(exc, what) from exc
+        retryable = status_retryable(status)
         raise WriteError(
             f"{what}: HTTP {status}: {error_text(text, reason)}",
-            retryable=status_retryable(status),
+            retryable=retryable,
             status=status,
+            conflicts=() if retryable else conflicts_in(text),
         )
 
     async def prepare(self) -> None:
@@ -244,10 +261,12 @@ class V2Writer:
             if not isinstance(status, int) or status <= 0:
                 raise WriteError(f"{what}: {error_text(exc.message, 'failed')}", retryable=True) from exc
             body = getattr(exc, "body", None)
+            retryable = status_retryable(status)
             raise WriteError(
                 f"{what}: HTTP {status}: {error_text(body, str(exc.message))}",
-                retryable=status_retryable(status),
+                retryable=retryable,
                 status=status,
+                conflicts=() if retryable else conflicts_in(body if isinstance(body, str | bytes) else None),
             ) from exc
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise _transport_error(exc, what) from exc

@@ -25,21 +25,31 @@ refused (:class:`edgeprobe.sqlqueue.SpoolVersionError`), never overwritten.
 
 The class is synchronous and not thread-safe: the service calls it from one worker thread.
 
-**Dead letters.** Points InfluxDB refuses for good (a 400 that bisection narrowed down to one
-line) are appended to a JSON-lines file, one object a line::
+**Dead letters.** Points InfluxDB refuses for good (a 400/413/422 that bisection narrowed down to
+one line, or a line carrying a field type conflict InfluxDB reported before) are appended to a
+JSON-lines file, one object a line::
 
     {"time": "2025-01-31T12:00:00.123456789Z", "at_ns": 1738324800123456789,
-     "reason": "partial write: field type conflict: …", "status": 400, "line": "edgeprobe_tcp,…"}
+     "reason": "field_type_conflict", "error": "partial write: field type conflict: …",
+     "status": 400, "measurement": "edgeprobe_tcp", "field": "dns_ms", "line": "edgeprobe_tcp,…"}
 
-flushed and fsynced before the line leaves the spool.
+``reason`` is one of :data:`DEAD_LETTER_REASONS`; ``measurement`` and ``field`` are there for a
+field type conflict. The records of one call are written and fsynced together, under an exclusive
+``flock`` on ``<file>.lock``, before the lines leave the spool; ``edgeprobe collector dead-letters
+replay`` takes the same lock to rewrite the file (:func:`rewrite_dead_letters`), so a record the
+collector appends meanwhile is never lost. Files of earlier versions (``reason`` holding InfluxDB's
+message, no ``error``) are read too (:func:`record_reason`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -52,7 +62,20 @@ from edgeprobe.sqlqueue import (
     SqliteQueue,
 )
 
-__all__ = ["DeadLetters", "Spool", "SpoolError", "SpoolLockedError", "SpoolState", "read_dead_letters", "rfc3339_ns"]
+__all__ = [
+    "DEAD_LETTER_REASONS",
+    "DeadLetter",
+    "DeadLetters",
+    "Spool",
+    "SpoolError",
+    "SpoolLockedError",
+    "SpoolState",
+    "iter_dead_letters",
+    "read_dead_letters",
+    "record_reason",
+    "rewrite_dead_letters",
+    "rfc3339_ns",
+]
 
 SCHEMA_VERSION = 1
 
@@ -105,8 +128,72 @@ def rfc3339_ns(at_ns: int) -> str:
     return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S") + f".{frac:09d}Z"
 
 
+REASON_FIELD_TYPE_CONFLICT = "field_type_conflict"  # a field's type differs from the one InfluxDB holds
+REASON_TOO_LARGE = "too_large"  # HTTP 413
+REASON_REFUSED = "refused"  # any other refusal of the line (400, 422): InfluxDB's error says why
+DEAD_LETTER_REASONS = (REASON_FIELD_TYPE_CONFLICT, REASON_TOO_LARGE, REASON_REFUSED)
+MAX_RECORD_BYTES = 8 * 1024 * 1024  # a longer line in the file is not read (counted as unreadable)
+
+
+def reason_of(status: int | None, error: str) -> str:
+    """The reason code for a refusal with HTTP ``status`` and InfluxDB's ``error``."""
+    if "field type conflict" in error or "invalid column type" in error:
+        return REASON_FIELD_TYPE_CONFLICT
+    if status == 413:
+        return REASON_TOO_LARGE
+    return REASON_REFUSED
+
+
+def record_reason(record: dict[str, object]) -> str:
+    """A record's reason code, also for records of earlier versions (``reason`` = InfluxDB's error)."""
+    reason = record.get("reason")
+    if isinstance(reason, str) and reason in DEAD_LETTER_REASONS:
+        return reason
+    status = record.get("status")
+    return reason_of(status if isinstance(status, int) else None, str(reason or ""))
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """One refused line and why."""
+
+    line: str
+    error: str  # InfluxDB's error (or what the collector knew of it)
+    status: int | None = None
+    reason: str | None = None  # None: derived from status and error (reason_of)
+    measurement: str | None = None
+    field: str | None = None
+
+    def record(self, at_ns: int) -> dict[str, object]:
+        out: dict[str, object] = {
+            "time": rfc3339_ns(at_ns),
+            "at_ns": at_ns,
+            "reason": self.reason or reason_of(self.status, self.error),
+            "error": self.error,
+            "status": self.status,
+        }
+        if self.measurement is not None:
+            out["measurement"] = self.measurement
+        if self.field is not None:
+            out["field"] = self.field
+        out["line"] = self.line
+        return out
+
+
+@contextlib.contextmanager
+def dead_letter_lock(path: Path) -> Iterator[None]:
+    """Hold the exclusive lock of a dead-letter file (``<file>.lock``) while appending or rewriting."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
 class DeadLetters:
-    """Append-only JSON-lines file of points InfluxDB refused; every record is fsynced.
+    """Append-only JSON-lines file of points InfluxDB refused; every append is fsynced.
 
     Without a path nothing is recorded (the service still logs and counts refused points).
     """
@@ -114,18 +201,51 @@ class DeadLetters:
     def __init__(self, path: str | os.PathLike[str] | None) -> None:
         self.path = Path(path) if path is not None else None
 
-    def append(self, line: str, reason: str, status: int | None = None, at_ns: int | None = None) -> None:
+    def append(self, line: str, error: str, status: int | None = None, at_ns: int | None = None) -> None:
         """Record one refused line. Raises OSError when the file can't be written."""
-        if self.path is None:
+        self.append_many([DeadLetter(line, error, status)], at_ns)
+
+    def append_many(self, letters: Sequence[DeadLetter], at_ns: int | None = None) -> None:
+        """Record refused lines with one write and one fsync. Raises OSError when the file can't be
+        written (then maybe some of them were: a replay writes a line twice harmlessly)."""
+        if self.path is None or not letters:
             return
         now_ns = time.time_ns() if at_ns is None else at_ns
-        record = {"time": rfc3339_ns(now_ns), "at_ns": now_ns, "reason": reason, "status": status, "line": line}
-        text = json.dumps(record) + "\n"  # ASCII: \u escapes for anything else
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", encoding="ascii") as fh:
+        # ASCII: \u escapes for anything else, so no record holds a raw control character.
+        text = "".join(json.dumps(letter.record(now_ns)) + "\n" for letter in letters)
+        with dead_letter_lock(self.path), self.path.open("a", encoding="ascii") as fh:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
+
+
+def iter_dead_letters(
+    path: str | os.PathLike[str], max_record_bytes: int = MAX_RECORD_BYTES, *, end: int | None = None
+) -> Iterator[tuple[int, dict[str, object] | None]]:
+    """``(offset, record)`` for each line of a dead-letter file up to byte ``end`` (None: to its end);
+    ``record`` is None for a line that is too long, not JSON or not an object. Reads one bounded line
+    at a time."""
+    with Path(path).open("rb") as fh:
+        offset = 0
+        while end is None or offset < end:
+            raw = fh.readline(max_record_bytes + 1)
+            if not raw:
+                return
+            start = offset
+            offset += len(raw)
+            if len(raw) > max_record_bytes and not raw.endswith(b"\n"):
+                while raw and not raw.endswith(b"\n"):  # skip the rest of the over-long line
+                    raw = fh.readline(max_record_bytes + 1)
+                    offset += len(raw)
+                yield start, None
+                continue
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw)
+            except (ValueError, RecursionError):
+                record = None
+            yield start, record if isinstance(record, dict) else None
 
 
 def read_dead_letters(path: str | os.PathLike[str]) -> list[dict[str, object]]:
@@ -133,5 +253,41 @@ def read_dead_letters(path: str | os.PathLike[str]) -> list[dict[str, object]]:
     p = Path(path)
     if not p.exists():
         return []
-    with p.open(encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    return [record for _, record in iter_dead_letters(p) if record is not None]
+
+
+def rewrite_dead_letters(path: str | os.PathLike[str], drop: Callable[[int], bool], *, snapshot_size: int) -> int:
+    """Remove the records at the offsets ``drop`` accepts (offsets below ``snapshot_size``, as read
+    before) from the file, atomically: under the file's lock, the kept lines (and everything appended
+    after ``snapshot_size``) go to a new file beside it, fsynced, renamed over it. Returns how many
+    lines were removed. Raises OSError; the file is unchanged then."""
+    p = Path(path)
+    removed = 0
+    with dead_letter_lock(p):
+        if p.stat().st_size < snapshot_size:
+            raise OSError(f"{p} shrank since it was read (another replay?): nothing removed")
+        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as out, p.open("rb") as src:
+                os.fchmod(out.fileno(), p.stat().st_mode & 0o777)
+                offset, dropping, at_line_start = 0, False, True
+                while raw := src.readline(1 << 20):  # bounded pieces; lines of any length are copied
+                    if at_line_start:
+                        dropping = offset < snapshot_size and drop(offset)
+                        removed += dropping
+                    if not dropping:
+                        out.write(raw)
+                    offset += len(raw)
+                    at_line_start = raw.endswith(b"\n")
+                out.flush()
+                os.fsync(out.fileno())
+            Path(tmp).replace(p)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        dir_fd = os.open(p.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    return removed

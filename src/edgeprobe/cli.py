@@ -469,6 +469,111 @@ def collector_run(config_path: str, log_level: str, ready_file: str | None) -> N
         _remove_ready_file(ready_file)
 
 
+@collector.group("dead-letters")
+def collector_dead_letters() -> None:
+    """The points InfluxDB refused for good: list them, replay them once the schema is fixed."""
+
+
+def _dead_letter_path_or_exit(config_path: str) -> Any:
+    from edgeprobe.collector.config import load_collector_config
+
+    cfg = _load_or_exit(load_collector_config, config_path)
+    path = cfg.dead_letter_path()
+    if path is None:
+        click.echo(f"{config_path}: no dead-letter file (spool.dead_letter_path is null, or the spool is in memory)")
+        sys.exit(EXIT_OK)
+    return cfg, path
+
+
+@collector_dead_letters.command("ls")
+@config_option
+@json_option
+def collector_dead_letters_ls(config_path: str, as_json: bool) -> None:
+    """Count the dead letters by reason, measurement and field, with the oldest and newest of each."""
+    from edgeprobe.collector.deadletters import shown, summarize
+
+    _, path = _dead_letter_path_or_exit(config_path)
+    try:
+        summary = summarize(path)
+    except OSError as err:
+        click.echo(f"edgeprobe: {shown(path, 4096)}: {shown(err.strerror or err, 4096)}", err=True)
+        sys.exit(EXIT_FAILED)
+    if as_json:
+        from edgeprobe.collector.deadletters import safe_json
+
+        click.echo(safe_json(summary.as_dict()))
+        return
+    info = summary.as_dict()
+    if not summary.exists:
+        click.echo(f"{shown(path, 4096)}: no dead letters (no file yet)")
+        return
+    click.echo(
+        f"{shown(path, 4096)}: {summary.records} dead letter(s), {summary.bytes} bytes"
+        f"{f', {summary.unreadable} unreadable line(s)' if summary.unreadable else ''}; "
+        f"oldest {info['oldest'] or '-'}, newest {info['newest'] or '-'}"
+    )
+    if summary.groups:
+        click.echo(f"  {'COUNT':>8}  {'REASON':<20} {'MEASUREMENT':<24} {'FIELD':<20} OLDEST / NEWEST")
+    for group in summary.sorted_groups():
+        g = group.as_dict()
+        click.echo(
+            f"  {group.count:>8}  {shown(group.reason, 20):<20} {shown(group.measurement or '-', 60):<24} "
+            f"{shown(group.field or '-', 60):<20} {g['oldest'] or '-'} / {g['newest'] or '-'}"
+        )
+
+
+@collector_dead_letters.command("replay")
+@config_option
+@click.option(
+    "--reason",
+    type=click.Choice(["field_type_conflict", "too_large", "refused"]),
+    help="Replay only the dead letters of this reason (default: all).",
+)
+@click.option("--dry-run", is_flag=True, help="Only count what would be replayed; write and remove nothing.")
+@json_option
+def collector_dead_letters_replay(config_path: str, reason: str | None, dry_run: bool, as_json: bool) -> None:
+    """Write the dead letters to InfluxDB again (after the schema was fixed) and remove the ones it
+    takes from the file. Idempotent; lines refused again stay. Safe while the collector runs."""
+    from edgeprobe.collector.deadletters import ReplayBusyError, replay, safe_json, shown
+    from edgeprobe.collector.influx import WriteError, make_writer
+
+    cfg, path = _dead_letter_path_or_exit(config_path)
+
+    async def run() -> Any:
+        async with make_writer(cfg.influx) as writer:
+            if not dry_run:
+                try:
+                    await writer.prepare()
+                except WriteError as err:
+                    if err.retryable:
+                        raise
+            return await replay(
+                path, writer, reason=reason, dry_run=dry_run, batch_lines=cfg.influx.batch_max_lines
+            )
+
+    try:
+        result = asyncio.run(run())
+    except (OSError, ReplayBusyError) as err:
+        click.echo(f"edgeprobe: {shown(path, 4096)}: {shown(err, 4096)}", err=True)
+        sys.exit(EXIT_FAILED)
+    except WriteError as err:
+        click.echo(f"edgeprobe: {shown(err.message, 4096)}", err=True)
+        sys.exit(EXIT_FAILED)
+    if as_json:
+        click.echo(safe_json(result.as_dict()))
+    elif dry_run:
+        click.echo(f"{shown(path, 4096)}: would replay {result.selected} dead letter(s) (dry run: nothing written)")
+    else:
+        click.echo(
+            f"{shown(path, 4096)}: replayed {result.selected} dead letter(s): {result.written} written and removed "
+            f"from the file ({result.removed} record(s)), {result.refused} refused again (kept), "
+            f"{result.writes} write request(s)"
+        )
+    if result.error is not None:
+        click.echo(f"edgeprobe: replay stopped early: {shown(result.error, 4096)}", err=True)
+        sys.exit(EXIT_FAILED)
+
+
 @main.command()
 @click.option(
     "--duration", "duration_s", type=float, help="Stop after this many seconds (default: run until Ctrl-C)."

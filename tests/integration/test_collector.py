@@ -311,7 +311,9 @@ async def test_field_type_conflict_is_bisected(
     assert set(ids) == set(good_ids) and max(ids.values()) == 1
     # the refused point is kept, with InfluxDB's reason, in the dead-letter file
     (record,) = read_dead_letters(cfg.dead_letter_path())
-    assert record["status"] == 400 and "field type conflict" in str(record["reason"])
+    assert record["status"] == 400 and record["reason"] == "field_type_conflict"
+    assert record["measurement"] == "edgeprobe_tcp" and record["field"] == "dns_ms"
+    assert "field type conflict" in str(record["error"])
     assert f'id="{bad["id"]}"' in str(record["line"]) and str(record["time"]).endswith("Z")
 
 

@@ -204,11 +204,13 @@ def test_dead_letters_are_json_lines(tmp_path: Path) -> None:
     assert records[0] == {
         "time": "2023-11-14T22:13:20.123456789Z",
         "at_ns": 1_700_000_000_123_456_789,
-        "reason": "HTTP 400: bad",
+        "reason": "refused",
+        "error": "HTTP 400: bad",
         "status": 400,
         "line": 'm,t=a f="x\ny" 1',
     }
-    assert records[1]["status"] == 413 and len(dl.path.read_text().splitlines()) == 2
+    assert records[1]["status"] == 413 and records[1]["reason"] == "too_large"
+    assert len(dl.path.read_text().splitlines()) == 2
 
 
 # ---- flusher -------------------------------------------------------------------------------------
@@ -302,7 +304,8 @@ async def test_bisection_dead_letters_only_the_bad_lines(make_collector: Any) ->
     assert stats.spool_lines == 0 and col.spool.depth == 0 and writer.prepared == 1
     records = read_dead_letters(col.dead_letters.path)
     assert [r["line"] for r in records] == ["m bad=1 17", "m bad=2 80"]
-    assert all(r["status"] == 400 and "field type conflict" in str(r["reason"]) for r in records)
+    assert all(r["status"] == 400 and r["reason"] == "field_type_conflict" for r in records)
+    assert all("field type conflict" in str(r["error"]) for r in records)
 
 
 async def test_retryable_errors_keep_the_batch(make_collector: Any) -> None:
