@@ -106,11 +106,6 @@ class InfluxConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_o
     timeout_s: Annotated[float, msgspec.Meta(gt=0, le=600)] = 10.0
     retry_min_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 0.5
     retry_max_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0
-    # Field type conflicts InfluxDB reported are remembered per (measurement, field): lines that
-    # would meet one are dead-lettered without a write. Each is forgotten (and probed again by the
-    # next such line) after conflict_recheck_s; at most conflict_memory_max are kept (0: off).
-    conflict_recheck_s: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 300.0
-    conflict_memory_max: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] = 1000
 
     def __post_init__(self) -> None:
         try:
@@ -263,3 +258,42 @@ class CollectorConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, k
 def load_collector_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> CollectorConfig:
     """Read and validate ``collector.yaml``; EDGEPROBE_* variables override keys. Raises ConfigError."""
     return configfile.load(path, CollectorConfig, COLLECTOR_ENV, environ)
+
+
+CLIENT_ID_FILE = "collector-{name}.client-id"
+
+
+def collector_client_id(config: CollectorConfig, environ: Mapping[str, str] | None = None) -> tuple[str, bool]:
+    """(MQTT client id, whether the broker should already hold its persistent session).
+
+    ``broker.client_id`` when set (keep it unguessable). Otherwise
+    ``edgeprobe-collector-<name>-<random>``: the random part is made once and kept in
+    ``collector-<name>.client-id`` beside the spool (mode 0600), so the id survives restarts (the
+    persistent session with it) but no other login can guess it and take the session over (any
+    login may connect with any client id; the broker then drops the older connection and, for a
+    clean session, the queued messages). The second value is True when that file already existed
+    (this collector connected before). With ``spool.path: null`` there is no state directory: the
+    predictable ``edgeprobe-collector-<name>``, with a warning in the log.
+    """
+    if config.broker.client_id:
+        return config.broker.client_id, False
+    spool = config.spool_path(environ)
+    if spool is None:
+        return config.default_client_id, False
+    path = spool.parent / CLIENT_ID_FILE.format(name=config.name)
+    try:
+        text = path.read_text(encoding="ascii").strip()
+        if text and all(c in "0123456789abcdef" for c in text) and len(text) <= 64:
+            return f"{config.default_client_id}-{text}", True
+    except FileNotFoundError:
+        pass
+    except (OSError, UnicodeDecodeError) as err:
+        raise OSError(f"{path}: cannot read the collector's client id: {err}") from None
+    import secrets
+
+    from edgeprobe.files import write_new_file
+
+    suffix = secrets.token_hex(12)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    write_new_file(path, (suffix + "\n").encode(), mode=0o600, replace=True)
+    return f"{config.default_client_id}-{suffix}", False

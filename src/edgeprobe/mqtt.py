@@ -150,6 +150,32 @@ def _cause(err: BaseException) -> str:
     return str(err) or type(err).__name__
 
 
+# A connection lost within FLAP_S of connecting, FLAP_COUNT times in a row: another client is most
+# likely connecting with the same client id (each takes it over from the other; MQTT 3.1.1 gives no
+# reason for the disconnect).
+FLAP_S = 5.0
+FLAP_COUNT = 3
+SESSION_LOST = "session_lost"  # a persistent session was not present at the broker on a reconnect
+TAKEOVER_SUSPECTED = "takeover_suspected"  # FLAP_COUNT connections in a row lost within FLAP_S
+
+
+def _watch_session_present(client: aiomqtt.Client) -> list[bool | None]:
+    """[session_present of the CONNACK], filled in when it arrives (None: not seen). aiomqtt 2.x
+    ignores the CONNACK flags: this wraps paho's on_connect (``_client``, as :func:`make_client`)."""
+    seen: list[bool | None] = [None]
+    paho = getattr(client, "_client", None)
+    original = getattr(paho, "on_connect", None)
+    if paho is None or original is None:
+        return seen
+
+    def on_connect(c: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any = None) -> None:
+        seen[0] = bool(getattr(flags, "session_present", False))
+        original(c, userdata, flags, reason_code, properties)
+
+    paho.on_connect = on_connect
+    return seen
+
+
 async def run_session(
     broker: BrokerConfig,
     default_client_id: str,
@@ -165,6 +191,8 @@ async def run_session(
     linger: Callable[[], Awaitable[float | None]] | None = None,
     report: Callable[[Exception, str], None] | None = None,
     rng: random.Random | None = None,
+    on_session_event: Callable[[str, str], None] | None = None,
+    expect_session: bool = False,
 ) -> Exception | None:
     """Hold an MQTT session until ``session`` returns, reconnecting after retryable errors.
 
@@ -182,11 +210,29 @@ async def run_session(
     TimeoutError counts as retryable) and so are the waits. An attempt that started before
     ``stop`` is left to ``session`` to end. Returns the last attempt's error when it gave up
     because of ``stop`` (None if none failed); other exceptions propagate.
+
+    Client-id takeovers (any login may connect with any client id; the broker then drops the older
+    connection): ``on_session_event(event, line)`` (default: ``log.error(line)``) is told
+    :data:`SESSION_LOST` when a persistent session (``clean_session=False``) that this loop already
+    held is not present on a reconnect (CONNACK session_present false: what the broker queued is
+    gone: taken over by a clean client with the same id, expired, or a broker without persistence),
+    and :data:`TAKEOVER_SUSPECTED` when :data:`FLAP_COUNT` connections in a row were lost within
+    :data:`FLAP_S` of connecting. ``expect_session``: the broker should already hold this client's
+    persistent session at the first connection too (it had one before this process started).
     """
     loop = asyncio.get_running_loop()
     backoff = Backoff(broker.reconnect_min_s, broker.reconnect_max_s, rng)
     failures = 0  # attempts that did not connect, since the last connection
     error: Exception | None = None
+    held_session = expect_session  # clean_session=False: the broker should hold our session
+    short_lived = 0  # connections in a row lost within FLAP_S
+
+    def session_event(event: str, line: str) -> None:
+        if on_session_event is not None:
+            on_session_event(event, line)
+        else:
+            log.error("%s", line)
+
     while True:
         until: float | None = None
         if stop.is_set():
@@ -203,6 +249,7 @@ async def run_session(
                     will=will() if will is not None else None,
                     manual_ack=manual_ack,
                 )
+                present = _watch_session_present(client)
                 async with client:
                     connected_at = time.monotonic()
                     if failures:
@@ -210,6 +257,15 @@ async def run_session(
                     else:
                         log.info("%s connected", name)
                     failures = 0
+                    if not clean_session:
+                        if held_session and present[0] is False:
+                            session_event(
+                                SESSION_LOST,
+                                f"{name}: the broker had no session for client id {client.identifier!r} on "
+                                "reconnecting: what it queued while we were away is lost (another client took the "
+                                "id over with a clean session, the session expired, or the broker lost its state)",
+                            )
+                        held_session = True
                     await session(client)
             return None
         except Exception as err:
@@ -218,8 +274,17 @@ async def run_session(
             error = failed = err
         if connected_at is None:
             failures += 1
-        elif time.monotonic() - connected_at > broker.reconnect_max_s:
-            backoff.reset()  # it had been up for a while: start over
+        else:
+            up_s = time.monotonic() - connected_at
+            if up_s > broker.reconnect_max_s:
+                backoff.reset()  # it had been up for a while: start over
+            short_lived = short_lived + 1 if up_s < FLAP_S else 0
+            if short_lived == FLAP_COUNT:
+                session_event(
+                    TAKEOVER_SUSPECTED,
+                    f"{name}: lost {FLAP_COUNT} connections in a row within {FLAP_S:g} s of connecting: another "
+                    "client may be using the same client id (each connection takes it over from the other)",
+                )
         until = None
         if stop.is_set():
             until = await linger() if linger is not None else None
