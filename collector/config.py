@@ -106,6 +106,11 @@ class InfluxConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_o
     timeout_s: Annotated[float, msgspec.Meta(gt=0, le=600)] = 10.0
     retry_min_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 0.5
     retry_max_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0
+    # Field type conflicts InfluxDB reported are remembered per (measurement, field): lines that
+    # would meet one are dead-lettered without a write. Each is forgotten (and probed again by the
+    # next such line) after conflict_recheck_s; at most conflict_memory_max are kept (0: off).
+    conflict_recheck_s: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 300.0
+    conflict_memory_max: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] = 1000
 
     def __post_init__(self) -> None:
         try:

@@ -29,8 +29,13 @@ Three tasks:
   exponential backoff and jitter while the batch stays; errors about the destination rather
   than the data (401, 403, 404) are retried the same way, so the collector recovers once it is
   fixed. A batch that timed out is retried in halves, so one too large for ``influx.timeout_s``
-  can't time out forever. When InfluxDB refuses the data (400, 413) the batch is bisected until the refused lines
+  can't time out forever. When InfluxDB refuses the data (400, 413, 422) the batch is bisected until the refused lines
   are alone; those go to the dead-letter file with InfluxDB's reason and the rest is written.
+  A refusal that names **field type conflicts** is remembered (:class:`edgeprobe.collector.conflicts.ConflictMemory`,
+  bounded, each conflict forgotten after ``influx.conflict_recheck_s``): the lines of the batch that
+  meet one, and of every later batch, go to the dead-letter file without being written (one fsync for
+  all of a batch's), and the rest of the batch is written whole. So a sustained stream of such lines
+  costs about one refused write per conflict per ``conflict_recheck_s``, not one write per line.
 * the **health** task adds the collector's own ``edgeprobe_health`` point to the spool every
   ``health_interval_s`` (see :func:`health_fields`).
 
@@ -60,10 +65,11 @@ import aiomqtt
 
 from edgeprobe.backoff import Backoff
 from edgeprobe.collector.config import CollectorConfig, collector_client_id
+from edgeprobe.collector.conflicts import ConflictMemory, line_conflict
 from edgeprobe.collector.decode import REASONS, decode_health, decode_message
 from edgeprobe.collector.influx import InfluxWriter, WriteError, make_writer
 from edgeprobe.collector.lineproto import HEALTH_MEASUREMENT, encode_batch, encode_point
-from edgeprobe.collector.spool import DeadLetters, Spool, SpoolError
+from edgeprobe.collector.spool import REASON_FIELD_TYPE_CONFLICT, DeadLetter, DeadLetters, Spool, SpoolError
 from edgeprobe.mqtt import SESSION_LOST, TAKEOVER_SUSPECTED, ack, run_session
 from edgeprobe.probes.kind import AnyKind
 from edgeprobe.probes.stats import percentile
@@ -97,6 +103,9 @@ class CollectorStats:
     omitted: Counter[str] = field(default_factory=Counter)  # parts of points left out (lineproto OMIT_*)
     write_retries: int = 0  # failed write attempts that were retried
     dead_lettered: int = 0  # lines InfluxDB refused permanently (in the dead-letter file)
+    refused_writes: int = 0  # write requests InfluxDB refused for their data (400, 413, 422)
+    conflict_dead_lettered: int = 0  # of dead_lettered: set aside for a remembered field type conflict, unwritten
+    field_conflicts: int = 0  # field type conflicts remembered now (gauge)
     spool_errors: int = 0  # failed spool commits/reads/deletes and dead-letter writes
     backpressure_s: float = 0.0  # seconds the consumer waited because the spool was full
     connects: int = 0  # successful MQTT connect + subscribe
@@ -122,6 +131,9 @@ class CollectorStats:
             "dead_lettered": self.dead_lettered,
             "sessions_lost": self.sessions_lost,
             "takeovers_suspected": self.takeovers_suspected,
+            "refused_writes": self.refused_writes,
+            "conflict_dead_lettered": self.conflict_dead_lettered,
+            "field_conflicts": self.field_conflicts,
             "spool_errors": self.spool_errors,
             "connects": self.connects,
             "spool_lines": self.spool_lines,
@@ -154,6 +166,9 @@ def health_fields(
         "writes": stats.writes,
         "write_retries": stats.write_retries,
         "dead_lettered": stats.dead_lettered,
+        "refused_writes": stats.refused_writes,
+        "conflict_dead_lettered": stats.conflict_dead_lettered,
+        "field_conflicts": stats.field_conflicts,
         "rejected": sum(stats.rejected.values()),
         "omitted": sum(stats.omitted.values()),
         "spool_errors": stats.spool_errors,
@@ -244,7 +259,11 @@ class _Collector:
         self.dead_letters = dead_letters
         self.executor = executor
         self.rlog = RateLimitedLog(log, config.limits.log_interval_s)
-        self.pending: deque[list[tuple[int, str]]] = deque()  # the batch being written, split by bisection
+        # The batch being written, split by bisection: (rows, seq through which the spool may be
+        # cleared once these rows are written or dead-lettered).
+        self.pending: deque[tuple[list[tuple[int, str]], int]] = deque()
+        influx = config.influx
+        self.conflicts = ConflictMemory(influx.conflict_memory_max, influx.conflict_recheck_s)
         self.wake = asyncio.Event()  # a full batch is waiting, or stopping
         self.drained = asyncio.Event()  # the flusher removed lines from the spool
         self.stopping = asyncio.Event()
@@ -530,8 +549,12 @@ class _Collector:
                     continue
                 if not rows:
                     continue
-                self.pending.append(rows)
-            chunk = self.pending[0]
+                self.conflicts.expire()  # only between batches: a batch's rounds see one memory
+                self.stats.field_conflicts = len(self.conflicts)
+                self.pending.append((rows, rows[-1][0]))
+            if await self._set_aside_conflicts(backoff):
+                continue
+            chunk, through = self.pending[0]
             try:
                 if not prepared:
                     await self._prepare(writer)
@@ -541,13 +564,18 @@ class _Collector:
                 elapsed_ms = (time.perf_counter_ns() - t0) / 1e6
             except WriteError as err:
                 if err.data_error:
+                    self.stats.refused_writes += 1
+                    if self.conflicts.learn(err.conflicts, err.status):
+                        self.stats.field_conflicts = len(self.conflicts)
+                        if any(self.conflicts.match(line) for _, line in chunk):
+                            continue  # the next round sets those lines aside and writes the rest
                     self.pending.popleft()
                     if len(chunk) == 1:
-                        await self._dead_letter(chunk[0], err, backoff)
+                        await self._dead_letter(chunk[0], through, err, backoff)
                     else:
                         mid = len(chunk) // 2
-                        self.pending.appendleft(chunk[mid:])
-                        self.pending.appendleft(chunk[:mid])
+                        self.pending.appendleft((chunk[mid:], through))
+                        self.pending.appendleft((chunk[:mid], chunk[mid - 1][0]))
                     continue
                 self.stats.write_retries += 1
                 if err.status == 404:
@@ -557,8 +585,8 @@ class _Collector:
                     # order) so a size-induced timeout can't repeat forever.
                     self.pending.popleft()
                     mid = len(chunk) // 2
-                    self.pending.appendleft(chunk[mid:])
-                    self.pending.appendleft(chunk[:mid])
+                    self.pending.appendleft((chunk[mid:], through))
+                    self.pending.appendleft((chunk[:mid], chunk[mid - 1][0]))
                 delay = backoff.next_delay_s()
                 self.rlog.warning(
                     "write", "writing %d lines failed: %s; retrying in %.1f s", len(chunk), err.message, delay
@@ -570,8 +598,41 @@ class _Collector:
             self.latencies_ms.append(elapsed_ms)
             self.batch_lines.append(len(chunk))
             self.pending.popleft()
-            await self._forget_through(chunk[-1][0], backoff)
+            await self._forget_through(through, backoff)
             backoff.reset()
+
+    async def _set_aside_conflicts(self, backoff: Backoff) -> bool:
+        """Dead-letter the lines of the batch at hand that meet a remembered field type conflict,
+        unwritten; True when there were any (the rest of the batch stays at hand)."""
+        if not len(self.conflicts):
+            return False
+        rows, through = self.pending[0]
+        letters: list[DeadLetter] = []
+        rest: list[tuple[int, str]] = []
+        for seq, line in rows:
+            conflict = self.conflicts.match(line)
+            if conflict is None:
+                rest.append((seq, line))
+                continue
+            error = (
+                f'field type conflict: input field "{conflict.field}" on measurement "{conflict.measurement}" '
+                f"is type {conflict.incoming}, already exists as type {conflict.existing} "
+                f"(as InfluxDB answered before: not written)"
+            )
+            status = self.conflicts.status(conflict.measurement, conflict.field)
+            letters.append(
+                DeadLetter(line, error, status, REASON_FIELD_TYPE_CONFLICT, conflict.measurement, conflict.field)
+            )
+        if not letters:
+            return False
+        await self._record_dead(letters, letters[0].error, backoff)
+        self.stats.conflict_dead_lettered += len(letters)
+        if rest:
+            self.pending[0] = (rest, through)
+        else:
+            self.pending.popleft()
+            await self._forget_through(through, backoff)
+        return True
 
     async def _forget_through(self, seq: int, backoff: Backoff) -> None:
         """Delete written lines from the spool, retrying until it works (they are written already)."""
@@ -600,22 +661,35 @@ class _Collector:
             # e.g. no admin rights for CREATE DATABASE, or a server without it: try writing anyway.
             log.warning("could not prepare the InfluxDB destination (%s); writing anyway", err.message)
 
-    async def _dead_letter(self, row: tuple[int, str], err: WriteError, backoff: Backoff) -> None:
-        """Record a refused line in the dead-letter file (durably), then drop it from the spool."""
-        seq, line = row
+    async def _dead_letter(self, row: tuple[int, str], through: int, err: WriteError, backoff: Backoff) -> None:
+        """Record a refused line in the dead-letter file (durably), then clear the spool through ``through``."""
+        named = {(c.measurement, c.field): c.existing for c in err.conflicts}
+        conflict = line_conflict(row[1], lambda m, f: named.get((m, f))) if named else None
+        letter = DeadLetter(row[1], err.message, err.status)
+        if conflict is not None:  # (with the conflict memory off) say which field
+            letter = DeadLetter(
+                row[1], err.message, err.status, REASON_FIELD_TYPE_CONFLICT, conflict.measurement, conflict.field
+            )
+        await self._record_dead([letter], err.message, backoff)
+        await self._forget_through(through, backoff)
+
+    async def _record_dead(self, letters: Sequence[DeadLetter], why: str, backoff: Backoff) -> None:
+        """Append to the dead-letter file (one fsync), retrying until it works; count and log."""
         while True:
             try:
-                await self._db(self.dead_letters.append, line, err.message, err.status)
+                await self._db(self.dead_letters.append_many, letters)
                 break
             except OSError as exc:
                 await self._spool_trouble(
                     SpoolError(f"dead-letter file {self.dead_letters.path}: {exc.strerror or exc}"), backoff
                 )
-        self.stats.dead_lettered += 1
+        self.stats.dead_lettered += len(letters)
+        line = letters[0].line
         shown = line if len(line) <= MAX_LOGGED_LINE_CHARS else line[: MAX_LOGGED_LINE_CHARS - 1] + "…"
         where = f"kept in {self.dead_letters.path}" if self.dead_letters.path is not None else "dropped"
-        self.rlog.warning("dead_letter", "InfluxDB refused a point (%s), %s: %s", err.message, where, shown)
-        await self._forget_through(seq, backoff)
+        self.rlog.warning(
+            "dead_letter", "InfluxDB refused %d point(s) (%s), %s; the first: %r", len(letters), why, where, shown
+        )
 
 
 def _check_granted(granted: Sequence[Any], topics: str | Sequence[str], qos: int) -> None:
