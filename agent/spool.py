@@ -262,31 +262,30 @@ class SpoolAgeing:
         self.opened_mono_ns = opened_mono_ns
         self.inherited_through = inherited_through  # rowids up to this one were in the file at open
         self._offset_ns = opened_wall_ns - opened_mono_ns  # the lowest wall - mono seen
-        self._groups: deque[tuple[int, array[int]]] = deque()  # (first rowid, monotonic ns of each row)
+        # Runs of consecutive rowids: [first rowid, monotonic ns of each row, index of the first still held].
+        self._groups: deque[list[Any]] = deque()
 
     def note_inserted(self, first_rowid: int, monos: Sequence[int]) -> None:
         """Rows ``first_rowid``, ``first_rowid + 1`` … were committed, put at these monotonic times."""
         if not monos:
             return
         if self._groups:
-            first, arr = self._groups[-1]
+            first, arr, _ = self._groups[-1]
             if first + len(arr) == first_rowid:
                 arr.extend(monos)
                 return
-        self._groups.append((first_rowid, array("q", monos)))
+        self._groups.append([first_rowid, array("q", monos), 0])
 
     def expired_through(self, now_mono_ns: int) -> int:
         """The highest rowid of this run that is expired (every row of this run up to it is); 0: none."""
         cutoff = now_mono_ns - self.max_age_ns
         through = 0
-        for first, arr in self._groups:
-            if arr[-1] < cutoff:
-                through = first + len(arr) - 1
-                continue
-            n = bisect.bisect_left(arr, cutoff)  # rows put before the cutoff
-            if n:
+        for first, arr, start in self._groups:
+            n = bisect.bisect_left(arr, cutoff, lo=start)  # rows put before the cutoff
+            if n > start:
                 through = first + n - 1
-            break
+            if n < len(arr):
+                break
         return through
 
     def inherited_cutoff_ns(self, now_wall_ns: int, now_mono_ns: int) -> int | None:
@@ -297,14 +296,23 @@ class SpoolAgeing:
         return now_mono_ns + self._offset_ns - self.max_age_ns
 
     def forget_below(self, rowid: int) -> None:
-        """Rows below ``rowid`` are gone: drop their times (whole groups only)."""
-        while self._groups and self._groups[0][0] + len(self._groups[0][1]) <= rowid:
-            self._groups.popleft()
+        """Rows below ``rowid`` are gone: drop their times (memory stays proportional to the rows held)."""
+        while self._groups:
+            group = self._groups[0]
+            first, arr, start = group
+            if first + len(arr) <= rowid:
+                self._groups.popleft()
+                continue
+            if rowid - first > start:
+                group[2] = start = rowid - first
+                if start >= 4096 and 2 * start >= len(arr):  # compact now and then
+                    group[0], group[1], group[2] = first + start, arr[start:], 0
+            break
 
     @property
     def tracked(self) -> int:
         """Rows whose monotonic time is held (memory: 8 bytes each)."""
-        return sum(len(arr) for _, arr in self._groups)
+        return sum(len(arr) - start for _, arr, start in self._groups)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -893,6 +901,22 @@ class SqliteSpool:
         else:
             log.info("spool %s: empty", self.path)
         self._writer = asyncio.create_task(self._write_loop(), name="spool-writer")
+        self._writer.add_done_callback(self._writer_ended)
+
+    def _writer_ended(self, task: asyncio.Task[None]) -> None:
+        """The writer only ends at close; anything else is a bug that must not pass unseen."""
+        if task.cancelled() or task.exception() is None:
+            return
+        self.errors += 1
+        err = task.exception()
+        log.critical(
+            "spool %s: the writer died (%s: %s): nothing more is committed; %d observation(s) wait in memory",
+            self.path,
+            type(err).__name__,
+            err,
+            self._pending_count,
+            exc_info=err,
+        )
 
     async def _release_resources(self) -> None:
         if self._executor is not None:

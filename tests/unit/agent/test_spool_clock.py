@@ -151,3 +151,26 @@ def test_ageing_rule() -> None:
     assert a.inherited_cutoff_ns(now_wall_ns=10**6 * S, now_mono_ns=70 * S) == 510 * S - max_age
     # Once the process has been up max_age, everything inherited is older than that: all expired.
     assert a.inherited_cutoff_ns(now_wall_ns=0, now_mono_ns=150 * S) is None
+    # Times are held for the rows still there only.
+    a.note_inserted(14, [90 * S, 95 * S])  # consecutive: the same run of rows
+    assert a.tracked == 5
+    a.forget_below(13)
+    assert a.tracked == 3 and a.expired_through(now_mono_ns=171 * S) == 0  # 11, 12 are gone: none left expired
+    assert a.expired_through(now_mono_ns=191 * S) == 14
+    a.forget_below(10**9)
+    assert a.tracked == 0 and a.expired_through(now_mono_ns=10**6 * S) == 0
+
+
+async def test_monotonic_times_are_held_for_the_rows_still_spooled_only(tmp_path: Path) -> None:
+    spool = await SqliteSpool.open(tmp_path / "spool.db", max_bytes=10**9, max_age_s=MAX_AGE_S, commit_interval_s=0.01)
+    try:
+        for r in range(50):  # 100 in, 90 out each round: the spool never empties
+            for i in range(r * 100, r * 100 + 100):
+                spool.put(obs(i))
+            await spool.flush()
+            spool.ack(await spool.take(90))
+            await spool.flush()
+        tracked = spool._store.ageing.tracked
+        assert len(spool) == 500 and tracked <= 500 + 100, tracked  # not the 5000 put this run
+    finally:
+        await spool.aclose()
