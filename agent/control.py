@@ -11,8 +11,14 @@ Topics (``<p>`` is ``broker.topic_prefix``):
   :class:`ConfigDocument` s, signed ``config``. A group document applies when its ``where``
   labels all match (``site`` and ``agent`` match the agent's site and id). Jobs of all documents
   in force run next to the local file's jobs, validated exactly like them (``build_jobs`` over
-  local + central jobs). A document that fails is refused, reported in the status
-  (``config_error``), and the last good version of it keeps running.
+  local + central jobs), then against the agent's local policy (:mod:`edgeprobe.agent.policy`):
+  every target of the document's jobs (addresses, deny/allow), packets per run, the environment
+  variables a job reads, and the runs per second of all central jobs together. A document that
+  fails is refused whole (``config_invalid``, or ``config_policy`` with every refused target),
+  reported in the status (``config_error``), and the last good version of it keeps running.
+
+Ad-hoc requests and central jobs run with a :class:`ProbeContext` that checks every address a
+probe connects to against the policy (redirect hops, names resolved again): ``policy_refused``.
 
 Every refusal is answered (commands), counted by code and shown in the retained status.
 """
@@ -108,6 +114,7 @@ class Control:
         # nonces and config issued_at kept across restarts, beside the spool (agent/replay.py)
         self.replay = ReplayState(state_path_for(cfg.spool.resolved_path(cfg.agent.id)))
         self.policy = policy or TargetPolicy(cfg.policy)
+        self.remote_ctx = ctx.restricted(self.policy.address_check())  # what the controller asks for
         ident, prefix = cfg.agent, cfg.broker.topic_prefix
         self.cmd_topic = cmd_topic(prefix, ident.site, ident.id)
         self.config_topic = config_topic(prefix, ident.site, ident.id)
@@ -270,7 +277,7 @@ class Control:
                 kind,
                 cmd.target,
                 config,
-                self.ctx,
+                self.remote_ctx,
                 seq=next(self.main._seq),
                 job=ADHOC_JOB,
                 labels={"request_id": cmd.request_id},
@@ -338,7 +345,7 @@ class Control:
             ident = self.cfg.agent
             if topic != self.config_topic and not label_match(doc.where, ident.site, ident.id, ident.labels):
                 if self.docs.pop(topic, None) is not None:  # no longer for us
-                    await self._apply(dict(self.docs))
+                    await self._apply(dict(self.docs), [])
                 return
             source = f"central config {name}"
             job_cfgs: list[JobConfig] = []
@@ -352,13 +359,13 @@ class Control:
                 except ConfigError as err:
                     raise Refusal("config_invalid", str(err)) from None
             try:  # alone first, for an error that names this document's own jobs
-                build_jobs(msgspec.structs.replace(self.cfg, jobs=job_cfgs), source)
+                doc_jobs = build_jobs(msgspec.structs.replace(self.cfg, jobs=job_cfgs), source)
             except ConfigError as err:
                 raise Refusal("config_invalid", str(err)) from None
             docs = dict(self.docs)
             docs[topic] = (doc, job_cfgs)
             try:
-                await self._apply(docs)
+                await self._apply(docs, doc_jobs)
             except ConfigError as err:
                 raise Refusal("config_invalid", str(err)) from None
         except Refusal as ref:
@@ -391,7 +398,7 @@ class Control:
         name = topic.rsplit("/", 1)[-1] if topic.startswith(self.group_prefix) else "agent"
         remaining = {t: d for t, d in self.docs.items() if t != topic}
         try:
-            await self._apply(remaining)
+            await self._apply(remaining, [])
         except (ConfigError, Refusal) as err:  # they passed together before; stop them all rather than guess
             log.error("central configuration: after %s expired the rest does not apply (%s): stopped", name, err)
             await self._stop_central()
@@ -404,13 +411,18 @@ class Control:
         if self.on_status_change is not None:
             self.on_status_change()
 
-    async def _apply(self, docs: dict[str, tuple[ConfigDocument, list[JobConfig]]]) -> None:
-        """Validate local + central jobs together (exactly like the file); on success run them."""
+    async def _apply(self, docs: dict[str, tuple[ConfigDocument, list[JobConfig]]], new: list[Job]) -> None:
+        """Validate local + central jobs together (exactly like the file), then the ``new`` jobs and
+        the central rate against the policy (:class:`Refusal`); on success run them."""
         central_cfgs = [j for topic in sorted(docs) for j in docs[topic][1]]
         all_cfg = msgspec.structs.replace(self.cfg, jobs=[*self.cfg.jobs, *central_cfgs])
         jobs = build_jobs(all_cfg, "central config")  # raises ConfigError
+        central_jobs = jobs[len(self.cfg.jobs) :]
+        refusal = await self.policy.central_refusal(new, central_jobs)
+        if refusal is not None:
+            raise Refusal("config_policy", refusal)
         self.docs = docs
-        self.central_jobs = jobs[len(self.cfg.jobs) :]
+        self.central_jobs = central_jobs
         self.config_changes += 1
         log.info(
             "central configuration applied: %d document(s), %d job(s): %s",
@@ -423,7 +435,7 @@ class Control:
             sched = Scheduler(
                 self.cfg.agent.id,
                 self.central_jobs,
-                self.ctx,
+                self.remote_ctx,
                 self.emit,
                 self.cfg.agent.max_concurrent_probes,
                 self.main.agent_at,

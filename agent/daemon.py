@@ -10,9 +10,11 @@ from dataclasses import dataclass
 
 from edgeprobe.agent.config import AgentConfig, Job
 from edgeprobe.agent.control import Control
+from edgeprobe.agent.policy import TargetPolicy
 from edgeprobe.agent.publisher import ProbeCounters, Publisher
 from edgeprobe.agent.scheduler import Scheduler
 from edgeprobe.agent.spool import Spool, open_spool
+from edgeprobe.configfile import ConfigError
 from edgeprobe.probes.context import ProbeContext
 from edgeprobe.probes.registry import KINDS
 from edgeprobe.schema import Observation
@@ -57,14 +59,24 @@ async def run_agent(
     started: asyncio.Future[AgentHandles] | None = None,
     tap: Callable[[Observation], None] | None = None,
     on_ready: Callable[[], None] | None = None,
+    policy: TargetPolicy | None = None,
 ) -> AgentHandles:
     """Run until ``stop`` is set (or SIGTERM/SIGINT when ``stop`` is None).
 
     ``tap``, when given, sees every observation as it is produced (live views, tests).
     ``on_ready``, when given, is called once, when the agent is first connected: the spool is
     open, the "online" status is on the broker and the control channel (if on) is subscribed.
-    Raises :class:`edgeprobe.agent.spool.SpoolError` when the spool cannot be opened.
+    Raises :class:`edgeprobe.agent.spool.SpoolError` when the spool cannot be opened, and
+    :class:`~edgeprobe.configfile.ConfigError` when ``policy.apply_to_file_jobs`` is on and the
+    file's jobs break the policy. ``policy`` replaces the one built from ``cfg.policy`` (tests: a
+    resolver of their own).
     """
+    policy = policy or TargetPolicy(cfg.policy)
+    police_file_jobs = cfg.policy.apply_to_file_jobs
+    if police_file_jobs:
+        refusal = await policy.file_refusal(jobs)
+        if refusal is not None:
+            raise ConfigError(refusal)
     own_signals = stop is None
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -113,9 +125,10 @@ async def run_agent(
                 if cfg.agent.latitude is not None and cfg.agent.longitude is not None
                 else None
             )
-            scheduler = Scheduler(cfg.agent.id, jobs, ctx, emit, cfg.agent.max_concurrent_probes, agent_at)
+            file_ctx = ctx.restricted(policy.address_check()) if police_file_jobs else ctx
+            scheduler = Scheduler(cfg.agent.id, jobs, file_ctx, emit, cfg.agent.max_concurrent_probes, agent_at)
             if cfg.control.accept_commands or cfg.control.accept_config:
-                control = Control(cfg, jobs, scheduler, ctx, emit)
+                control = Control(cfg, jobs, scheduler, ctx, emit, policy=policy)
                 control.on_status_change = publisher.request_status
                 publisher.status_extra = control.status_fields
             if on_ready is not None:

@@ -391,6 +391,9 @@ def agent_run(config_path: str, log_level: str, ready_file: str | None) -> None:
     except SpoolError as err:
         click.echo(f"edgeprobe: spool error: {err}", err=True)
         sys.exit(EXIT_USAGE)
+    except ConfigError as err:  # policy.apply_to_file_jobs refuses the file's jobs
+        click.echo(f"edgeprobe: config error: {config_path}: {err}", err=True)
+        sys.exit(EXIT_USAGE)
     finally:
         _remove_ready_file(ready_file)
 
