@@ -20,6 +20,7 @@ from edgeprobe.mqtt import BROKER_ENV, BrokerConfig
 from edgeprobe.probes.kind import AnyKind
 from edgeprobe.probes.registry import KINDS
 from edgeprobe.schema import BASE_FIELD_KEYS, NAME_RE, RESERVED_NAMES, RESERVED_TAG_KEYS
+from edgeprobe.supervise import SuperviseConfig
 
 
 def _reserved_label_keys() -> frozenset[str]:
@@ -158,6 +159,7 @@ class AgentConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_on
     jobs: list[JobConfig] = []
     control: ControlConfig = ControlConfig()
     policy: PolicyConfig = PolicyConfig()  # remote requests (ad-hoc and central); never taken from the broker
+    supervise: SuperviseConfig = SuperviseConfig()  # restarting crashed tasks (edgeprobe.supervise)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from edgeprobe.agent.config import AgentConfig, Job
@@ -18,6 +18,7 @@ from edgeprobe.configfile import ConfigError
 from edgeprobe.probes.context import ProbeContext
 from edgeprobe.probes.registry import KINDS
 from edgeprobe.schema import Observation
+from edgeprobe.supervise import Supervisor, TaskFailedError
 
 log = logging.getLogger("edgeprobe.agent")
 
@@ -66,6 +67,10 @@ async def run_agent(
     ``tap``, when given, sees every observation as it is produced (live views, tests).
     ``on_ready``, when given, is called once, when the agent is first connected: the spool is
     open, the "online" status is on the broker and the control channel (if on) is subscribed.
+    Every long-lived task (scheduler, publisher with its status and health, control) runs under
+    an :class:`edgeprobe.supervise.Supervisor` (``cfg.supervise``): a crash is logged with its
+    traceback and the task restarted; one that keeps crashing stops the agent, which then raises
+    :class:`edgeprobe.supervise.TaskFailedError` (``edgeprobe agent run`` exits non-zero).
     Raises :class:`edgeprobe.agent.spool.SpoolError` when the spool cannot be opened, and
     :class:`~edgeprobe.configfile.ConfigError` when ``policy.apply_to_file_jobs`` is on and the
     file's jobs break the policy. ``policy`` replaces the one built from ``cfg.policy`` (tests: a
@@ -102,6 +107,9 @@ async def run_agent(
         )
 
     publisher = Publisher(cfg, spool, sorted(KINDS), probe_counters)
+    supervisor = Supervisor(cfg.supervise, log)
+    failed: list[TaskFailedError] = []
+    publisher.task_restarts = lambda: supervisor.restarts
     n_targets = sum(len(j.targets) for j in jobs)
     log.info(
         "agent %s at site %s: %d job(s), %d target(s), broker %s",
@@ -146,16 +154,40 @@ async def run_agent(
             handles = AgentHandles(spool=spool, scheduler=scheduler, publisher=publisher, control=control)
             if started is not None:
                 started.set_result(handles)
+            # Every long-lived task runs under the supervisor: a crash is logged and the task
+            # restarted; one that keeps crashing stops the agent, which then raises TaskFailedError.
             publish_stop = asyncio.Event()
-            pub_task = asyncio.create_task(publisher.run(publish_stop), name="publisher")
-            control_task = asyncio.create_task(control.run(stop), name="control") if control else None
+            halt = asyncio.Event()  # ``stop``, or a task that the supervisor gave up on
+            stop_watch = asyncio.create_task(stop.wait(), name="stop-watch")
+            stop_watch.add_done_callback(lambda _: halt.set())
+
+            async def supervised(name: str, start: Callable[[], Awaitable[None]], until: asyncio.Event) -> None:
+                try:
+                    await supervisor.run(name, start, stop=until)
+                except TaskFailedError as err:
+                    failed.append(err)
+                    halt.set()
+                    publish_stop.set()
+
+            sched = scheduler  # bound for the closure (mypy: not None here)
+            pub_task = asyncio.create_task(
+                supervised("publisher", lambda: publisher.run(publish_stop), publish_stop), name="publisher"
+            )
+            ctl = control
+            control_task = (
+                asyncio.create_task(supervised("control", lambda: ctl.run(halt), halt), name="control")
+                if ctl is not None
+                else None
+            )
             try:
-                await scheduler.run(stop, cfg.agent.shutdown_grace_s)
+                await supervised("scheduler", lambda: sched.run(halt, cfg.agent.shutdown_grace_s), halt)
             finally:
+                halt.set()
                 if control_task is not None:
-                    await control_task  # stops on ``stop``; ends the central jobs too
+                    await control_task  # stops on ``halt``; ends the central jobs too
                 publish_stop.set()  # flush what the scheduler produced, then disconnect
                 await pub_task
+                stop_watch.cancel()
     finally:
         await spool.aclose()
         if own_signals:
@@ -170,4 +202,7 @@ async def run_agent(
         left,
         " (kept in the spool for the next start)" if left and spool.durable else "",
     )
+    if failed:
+        log.critical("agent exiting with an error: %s", failed[0])
+        raise failed[0]
     return handles

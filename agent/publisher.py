@@ -152,6 +152,8 @@ class Publisher:
         # the status to be republished now rather than at the next status_interval_s.
         self.status_extra: Callable[[], dict[str, Any]] | None = None
         self.icmp_permitted = icmp_permitted()
+        # Restarts of the agent's crashed tasks (daemon.py: its edgeprobe.supervise.Supervisor).
+        self.task_restarts: Callable[[], int] | None = None
         self._status_due = False
         self._status_poke: asyncio.Event | None = None
 
@@ -186,6 +188,7 @@ class Publisher:
             quarantined=spool.quarantined,
             overloaded=probes.overloaded,
             overloaded_runs=probes.overloaded_runs,
+            task_restarts=self.task_restarts() if self.task_restarts is not None else None,
         )
         if self.status_extra is not None:
             status = msgspec.structs.replace(status, **self.status_extra())
@@ -232,6 +235,7 @@ class Publisher:
             sched_lag_max_ms=probes.sched_lag_max_ms,
             overloaded=probes.overloaded,
             overloaded_runs=probes.overloaded_runs,
+            task_restarts=self.task_restarts() if self.task_restarts is not None else 0,
         )
 
     def _will(self) -> aiomqtt.Will:

@@ -36,6 +36,7 @@ from edgeprobe import configfile
 from edgeprobe.configfile import Secret
 from edgeprobe.mqtt import BROKER_ENV, BrokerConfig
 from edgeprobe.schema import NAME_RE
+from edgeprobe.supervise import SuperviseConfig
 
 INFLUX_ENV = {
     "EDGEPROBE_INFLUX_URL": "influx.url",
@@ -208,6 +209,7 @@ class CollectorConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, k
     influx: InfluxConfig = InfluxConfig()
     limits: LimitsConfig = LimitsConfig()
     spool: SpoolConfig = SpoolConfig()
+    supervise: SuperviseConfig = SuperviseConfig()  # restarting crashed tasks (edgeprobe.supervise)
     # The collector's own health point (measurement edgeprobe_health, source=collector); null: off.
     health_interval_s: Annotated[float, msgspec.Meta(gt=0, le=86400)] | None = 10.0
 

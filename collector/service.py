@@ -39,6 +39,12 @@ Three tasks:
 * the **health** task adds the collector's own ``edgeprobe_health`` point to the spool every
   ``health_interval_s`` (see :func:`health_fields`).
 
+The three run under one :class:`edgeprobe.supervise.Supervisor` (``supervise`` in the config): a
+task that crashes is logged with its traceback and restarted after a backoff, counted as
+``task_restarts``; one that crashes more than ``supervise.max_restarts`` times within
+``supervise.window_s`` ends the collector with :class:`edgeprobe.supervise.TaskFailedError` (the
+process exits non-zero for its service manager to restart it).
+
 Writes are idempotent by design: a point's key is its measurement, tags and timestamp (the
 probe's start), so a message re-sent by the broker, or a batch written again after a crash
 between the write and the spool delete, overwrites itself.
@@ -74,6 +80,7 @@ from edgeprobe.mqtt import SESSION_LOST, TAKEOVER_SUSPECTED, ack, run_session
 from edgeprobe.probes.kind import AnyKind
 from edgeprobe.probes.stats import percentile
 from edgeprobe.schema import parse_agent_topic
+from edgeprobe.supervise import Supervisor
 
 log = logging.getLogger("edgeprobe.collector")
 
@@ -114,6 +121,7 @@ class CollectorStats:
     spool_bytes: int = 0  # their size (gauge)
     spool_oldest_at_ns: int | None = None  # when the oldest waiting line was received (gauge)
     spool_durable: bool = True  # False: spool.path is null (in memory)
+    task_restarts: int = 0  # crashed tasks (consumer, flusher, health) restarted (edgeprobe.supervise)
     sessions_lost: int = 0  # reconnects that found no persistent session at the broker (queued messages lost)
     takeovers_suspected: int = 0  # streaks of connections lost right after connecting (client id in use)
 
@@ -137,6 +145,7 @@ class CollectorStats:
             "spool_errors": self.spool_errors,
             "connects": self.connects,
             "spool_lines": self.spool_lines,
+            "task_restarts": self.task_restarts,
         }
 
 
@@ -178,6 +187,7 @@ def health_fields(
         "spool_depth": stats.spool_lines,
         "spool_bytes": stats.spool_bytes,
         "spool_durable": stats.spool_durable,
+        "task_restarts": stats.task_restarts,
     }
     for reason in (*REASONS, INTERNAL_ERROR):
         fields[f"rejected_{reason}"] = stats.rejected.get(reason, 0)
@@ -271,6 +281,7 @@ class _Collector:
         self.batch_lines: deque[int] = deque(maxlen=RECENT_WRITES)
         self.started_monotonic = time.monotonic()
         self.on_ready: Callable[[], None] | None = None  # called once, at the first subscription
+        self.supervisor: Supervisor | None = None  # restarts crashed tasks; counted in the health point
         stats.spool_durable = spool.durable
         self._update_gauges()
 
@@ -500,6 +511,8 @@ class _Collector:
     def health_line(self) -> str | None:
         now_ns = time.time_ns()
         self._update_gauges()
+        if self.supervisor is not None:
+            self.stats.task_restarts = self.supervisor.restarts
         uptime_s = time.monotonic() - self.started_monotonic
         fields = health_fields(self.stats, list(self.latencies_ms), list(self.batch_lines), now_ns, uptime_s)
         self.latencies_ms.clear()
@@ -793,17 +806,28 @@ async def _serve(
         log.warning("spool.path is null: the spool is in memory, a crash loses what was acknowledged and not written")
     if spool.depth:
         log.info("the spool holds %d lines from before: writing them first", spool.depth)
+    # Every task runs under the supervisor: a crash is logged and the task restarted; one that
+    # keeps crashing ends the collector with TaskFailedError (after the usual shutdown flush when
+    # it is the consumer).
+    sup = col.supervisor = Supervisor(config.supervise, log)
     async with make_writer(config.influx) as writer:
-        consumer = asyncio.create_task(col.consume(stop), name="collector-consume")
-        flusher = asyncio.create_task(col.flush_loop(writer), name="collector-flush")
+        consumer = asyncio.create_task(
+            sup.run("consumer", lambda: col.consume(stop), stop=stop), name="collector-consume"
+        )
+        flusher = asyncio.create_task(
+            sup.run("flusher", lambda: col.flush_loop(writer), stop=col.stopping), name="collector-flush"
+        )
         tasks = {consumer, flusher}
         health: asyncio.Task[None] | None = None
-        if config.health_interval_s is not None:
-            health = asyncio.create_task(col.health_loop(config.health_interval_s), name="collector-health")
+        interval_s = config.health_interval_s
+        if interval_s is not None:
+            health = asyncio.create_task(
+                sup.run("health", lambda: col.health_loop(interval_s)), name="collector-health"
+            )
             tasks.add(health)
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            if consumer not in done:  # only on a bug: surface it
+            if consumer not in done:  # a task the supervisor gave up on: surface it
                 consumer.cancel()
                 for task in done:
                     task.result()

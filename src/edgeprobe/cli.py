@@ -383,6 +383,7 @@ def agent_run(config_path: str, log_level: str, ready_file: str | None) -> None:
     from edgeprobe.agent.config import load_agent_config
     from edgeprobe.agent.daemon import run_agent
     from edgeprobe.agent.spool import SpoolError
+    from edgeprobe.supervise import TaskFailedError
 
     cfg, jobs = _load_or_exit(load_agent_config, config_path)
     setup_logging(log_level)
@@ -391,6 +392,9 @@ def agent_run(config_path: str, log_level: str, ready_file: str | None) -> None:
     except SpoolError as err:
         click.echo(f"edgeprobe: spool error: {err}", err=True)
         sys.exit(EXIT_USAGE)
+    except TaskFailedError as err:  # logged (each crash with its traceback); the service manager restarts us
+        click.echo(f"edgeprobe: {err}", err=True)
+        sys.exit(EXIT_FAILED)
     except ConfigError as err:  # policy.apply_to_file_jobs refuses the file's jobs
         click.echo(f"edgeprobe: config error: {config_path}: {err}", err=True)
         sys.exit(EXIT_USAGE)
@@ -460,6 +464,7 @@ def collector_run(config_path: str, log_level: str, ready_file: str | None) -> N
     from edgeprobe.collector.config import load_collector_config
     from edgeprobe.collector.service import run_collector
     from edgeprobe.collector.spool import SpoolError as CollectorSpoolError
+    from edgeprobe.supervise import TaskFailedError
 
     cfg = _load_or_exit(load_collector_config, config_path)
     setup_logging(log_level)
@@ -467,6 +472,9 @@ def collector_run(config_path: str, log_level: str, ready_file: str | None) -> N
         asyncio.run(run_collector(cfg, on_ready=_ready_file(ready_file)))
     except CollectorSpoolError as err:  # can't open the spool (in use, unwritable, corrupt)
         click.echo(f"edgeprobe: collector spool error: {err}", err=True)
+        sys.exit(EXIT_FAILED)
+    except TaskFailedError as err:  # logged (each crash with its traceback); the service manager restarts us
+        click.echo(f"edgeprobe: {err}", err=True)
         sys.exit(EXIT_FAILED)
     finally:
         _remove_ready_file(ready_file)

@@ -116,6 +116,7 @@ class Status(msgspec.Struct, kw_only=True, omit_defaults=True):
     config_error: str | None = None  # why the last central configuration was refused (the old one kept)
     overloaded: bool | None = None  # the scheduler started runs late recently (see sched_lag_ms)
     overloaded_runs: int | None = None  # runs flagged overloaded since the agent started
+    task_restarts: int | None = None  # crashed tasks restarted since the agent started (edgeprobe.supervise)
 
 
 class AgentHealth(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -173,6 +174,8 @@ class AgentHealth(msgspec.Struct, kw_only=True, omit_defaults=True):
     sched_lag_max_ms: float | None = None  # largest sched_lag_ms since the previous health message
     overloaded: bool = False  # the scheduler started a run late within the last 60 s
     overloaded_runs: int = 0  # process: runs flagged overloaded (started later than their threshold)
+    # Supervision (edgeprobe.supervise).
+    task_restarts: int = 0  # process: crashed tasks (publisher, scheduler, control) restarted
 
 
 class CommandReply(msgspec.Struct, kw_only=True, omit_defaults=True):
