@@ -43,7 +43,7 @@ from edgeprobe.agent.scheduler import Scheduler
 from edgeprobe.configfile import ConfigError, convert
 from edgeprobe.mqtt import run_session
 from edgeprobe.probes.context import ProbeContext
-from edgeprobe.probes.handler import run_probe
+from edgeprobe.probes.handler import hide_in_text, run_probe
 from edgeprobe.probes.registry import KINDS
 from edgeprobe.schema import (
     NAME_RE,
@@ -225,6 +225,7 @@ class Control:
 
     def _on_command(self, payload: bytes) -> None:
         request_id = _guess_request_id(payload)
+        target: tuple[str, str] | None = None  # (as sent, as shown): a reason never carries a URL's key
         try:
             if self.cmd_verifier is None or not self.cfg.control.accept_commands:
                 raise Refusal("commands_disabled", "this agent does not accept commands (control.accept_commands)")
@@ -242,6 +243,7 @@ class Control:
             kind = KINDS.get(cmd.kind)
             if kind is None:
                 raise Refusal("bad_request", f"unknown probe kind {cmd.kind!r}")
+            target = (cmd.target, kind.shown_target(cmd.target))
             try:
                 config = convert(cmd.options, kind.config_type, "request", prefix="options")
             except ConfigError as err:
@@ -254,9 +256,10 @@ class Control:
             except ReplayStateError as err:
                 raise Refusal(err.code, str(err)) from None
         except Refusal as ref:
-            self._refused(ref.code, ref.reason)
+            reason = ref.reason if target is None else hide_in_text(ref.reason, *target)
+            self._refused(ref.code, reason)
             if request_id is not None:
-                self._spawn(self._reply(request_id, status="refused", code=ref.code, reason=ref.reason))
+                self._spawn(self._reply(request_id, status="refused", code=ref.code, reason=reason))
             return
         self._spawn(self._adhoc(cmd, kind, config))
 
@@ -269,8 +272,9 @@ class Control:
         try:
             await self.policy.admit(kind.name, cmd.target, config)
         except PolicyRefusal as ref:
-            self._refused(ref.code, ref.reason)
-            await self._reply(cmd.request_id, status="refused", code=ref.code, reason=ref.reason)
+            reason = hide_in_text(ref.reason, cmd.target, kind.shown_target(cmd.target))
+            self._refused(ref.code, reason)
+            await self._reply(cmd.request_id, status="refused", code=ref.code, reason=reason)
             return
         try:
             obs = await run_probe(
@@ -326,11 +330,13 @@ class Control:
             return  # a cleared retained message is not signed: ignored (publish a signed empty document)
         assert self.cfg_verifier is not None
         name = topic.rsplit("/", 1)[-1] if topic.startswith(self.group_prefix) else "agent"
+        targets: list[tuple[str, str]] = []  # (as sent, as shown): a reason never carries a URL's key
         try:
             try:
                 doc = self.cfg_verifier.open(payload, "config", ConfigDocument, replay=False)
             except SignatureError as err:
                 raise Refusal(f"config_{err.code}", err.reason) from None
+            targets = _doc_targets(doc)
             if doc.topic != topic:
                 raise Refusal("config_wrong_topic", f"document was signed for {doc.topic}, arrived on {topic}")
             previous = self.docs.get(topic)
@@ -369,8 +375,11 @@ class Control:
             except ConfigError as err:
                 raise Refusal("config_invalid", str(err)) from None
         except Refusal as ref:
-            self.config_error = f"{name}: {ref.reason}"
-            self._refused(ref.code, ref.reason)
+            reason = ref.reason
+            for sent, shown in targets:
+                reason = hide_in_text(reason, sent, shown)
+            self.config_error = f"{name}: {reason}"
+            self._refused(ref.code, reason)
             return
         self.config_error = None
         self._arm_expiry(topic, doc)
@@ -464,6 +473,21 @@ class Control:
     @property
     def central_scheduler(self) -> Scheduler | None:
         return None if self._central is None else self._central[0]
+
+
+def _doc_targets(doc: ConfigDocument) -> list[tuple[str, str]]:
+    """Every target of a document's jobs that its kind shows otherwise: (as sent, as shown)."""
+    found = []
+    for raw in doc.jobs:
+        if not isinstance(raw, dict) or not isinstance(raw.get("kind"), str):
+            continue
+        kind = KINDS.get(raw["kind"])
+        entries = raw.get("targets")
+        for entry in entries if isinstance(entries, list) else []:
+            sent = entry.get("target") if isinstance(entry, dict) else entry
+            if kind is not None and isinstance(sent, str) and kind.shown_target(sent) != sent:
+                found.append((sent, kind.shown_target(sent)))
+    return found
 
 
 def _guess_request_id(payload: bytes) -> str | None:

@@ -337,3 +337,35 @@ async def test_a_key_in_the_query_reaches_neither_mqtt_nor_influxdb(
     finally:
         collector_stop.set()
         await asyncio.wait_for(collector, 20)
+
+
+async def test_a_refusal_quoting_a_url_does_not_carry_its_key(fleet: Fleet, agents: Any) -> None:
+    """A malformed URL's error quotes it: the reason in the answer, the status and the log must not
+    carry the key in its query (ad hoc and central)."""
+    secret = f"k-{uuid.uuid4().hex}"
+    bad_url = f"http://127.0.0.1:9/a b?api_key={secret}"  # a space: not a URL the http kind accepts
+    key = load_private_key(fleet.key_file)
+    topic = group_config_topic("edgeprobe", f"bad-{uuid.uuid4().hex[:6]}")
+    r = await agents(fleet.agent_cfg("a1", policy=ONLY_127_0_0_1))
+    await control_up(r)
+    try:
+        cmd = command("a1", bad_url, kind="http")
+        reply = await refused(fleet, r, sign(cmd, "cmd", key), cmd.request_id, "bad_request")
+        assert "api_key=REDACTED" in (reply.reason or "") and secret not in (reply.reason or ""), reply.reason
+
+        job = {"name": "web", "kind": "http", "targets": [bad_url], "interval_s": 30}
+        doc = ConfigDocument(**stamp(600), topic=topic, where={"agent": "a1"}, jobs=[job])
+        await publish_documents(fleet.broker("controller"), key, [doc])
+        c = ctl_of(r)
+        await wait_until(lambda: c.refusals["config_invalid"] == 1, 10, "the document refused")
+        assert "api_key=REDACTED" in (c.config_error or ""), c.config_error
+
+        async def status_with_the_error() -> Any:
+            s = (await statuses(fleet)).get("a1")
+            return s if s is not None and s.config_error else None
+
+        st = await wait_until(status_with_the_error, 10, "config_error in a1's status")
+        assert "api_key=REDACTED" in (st.config_error or "")
+        assert secret not in msgspec.json.encode(st).decode()
+    finally:
+        await clear(fleet, topic)
