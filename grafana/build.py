@@ -1,4 +1,11 @@
-"""Generate edgeprobe's Grafana dashboards (``grafana/dashboards/*.json``) from this one source.
+"""Generate edgeprobe's Grafana dashboards from this one source, in two variants of the same panels.
+
+* ``grafana/dashboards/*.json``: for file provisioning (the compose stack, ``edgeprobe dashboards
+  export``'s ``provisioning/``). Every panel, query and variable names the provisioned datasource by
+  its fixed uid, because Grafana's file provisioning does not substitute ``${DS_...}`` inputs.
+* ``grafana/import/*.json``: for Grafana's "Import dashboard" (UI or API). The same JSON with every
+  datasource reference ``${DS_EDGEPROBE}``, declared in ``__inputs``, so Import asks which InfluxDB
+  datasource to use, whatever its uid.
 
 Run ``python grafana/build.py`` after editing; ``tests/integration/test_dashboards.py`` fails when the JSON
 files differ from what this script generates, and runs every query against a real InfluxDB.
@@ -6,7 +13,8 @@ files differ from what this script generates, and runs every query against a rea
 Conventions kept by every dashboard:
 
 * One datasource, provisioned with uid :data:`DATASOURCE_UID`
-  (``grafana/provisioning/datasources/edgeprobe.yaml``); every panel, query and variable names it.
+  (``grafana/provisioning/datasources/edgeprobe.yaml``); every panel, query and variable names it
+  (the import variant: :data:`DS_INPUT` instead, see :func:`for_import`).
 * Raw InfluxQL only, and only what InfluxDB 1.x, 2.x (``/query`` v1 compatibility with a DBRP
   mapping) and 3.x (InfluxQL over ``/query``) all run: ``count``, ``mean``, ``median``,
   ``percentile``, ``min``, ``max``, ``last``, ``non_negative_difference``, regex ``FROM``, ``SHOW TAG
@@ -26,9 +34,11 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 OUT_DIR = HERE / "dashboards"
+IMPORT_DIR = HERE / "import"
 
 DATASOURCE_UID = "edgeprobe-influxdb"
 DS = {"type": "influxdb", "uid": DATASOURCE_UID}
+DS_INPUT = "DS_EDGEPROBE"  # the import variant's datasource input: ${DS_EDGEPROBE}
 TAG = "edgeprobe"
 
 F_SITE = '"site" =~ /^$site$/'
@@ -1349,17 +1359,67 @@ DASHBOARDS = {
 }
 
 
+def for_import(board: Json) -> Json:
+    """``board`` for Grafana's Import: every reference to the provisioned datasource becomes
+    ``${DS_EDGEPROBE}``, declared in ``__inputs`` (Import asks for an InfluxDB datasource and
+    substitutes its uid everywhere); ``__requires`` lists the plugins the dashboard uses."""
+    ref = {"type": "influxdb", "uid": f"${{{DS_INPUT}}}"}
+
+    def swap(node: Any) -> Any:
+        if node == DS:
+            return dict(ref)
+        if isinstance(node, dict):
+            return {k: swap(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [swap(v) for v in node]
+        return node
+
+    def panel_types(panels: list[Json]) -> set[str]:
+        found: set[str] = set()
+        for p in panels:
+            if p["type"] != "row":
+                found.add(p["type"])
+            found |= panel_types(p.get("panels", []))
+        return found
+
+    requires = [{"type": "datasource", "id": "influxdb", "name": "InfluxDB", "version": "1.0.0"}]
+    requires += [{"type": "panel", "id": t, "name": t, "version": ""} for t in sorted(panel_types(board["panels"]))]
+    inputs = [
+        {
+            "name": DS_INPUT,
+            "label": "InfluxDB (edgeprobe)",
+            "description": "The InfluxDB datasource (query language InfluxQL) holding edgeprobe's database.",
+            "type": "datasource",
+            "pluginId": "influxdb",
+            "pluginName": "InfluxDB",
+        }
+    ]
+    return {"__inputs": inputs, "__requires": requires, **swap(board)}
+
+
+def _text(board: Json) -> str:
+    return json.dumps(board, indent=2, ensure_ascii=False) + "\n"
+
+
 def render() -> dict[str, str]:
-    """File name → JSON text of every dashboard."""
-    return {name: json.dumps(build(), indent=2, ensure_ascii=False) + "\n" for name, build in DASHBOARDS.items()}
+    """File name → JSON text of every dashboard, for provisioning (the fixed datasource uid)."""
+    return {name: _text(build()) for name, build in DASHBOARDS.items()}
+
+
+def render_import() -> dict[str, str]:
+    """File name → JSON text of every dashboard, for Grafana's Import (``${DS_EDGEPROBE}``)."""
+    return {name: _text(for_import(build())) for name, build in DASHBOARDS.items()}
 
 
 def main(argv: list[str]) -> int:
-    out = Path(argv[1]) if len(argv) > 1 else OUT_DIR
-    out.mkdir(parents=True, exist_ok=True)
-    for name, text in render().items():
-        (out / name).write_text(text, encoding="utf-8")
-        print(f"wrote {out / name}")
+    """``build.py [DIR]``: write DIR/dashboards and DIR/import (default: grafana/ itself)."""
+    root = Path(argv[1]) if len(argv) > 1 else HERE
+    for folder, texts in (("dashboards", render()), ("import", render_import())):
+        out = root / folder
+        out.mkdir(parents=True, exist_ok=True)
+        for name, text in texts.items():
+            (out / name).write_text(text, encoding="utf-8")
+            print(f"wrote {out / name}")
     return 0
 
 

@@ -488,7 +488,9 @@ async def _resolve(target: str, family: str) -> tuple[bool, tuple[Any, ...]]:
 def _permission_reason(ipv6: bool, kinds: Sequence[SocketKind]) -> str:
     needs = []
     if "raw" in kinds:
-        needs.append("CAP_NET_RAW (run as root or setcap cap_net_raw+ep)")
+        # Not `setcap` on the interpreter: that would give raw sockets to every Python program on
+        # the host. The agent's systemd unit (edgeprobe init systemd) grants it to the one service.
+        needs.append("CAP_NET_RAW (root, or the service's AmbientCapabilities=CAP_NET_RAW: edgeprobe init systemd)")
     if "dgram" in kinds:
         try:
             with open("/proc/sys/net/ipv4/ping_group_range") as f:

@@ -1074,9 +1074,96 @@ def init_collector(out_path: str | None, force: bool) -> None:
     _finish(_init("collector", out_path, force))
 
 
+SYSTEMD_UNITS = ("edgeprobe-agent.service", "edgeprobe-collector.service", "edgeprobe-responder.service")
+SYSTEMD_EXEC_PLACEHOLDER = "@EDGEPROBE@"
+
+
+def systemd_units(executable: str) -> dict[str, str]:
+    """The shipped unit files (edgeprobe/examples/systemd/) with ``ExecStart=`` naming ``executable``."""
+    from importlib.resources import files
+
+    folder = files("edgeprobe") / "examples" / "systemd"
+    return {
+        name: (folder / name).read_text(encoding="utf-8").replace(SYSTEMD_EXEC_PLACEHOLDER, executable)
+        for name in SYSTEMD_UNITS
+    }
+
+
+def _installed_command() -> str:
+    """The absolute path of this installation's ``edgeprobe`` command (beside the interpreter,
+    else on PATH), for ``ExecStart=``; ``/usr/local/bin/edgeprobe`` if neither is found."""
+    import shutil
+    from pathlib import Path
+
+    beside = Path(sys.executable).with_name("edgeprobe")
+    if beside.is_file():
+        return str(beside.absolute())
+    found = shutil.which("edgeprobe")
+    return str(Path(found).absolute()) if found else "/usr/local/bin/edgeprobe"
+
+
+def _init_systemd(out_dir: str, force: bool, executable: str | None) -> int:
+    from pathlib import Path
+
+    where = "edgeprobe init systemd"
+    exe = executable or _installed_command()
+    if not Path(exe).is_absolute():
+        click.echo(f"{where}: --exec {exe}: give an absolute path (systemd's ExecStart=)", err=True)
+        return EXIT_USAGE
+    root = Path(out_dir)
+    if (root.exists() or root.is_symlink()) and not root.is_dir():
+        click.echo(f"{where}: {out_dir}: not a directory", err=True)
+        return EXIT_USAGE
+    units = systemd_units(exe)
+    present = [name for name in units if (root / name).exists() or (root / name).is_symlink()]
+    if present and not force:
+        more = f" and {len(present) - 1} more" if len(present) > 1 else ""
+        click.echo(f"{where}: {root / present[0]}{more} exist; pass --force to overwrite", err=True)
+        return EXIT_USAGE
+    from edgeprobe.files import write_new_file
+
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        for name, text in units.items():
+            write_new_file(root / name, text.encode("utf-8"), mode=0o644, replace=force)
+    except OSError as err:
+        click.echo(f"{where}: cannot write to {root}: {err.strerror or err}", err=True)
+        return EXIT_USAGE
+    click.echo(f"wrote {len(units)} units to {root} (ExecStart={exe}):")
+    for name in units:
+        click.echo(f"  {name}")
+    if exe.startswith(("/home/", "/root/")):
+        click.echo(f"note: {exe} is under /home or /root, which the units hide (ProtectHome=yes);", err=True)
+        click.echo("  install edgeprobe elsewhere (e.g. a venv in /opt/edgeprobe) and pass --exec.", err=True)
+    click.echo("Next, as root (each unit's comments say more):")
+    click.echo("  install -d -m 0755 /etc/edgeprobe")
+    click.echo("  edgeprobe init agent --out /etc/edgeprobe/agent.yaml        # and set spool.path to")
+    click.echo("      /var/lib/edgeprobe/agent/{agent}/spool.db (the agent's StateDirectory)")
+    click.echo("  edgeprobe init collector --out /etc/edgeprobe/collector.yaml")
+    click.echo(f"  install -m 0644 {root}/edgeprobe-*.service /etc/systemd/system/")
+    click.echo("  systemctl daemon-reload && systemctl enable --now edgeprobe-agent   # or -collector, -responder")
+    return EXIT_OK
+
+
+@init_group.command("systemd")
+@click.option(
+    "-o", "--out", "out_dir", metavar="DIR", default=".", show_default=True, help="Write the unit files into DIR."
+)
+@_force_option
+@click.option(
+    "--exec", "executable", metavar="PATH",
+    help="The edgeprobe command for ExecStart= (default: this installation's).",
+)  # fmt: skip
+def init_systemd(out_dir: str, force: bool, executable: str | None) -> None:
+    """systemd units for the agent, collector and responder: a dynamic user, a state directory,
+    CAP_NET_RAW for the agent only, and sandboxing."""
+    _finish(_init_systemd(out_dir, force, executable))
+
+
 # Shipped in edgeprobe.grafana: (folder, file name endings). The layout is kept when exported.
 GRAFANA_FILES = (
-    ("dashboards", (".json",)),
+    ("dashboards", (".json",)),  # for file provisioning: the datasource's fixed uid edgeprobe-influxdb
+    ("import", (".json",)),  # for Grafana's Import: asks for the datasource (${DS_EDGEPROBE})
     ("provisioning/datasources", (".yaml", ".yml")),
     ("provisioning/dashboards", (".yaml", ".yml")),
 )
@@ -1143,6 +1230,10 @@ def _grafana_usage(directory: str, shipped: dict[str, bytes]) -> list[str]:
             f"     {source.get('database')}, user {source.get('user')}{from_env}: set them for yours",
             "     (its comments cover InfluxDB 1.x, 2.x and 3.x).",
         ]
+    lines += [
+        f"  Or, without provisioning: in Grafana, Dashboards > New > Import each file of {root / 'import'};",
+        "  Import asks which InfluxDB datasource (InfluxQL, the edgeprobe database) the panels use.",
+    ]
     return lines
 
 

@@ -508,6 +508,18 @@ def check_agreement(c: dict[str, Any]) -> None:
     dash_dir = host_path_for(graf, provider["options"]["path"])
     assert dash_dir == REPO / "grafana" / "dashboards"
     assert len(list(dash_dir.glob("*.json"))) == 4
+    for path in dash_dir.glob("*.json"):
+        # Provisioning substitutes no ${DS_...} input: every panel, query and variable names the
+        # provisioned datasource by its uid (grafana/import/ is the variant for Grafana's Import).
+        text = path.read_text(encoding="utf-8")
+        assert "${DS_" not in text and "__inputs" not in json.loads(text), path.name
+        refs = re.findall(r'"datasource":\s*(\{[^{}]*\})', text)
+        assert refs, path.name
+        for ref in refs:
+            assert json.loads(ref) == {"type": "influxdb", "uid": ds["uid"]}, (path.name, ref)
+        panels = [p for p in json.loads(text)["panels"] if p["type"] != "row"]
+        assert all(p["datasource"]["uid"] == ds["uid"] for p in panels), path.name
+        assert all(t["datasource"]["uid"] == ds["uid"] for p in panels for t in p["targets"]), path.name
     assert host_path_for(graf, genv["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]).is_file()
     for name in ("collector", "grafana"):
         deps = services[name]["depends_on"]

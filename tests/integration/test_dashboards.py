@@ -43,7 +43,8 @@ from tests.support.paths import REPO
 from tests.support.wait import wait_for_async
 
 GRAFANA = REPO / "grafana"
-DASH_DIR = GRAFANA / "dashboards"
+DASH_DIR = GRAFANA / "dashboards"  # for file provisioning: the datasource's fixed uid
+IMPORT_DIR = GRAFANA / "import"  # for Grafana's Import: ${DS_EDGEPROBE}, declared in __inputs
 DATASOURCES = GRAFANA / "provisioning" / "datasources"
 
 # Fields the speed-of-light floor adds to every observation with coordinates on both ends
@@ -202,11 +203,68 @@ def substitute(query: str, values: dict[str, str], now_ms: int) -> str:
 
 
 def test_json_is_what_build_py_generates() -> None:
-    generated = load_build().render()
-    on_disk = {p.name: p.read_text(encoding="utf-8") for p in DASH_DIR.glob("*.json")}
-    assert set(on_disk) == set(generated), "run: python grafana/build.py"
-    for name, text in generated.items():
-        assert on_disk[name] == text, f"{name} is stale: run python grafana/build.py"
+    build = load_build()
+    for folder, generated in ((DASH_DIR, build.render()), (IMPORT_DIR, build.render_import())):
+        on_disk = {p.name: p.read_text(encoding="utf-8") for p in folder.glob("*.json")}
+        assert set(on_disk) == set(generated), "run: python grafana/build.py"
+        for name, text in generated.items():
+            assert on_disk[name] == text, f"{folder.name}/{name} is stale: run python grafana/build.py"
+
+
+def datasource_refs(node: Any) -> Iterator[Any]:
+    """Every value of a "datasource" key anywhere in a dashboard."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "datasource":
+                yield value
+            yield from datasource_refs(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from datasource_refs(value)
+
+
+def test_import_variant_asks_for_the_datasource() -> None:
+    """Import in any Grafana asks for an InfluxDB datasource (``__inputs``) and puts its uid in every
+    panel, query and variable; with the provisioned uid chosen it is the provisioned dashboard."""
+    provisioned = dashboards()
+    imported = {p.name: json.loads(p.read_text(encoding="utf-8")) for p in sorted(IMPORT_DIR.glob("*.json"))}
+    assert set(imported) == set(provisioned)
+    for name, dash in imported.items():
+        assert dash["__inputs"] == [
+            {
+                "name": "DS_EDGEPROBE",
+                "label": "InfluxDB (edgeprobe)",
+                "description": dash["__inputs"][0]["description"],
+                "type": "datasource",
+                "pluginId": "influxdb",
+                "pluginName": "InfluxDB",
+            }
+        ], name
+        assert {"type": "datasource", "id": "influxdb", "name": "InfluxDB", "version": "1.0.0"} in dash["__requires"]
+        panel_types = {p["type"] for p in content_panels(dash)}
+        assert {r["id"] for r in dash["__requires"] if r["type"] == "panel"} == panel_types, name
+        for var in dash["templating"]["list"]:
+            assert var["datasource"] == {"type": "influxdb", "uid": "${DS_EDGEPROBE}"}, (name, var["name"])
+        for p in content_panels(dash):
+            assert p["datasource"] == {"type": "influxdb", "uid": "${DS_EDGEPROBE}"}, (name, p["title"])
+            for t in p["targets"]:
+                assert t["datasource"] == {"type": "influxdb", "uid": "${DS_EDGEPROBE}"}, (name, p["title"])
+        refs = list(datasource_refs(dash))
+        assert refs and all(r == {"type": "influxdb", "uid": "${DS_EDGEPROBE}"} for r in refs), name
+        text = json.dumps(dash)
+        assert "edgeprobe-influxdb" not in text, name
+        # What Grafana's Import does: substitute the chosen datasource's uid for ${DS_EDGEPROBE}.
+        chosen = json.loads(text.replace("${DS_EDGEPROBE}", "edgeprobe-influxdb"))
+        del chosen["__inputs"], chosen["__requires"]
+        assert chosen == provisioned[name], name
+
+
+def test_provisioned_variant_names_the_fixed_uid_only() -> None:
+    """Grafana's file provisioning substitutes no ``${DS_...}``: the provisioned JSON has none."""
+    for name, dash in dashboards().items():
+        assert "__inputs" not in dash and "${DS_" not in json.dumps(dash), name
+        refs = list(datasource_refs(dash))
+        assert refs and all(r == {"type": "influxdb", "uid": "edgeprobe-influxdb"} for r in refs), name
 
 
 def test_dashboards_parse_and_uids_are_unique() -> None:

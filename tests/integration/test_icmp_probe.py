@@ -205,7 +205,11 @@ async def test_no_socket_allowed_is_permission_denied(
     with pytest.raises(ProbeFailure) as caught:
         await icmp.probe("127.0.0.1", FAST, ctx)
     assert caught.value.outcome is Outcome.PERMISSION_DENIED
-    assert "CAP_NET_RAW (run as root or setcap cap_net_raw+ep)" in caught.value.reason
+    assert (
+        "CAP_NET_RAW (root, or the service's AmbientCapabilities=CAP_NET_RAW: edgeprobe init systemd)"
+        in caught.value.reason
+    )
+    assert "setcap" not in caught.value.reason  # never file capabilities on a shared interpreter
     assert f"net.ipv4.ping_group_range covering gid {os.getegid()}" in caught.value.reason
 
 
@@ -303,8 +307,9 @@ def test_unprivileged_user_without_ping_group_is_denied() -> None:
     obs = in_netns("unprivileged", {"net.ipv4.ping_group_range": "1 0"}, user=65534)["127.0.0.1"]
     assert obs["outcome"] == "permission_denied"
     assert obs["reason"] == (
-        "no dgram ICMP or raw ICMP socket allowed: needs CAP_NET_RAW (run as root or setcap "
-        "cap_net_raw+ep) or net.ipv4.ping_group_range covering gid 65534 (now '1 0')"
+        "no dgram ICMP or raw ICMP socket allowed: needs CAP_NET_RAW (root, or the service's "
+        "AmbientCapabilities=CAP_NET_RAW: edgeprobe init systemd) or net.ipv4.ping_group_range covering "
+        "gid 65534 (now '1 0')"
     )
 
 

@@ -104,16 +104,25 @@ def test_the_wheel_holds_the_data_files(built: Built) -> None:
         "edgeprobe/py.typed",
         "edgeprobe/examples/agent.yaml",
         "edgeprobe/examples/collector.yaml",
+        "edgeprobe/examples/systemd/edgeprobe-agent.service",
+        "edgeprobe/examples/systemd/edgeprobe-collector.service",
+        "edgeprobe/examples/systemd/edgeprobe-responder.service",
         "edgeprobe/grafana/provisioning/datasources/edgeprobe.yaml",
         "edgeprobe/grafana/provisioning/dashboards/edgeprobe.yaml",
     ):
         assert required in names, required
     dashboards = [n for n in names if re.fullmatch(r"edgeprobe/grafana/dashboards/[^/]+\.json", n)]
     assert len(dashboards) == 4, dashboards
+    imports = [n for n in names if re.fullmatch(r"edgeprobe/grafana/import/[^/]+\.json", n)]
+    assert len(imports) == 4, imports
     with zipfile.ZipFile(built.wheel) as zf:
-        for name in ("examples/agent.yaml", "examples/collector.yaml"):
+        for name in (
+            "examples/agent.yaml",
+            "examples/collector.yaml",
+            *(f"examples/systemd/edgeprobe-{role}.service" for role in ("agent", "collector", "responder")),
+        ):
             assert zf.read(f"edgeprobe/{name}") == (REPO / "src" / "edgeprobe" / name).read_bytes()
-        for name in dashboards:
+        for name in dashboards + imports:
             assert zf.read(name) == (REPO / "grafana" / name.removeprefix("edgeprobe/grafana/")).read_bytes()
 
 

@@ -36,7 +36,7 @@ def assert_one_line_error(result: Result, *words: str) -> None:
 
 def shipped_grafana_files() -> dict[str, bytes]:
     """The repository's grafana/ files that the package ships: dashboards and provisioning."""
-    paths = [*GRAFANA.glob("dashboards/*.json"), *GRAFANA.glob("provisioning/*/*.yaml")]
+    paths = [*GRAFANA.glob("dashboards/*.json"), *GRAFANA.glob("import/*.json"), *GRAFANA.glob("provisioning/*/*.yaml")]
     return {p.relative_to(GRAFANA).as_posix(): p.read_bytes() for p in paths}
 
 
@@ -107,6 +107,7 @@ def test_init_out_into_a_missing_directory_or_onto_a_directory(tmp_path: Path) -
 def test_export_writes_the_shipped_files_byte_for_byte(tmp_path: Path) -> None:
     shipped = shipped_grafana_files()
     assert len([p for p in shipped if p.startswith("dashboards/")]) == 4
+    assert len([p for p in shipped if p.startswith("import/")]) == 4
     assert {"provisioning/datasources/edgeprobe.yaml", "provisioning/dashboards/edgeprobe.yaml"} <= set(shipped)
     root = tmp_path / "grafana-files"  # need not exist yet
     result = run("dashboards", "export", str(root))
