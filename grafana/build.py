@@ -903,6 +903,37 @@ def latency() -> Json:
             12,
             8,
         ),
+        (row("TLS certificates (HTTP)"), 24, 1),
+        (
+            table(
+                "Certificates expiring soonest",
+                "Per https target, days until its certificate expires (cert_expiry_days: the leaf's notAfter − "
+                "the time of the probe, negative once expired) and until the earliest notAfter among the "
+                "certificates the server sent (chain_expiry_days, blackbox_exporter's "
+                "probe_ssl_earliest_cert_expiry): each agent's latest value, the lowest over the agents (a PoP "
+                "may be served another certificate). Recorded with verify_tls off and when verification fails "
+                "too (outcome tls_error), e.g. for an expired certificate. Soonest first.",
+                [
+                    target(
+                        'SELECT min("cert_expiry_days") AS "cert_expiry_days", '
+                        'min("chain_expiry_days") AS "chain_expiry_days" FROM ('
+                        'SELECT last("cert_expiry_days") AS "cert_expiry_days", '
+                        'last("chain_expiry_days") AS "chain_expiry_days" '
+                        f'FROM "edgeprobe_http" WHERE {where(F_SITE, F_AGENT)} GROUP BY "agent", "target"'
+                        ') GROUP BY "target"',
+                        fmt="table",
+                    )
+                ],
+                "d",
+                steps((RED, None), (ORANGE, 7), (YELLOW, 14), (GREEN, 30)),
+                transformations=[MERGE, organize(exclude=("Time",))],
+                sort_by=[{"displayName": "cert_expiry_days", "desc": False}],
+                color_cells=True,
+                decimals=1,
+            ),
+            24,
+            6,
+        ),
         (row("Path detail: $agent", repeat="agent"), 24, 1),
         (
             timeseries(

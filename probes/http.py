@@ -22,6 +22,13 @@ connected to: a refused hop ends the run as ``policy_refused`` and is never cont
 unexpected status is ``http_error`` with every field measured. The connection is never reused
 (``connection`` is always ``"new"``); the request says ``Connection: close``.
 
+For https, the final hop's TLS cipher and the facts of the certificates the server sent
+(``cert_*``, ``chain_*``: subject, issuer, SANs, expiry, chain length; see
+:mod:`edgeprobe.probes.tlscert`) are recorded whether or not verification is on, and are kept in
+the partial result when verification refuses the certificate (``tls_error``): an expired
+certificate still says when it expired. Python's ``ssl`` module does not expose a stapled OCSP
+response (no ``SSL_get_tlsext_status_ocsp_resp``, no status request), so stapling is not recorded.
+
 The target is sent as given but stored and published (the observation's ``target``, a tag) with
 the values of credential-like query parameters replaced by ``REDACTED`` (:func:`redact_url`).
 """
@@ -30,15 +37,16 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Mapping
 from contextlib import aclosing
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Annotated, Final, Literal
+from typing import Annotated, Any, Final, Literal
 from urllib.parse import quote, unquote_plus, urljoin, urlsplit
 
 import msgspec
 
-from edgeprobe.probes import netio
+from edgeprobe.probes import netio, tlscert
 from edgeprobe.probes.context import ProbeContext
 from edgeprobe.probes.kind import REDACTED, Figure, PolicyCost, ProbeKind
 from edgeprobe.probes.outcome import Outcome, ProbeFailure
@@ -79,6 +87,18 @@ class HttpResult(msgspec.Struct, kw_only=True):
     redirects: int = 0  # redirects followed
     redirect_ms: float | None = None  # time spent on the hops before the final one; None without
     tls_version: str | None = None  # e.g. "TLSv1.3"
+    tls_cipher: str | None = None  # e.g. "TLS_AES_256_GCM_SHA384" (OpenSSL's name)
+    # The certificates the server sent (final hop; also when verification refused them, and with
+    # verify_tls: false); see edgeprobe.probes.tlscert. None for http:// and when none was received.
+    cert_subject_cn: str | None = None
+    cert_issuer_cn: str | None = None
+    cert_issuer_o: str | None = None
+    cert_sans: str | None = None  # comma-separated, the first tlscert.MAX_SANS
+    cert_sans_count: int | None = None  # all of them (more than listed: cut)
+    cert_not_after_at_ns: int | None = None  # the leaf's notAfter, ns since the epoch
+    cert_expiry_days: float | None = None  # leaf notAfter - now, negative once expired
+    chain_expiry_days: float | None = None  # the earliest notAfter among the certificates sent, - now
+    chain_certs: int | None = None  # certificates the server sent, leaf included
     connection: str = "new"
 
 
@@ -209,7 +229,10 @@ class _Hop:
 
 
 def _result(hop: _Hop, redirects: int, redirect_ms: float | None) -> HttpResult:
+    """The result of the hop so far; built once the hop is over (parsing certificates takes CPU time
+    that must not fall inside a measured phase)."""
     t = hop.timing
+    c = tlscert.cert_facts(t.peer_chain_der, time.time_ns()) if t else None
     return HttpResult(
         address=t.address if t else None,
         port=hop.port,
@@ -225,6 +248,16 @@ def _result(hop: _Hop, redirects: int, redirect_ms: float | None) -> HttpResult:
         redirects=redirects,
         redirect_ms=redirect_ms,
         tls_version=t.tls_version if t else None,
+        tls_cipher=t.tls_cipher if t else None,
+        cert_subject_cn=c.subject_cn if c else None,
+        cert_issuer_cn=c.issuer_cn if c else None,
+        cert_issuer_o=c.issuer_o if c else None,
+        cert_sans=c.sans if c else None,
+        cert_sans_count=c.sans_count if c else None,
+        cert_not_after_at_ns=c.not_after_at_ns if c else None,
+        cert_expiry_days=c.expiry_days if c else None,
+        chain_expiry_days=c.chain_expiry_days if c else None,
+        chain_certs=c.chain_certs if c else None,
     )
 
 
@@ -306,18 +339,19 @@ async def probe(target: str, config: HttpConfig, ctx: ProbeContext) -> HttpResul
         assert hop.status is not None
         if not (config.follow_redirects and hop.status in REDIRECT_STATUSES and hop.location):
             break
-        result = _result(hop, redirects, redirect_ms)
         if redirects >= config.max_redirects:
             raise ProbeFailure(
                 Outcome.HTTP_ERROR,
                 f"more than {config.max_redirects} redirects (the next to {redact_url(hop.location)!r})",
-                partial=result,
+                partial=_result(hop, redirects, redirect_ms),
             )
         try:
             url = parse_url(urljoin(url.text, hop.location))
         except ValueError as exc:
             raise ProbeFailure(
-                Outcome.HTTP_ERROR, f"redirect to an unusable location: {exc}", partial=result
+                Outcome.HTTP_ERROR,
+                f"redirect to an unusable location: {exc}",
+                partial=_result(hop, redirects, redirect_ms),
             ) from exc
         if (hop.status == 303 and method != "HEAD") or (hop.status in (301, 302) and method == "POST"):
             method, body = "GET", None  # what browsers and curl do
@@ -354,6 +388,30 @@ def render(obs: Observation) -> list[str]:
     ]
     for name, key, meaning in PHASES:
         lines.append(f"  {name:<8} {num(f.get(key)):>10} ms   {meaning}")
+    lines += cert_lines(f)
+    return lines
+
+
+def cert_lines(f: Mapping[str, Any]) -> list[str]:
+    """The certificate's lines of :func:`render`: none without certificate facts (pure)."""
+    days = f.get("cert_expiry_days")
+    if days is None:
+        return []
+
+    def when(d: float) -> str:
+        return f"expires in {d:.1f} days" if d >= 0 else f"EXPIRED {-d:.1f} days ago"
+
+    issuer = f.get("cert_issuer_cn") or "?"
+    if f.get("cert_issuer_o"):
+        issuer += f" ({f['cert_issuer_o']})"
+    chain = f.get("chain_expiry_days")
+    lines = [
+        f"  cert     {f.get('cert_subject_cn') or '-'}  issued by {issuer}  {when(days)}"
+        + (f"; chain of {f.get('chain_certs')}: earliest {when(chain)}" if chain is not None else "")
+    ]
+    if f.get("cert_sans"):
+        more = (f.get("cert_sans_count") or 0) - len(str(f["cert_sans"]).split(","))
+        lines.append(f"  sans     {f['cert_sans']}" + (f" (+{more} more)" if more > 0 else ""))
     return lines
 
 

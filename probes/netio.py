@@ -30,6 +30,8 @@ Phases, as measured here (all with :func:`time.perf_counter_ns`):
   event loop's writability callback (not when the awaiting task resumes): the TCP handshake as the
   kernel reports it. Only the first address returned is tried.
 * ``tls_ms`` — duration of the TLS handshake (``StreamWriter.start_tls``); ``None`` without TLS.
+  The certificates the server sent are kept as DER (``ConnectTiming.peer_chain_der``), also when
+  verification refuses them: parsing them is the caller's (:mod:`edgeprobe.probes.tlscert`).
 
 These three are **durations of their own phase**, not cumulative. Whoever times a whole request
 (the ``http`` probe) derives cumulative marks from the ``*_perf_ns`` values that
@@ -548,9 +550,55 @@ async def connect_socket(resolved: Resolved, *, timeout_s: float) -> tuple[socke
     return sock, connect_ms
 
 
+PEER_CHAIN_ATTR: Final = "edgeprobe_peer_chain_der"  # set on a verification error by _ChainKeepingSSLObject
+_ENCODING_DER: Final = 2  # _ssl.ENCODING_DER, for _ssl.Certificate.public_bytes
+
+
+def peer_chain_der(ssl_object: ssl.SSLObject) -> list[bytes]:
+    """The certificates the peer sent, leaf first, DER-encoded, as received (not verified).
+
+    ``ssl.SSLObject.get_unverified_chain`` is public from Python 3.13; on 3.10-3.12 the same
+    OpenSSL call (``SSL_get_peer_cert_chain``) is a method of the private ``_ssl`` object the
+    SSLObject wraps. Unlike ``getpeercert()`` it answers before the handshake completed, i.e. after
+    a failed verification too. ``[]`` when neither is there or the chain cannot be read.
+    """
+    getter = getattr(ssl_object, "get_unverified_chain", None)
+    if getter is None:
+        getter = getattr(getattr(ssl_object, "_sslobj", None), "get_unverified_chain", None)
+    if getter is None:
+        return []
+    try:
+        chain = getter()
+    except (ssl.SSLError, ValueError):
+        return []
+    out: list[bytes] = []
+    for cert in chain or ():
+        der = cert if isinstance(cert, bytes) else cert.public_bytes(_ENCODING_DER)
+        if isinstance(der, bytes):
+            out.append(der)
+    return out
+
+
+class _ChainKeepingSSLObject(ssl.SSLObject):
+    """An SSLObject that hands the peer's chain to whoever sees its verification error.
+
+    OpenSSL has the server's certificates when it refuses them, but once the handshake failed
+    asyncio drops the SSLObject; the error it raises is the one object the caller gets, so the
+    chain (:func:`peer_chain_der`) rides on it as ``PEER_CHAIN_ATTR``.
+    """
+
+    def do_handshake(self) -> None:
+        try:
+            super().do_handshake()
+        except ssl.SSLCertVerificationError as exc:
+            setattr(exc, PEER_CHAIN_ATTR, peer_chain_der(self))
+            raise
+
+
 @functools.cache
 def _default_ssl_context(verify: bool) -> ssl.SSLContext:
     ctx = ssl.create_default_context()
+    ctx.sslobject_class = _ChainKeepingSSLObject  # asyncio wraps with it: a refused certificate's chain is kept
     if not verify:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
@@ -582,7 +630,11 @@ class ConnectTiming(msgspec.Struct, kw_only=True):
     connect_ms: float | None = None
     tls_ms: float | None = None
     tls_version: str | None = None  # e.g. "TLSv1.3"
+    tls_cipher: str | None = None  # the negotiated cipher suite, OpenSSL's name
     alpn: str | None = None  # the negotiated ALPN protocol, if any
+    # The certificates the server sent, leaf first, DER (peer_chain_der): also after a failed
+    # verification with the default context (with a caller's ssl_context: after a handshake only).
+    peer_chain_der: list[bytes] = []
 
 
 class BodyPiece(msgspec.Struct, frozen=True):
@@ -773,6 +825,7 @@ async def open_connection(
                 ) from exc
             except (OSError, ssl.SSLError, ssl.CertificateError) as exc:
                 writer.close()
+                timing.peer_chain_der = getattr(exc, PEER_CHAIN_ATTR, None) or []
                 raise _tls_failure(exc, where) from exc
             except BaseException:
                 writer.close()
@@ -781,7 +834,12 @@ async def open_connection(
             ssl_object = writer.get_extra_info("ssl_object")
             if isinstance(ssl_object, ssl.SSLObject):
                 timing.tls_version = ssl_object.version()
+                cipher = ssl_object.cipher()
+                timing.tls_cipher = cipher[0] if cipher else None
                 timing.alpn = ssl_object.selected_alpn_protocol()
+                timing.peer_chain_der = peer_chain_der(ssl_object)
+                if not timing.peer_chain_der and (leaf := ssl_object.getpeercert(binary_form=True)):
+                    timing.peer_chain_der = [leaf]
     except ProbeFailure as failure:
         failure.partial = timing
         raise

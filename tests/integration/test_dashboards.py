@@ -6,7 +6,8 @@ unit, the InfluxQL sticks to what InfluxDB 1.x, 2.x and 3.x all run, and every f
 query names is one edgeprobe writes.
 
 On data: two agents (two sites, with coordinates) probe loopback targets and two local responders
-(ICMP, TCP including a refused port, HTTP, and inference with 429, 500 and a silent endpoint) for
+(ICMP, TCP including a refused port, HTTP, HTTPS with a valid and an expired certificate, and
+inference with 429, 500 and a silent endpoint) for
 a few seconds; their observations and health go agent → mosquitto → collector → a fresh InfluxDB
 database. The targets are given coordinates, so the agents write the physical-floor fields
 (``distance_km``, ``floor_rtt_ms``, ``inflation_ratio``, ``floor_ttft_ms``) themselves; only
@@ -19,12 +20,15 @@ way Grafana escapes them, and must return at least one series.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import importlib.util
 import json
 import re
+import ssl
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -39,6 +43,7 @@ from edgeprobe.collector.lineproto import escape_tag_value, format_field_value
 from edgeprobe.localstack import InfluxServer, MosquittoServer, free_port
 from edgeprobe.probes.registry import KINDS
 from edgeprobe.schema import BASE_FIELD_KEYS, AgentHealth, Observation
+from tests.support import certs
 from tests.support.paths import REPO
 from tests.support.wait import wait_for_async
 
@@ -364,6 +369,40 @@ AGENTS = (  # id, site, latitude, longitude
 # Where the targets "are", for the physics fields (the loopback addresses play an edge site in
 # Amsterdam and a core site in Ashburn).
 TARGET_COORDS = {"127.0.0.1": (52.37, 4.90), "127.0.0.2": (39.04, -77.49)}
+CERT_DAYS = {"https_valid": 30.0, "https_expired": -2.0}  # days to notAfter of the https targets' certificates
+
+
+@asynccontextmanager
+async def serve_https(tmp: Path) -> AsyncIterator[dict[str, str]]:
+    """Minimal HTTPS servers on 127.0.0.1, one per certificate of CERT_DAYS: their URLs."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n")
+            await writer.drain()
+        except (OSError, asyncio.IncompleteReadError, ssl.SSLError):
+            pass  # a client that refused the certificate, or a handshake cut by a stopping agent
+        finally:
+            writer.close()
+
+    servers, urls = [], {}
+    for key, days in CERT_DAYS.items():
+        leaf = certs.make_cert(
+            certs.name(f"{key}.test"), not_after=certs.now() + dt.timedelta(days=days), sans=certs.LOOPBACK_SANS
+        )
+        (tmp / key).mkdir()
+        server = await asyncio.start_server(answer, "127.0.0.1", 0, ssl=certs.server_context(tmp / key, leaf))
+        servers.append(server)
+        urls[key] = f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}/health"
+    try:
+        yield urls
+    finally:
+        for server in servers:
+            server.close()
+            await server.wait_closed()
+
+
 def target_host(target: str) -> str:
     if "://" in target:
         return urlsplit(target).hostname or ""
@@ -428,6 +467,20 @@ def agent_config(
             "interval_s": 1.0,
             "options": {"timeout_s": 0.5},
         },
+        {  # certificate facts: a valid self-signed certificate (not verified: ok) and an expired one (tls_error)
+            "name": "https",
+            "kind": "http",
+            "targets": [urls["https_valid"]],
+            "interval_s": 1.0,
+            "options": {"timeout_s": 0.5, "verify_tls": False},
+        },
+        {
+            "name": "https-expired",
+            "kind": "http",
+            "targets": [urls["https_expired"]],
+            "interval_s": 1.0,
+            "options": {"timeout_s": 0.5},
+        },
     ]
     if "inference" in KINDS:
         opts = {"model": "edgeprobe-responder", "max_tokens": 6, "timeout_s": 0.5, "first_token_timeout_s": 0.4}
@@ -489,8 +542,9 @@ async def run_pipeline(broker: MosquittoServer, filled: Filled, spool_dir: Path)
     async with (
         serve_responder("127.0.0.1", 0, edge_settings) as edge,
         serve_responder("127.0.0.1", 0, core_settings) as core,
+        serve_https(spool_dir) as https_urls,
     ):
-        urls = {"edge": edge.url, "core": core.url}
+        urls = {"edge": edge.url, "core": core.url, **https_urls}
         closed = free_port()  # nothing listens: the TCP probe gets "refused", a real failure
         ccfg_raw: dict[str, Any] = {
             "name": "dash-collector",
@@ -706,6 +760,12 @@ def test_panels_show_what_they_say(filled: Filled) -> None:
     for r in breakdown:
         total = sum(r[p] or 0.0 for p in parts)
         assert 0 < total <= r["TTFT"] + 1e-6, r
+    expiring = panel_rows(filled, latency, "Certificates expiring soonest")
+    assert len(expiring) == len(CERT_DAYS), expiring  # the http:// targets have no certificate
+    for r in expiring:
+        days = CERT_DAYS["https_expired" if r["cert_expiry_days"] < 0 else "https_valid"]
+        assert days - 0.01 < r["cert_expiry_days"] <= days and r["chain_expiry_days"] == r["cert_expiry_days"], r
+    assert {r["cert_expiry_days"] < 0 for r in expiring} == {True, False}  # kept from the tls_error runs too
     tiers = panel_rows(filled, inference, "Edge vs core per PoP (time range)")
     assert {(r["site"], r["tier"]) for r in tiers} == {(a[1], t) for a in AGENTS for t in ("edge", "core")}
     print("\nTTFT p50 by site and tier (responders: edge 30 ms, core 90 ms to first token):")

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import shutil
 import socket
 import ssl
 import subprocess
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from pathlib import Path
@@ -21,6 +23,7 @@ from edgeprobe.probes.context import ProbeContext
 from edgeprobe.probes.handler import run_probe
 from edgeprobe.probes.http import HttpConfig, HttpResult, parse_url
 from edgeprobe.probes.outcome import Outcome, ProbeFailure
+from tests.support import certs
 
 TEXT = b"hello edgeprobe\n"
 CHUNKS = [b"first chunk\n", b"second, longer chunk of bytes\n", b"x"]
@@ -422,6 +425,64 @@ async def test_tls_verified_against_own_ca(tls_base: str, cert_files: tuple[Path
     assert "other.example" in info.value.reason
     assert isinstance(info.value.partial, netio.ConnectTiming)
     assert info.value.partial.connect_ms is not None
+
+
+# ---- TLS certificate facts -----------------------------------------------------------------
+
+
+async def test_cert_facts_without_verification(tls_base: str) -> None:
+    r = await run(f"{tls_base}/text", HttpConfig(verify_tls=False))
+    assert (r.cert_subject_cn, r.cert_issuer_cn, r.cert_issuer_o) == ("edgeprobe-test", "edgeprobe-test", None)
+    assert (r.cert_sans, r.cert_sans_count, r.chain_certs) == ("127.0.0.1,::1,localhost", 3, 1)
+    assert r.cert_expiry_days is not None and 1.99 < r.cert_expiry_days <= 2.0  # openssl -days 2
+    assert r.chain_expiry_days == r.cert_expiry_days
+    assert r.cert_not_after_at_ns is not None and r.cert_not_after_at_ns > time.time_ns()
+    assert r.tls_cipher  # e.g. TLS_AES_256_GCM_SHA384
+
+
+async def test_cert_facts_kept_when_verification_refuses(tls_base: str) -> None:
+    failure, partial = await fail(f"{tls_base}/text")  # self-signed: not trusted
+    assert failure.outcome is Outcome.TLS_ERROR
+    assert partial.cert_subject_cn == "edgeprobe-test" and partial.chain_certs == 1
+    assert partial.cert_expiry_days is not None and partial.cert_expiry_days > 1.99
+
+
+async def test_expired_chain_via_handler(tmp_path: Path) -> None:
+    """An expired leaf under an intermediate expiring sooner: tls_error, and the facts say why."""
+    t = certs.now()
+    root = certs.make_cert(certs.name("Test Root", "Test Trust"), not_after=t + dt.timedelta(days=3650), ca=True)
+    inter = certs.make_cert(
+        certs.name("Test Intermediate", "Test Trust"), not_after=t - dt.timedelta(days=3), issuer=root, ca=True
+    )
+    leaf = certs.make_cert(
+        certs.name("expired.test"), not_after=t - dt.timedelta(days=1), issuer=inter, sans=certs.LOOPBACK_SANS
+    )
+    runner, port = await start(make_app(), ssl_context=certs.server_context(tmp_path, leaf, inter))
+    try:
+        async with ProbeContext() as ctx:
+            obs = await run_probe(http.KIND, f"https://127.0.0.1:{port}/text", HttpConfig(), ctx, seq=0)
+            unverified = await run_probe(
+                http.KIND, f"https://127.0.0.1:{port}/text", HttpConfig(verify_tls=False), ctx, seq=1
+            )
+    finally:
+        await runner.cleanup()
+    assert obs.outcome == "tls_error", obs.reason
+    f = obs.fields
+    assert (f["cert_subject_cn"], f["cert_issuer_cn"], f["cert_issuer_o"]) == (
+        "expired.test", "Test Intermediate", "Test Trust"
+    )  # fmt: skip
+    assert f["chain_certs"] == 2 and f["cert_sans"] == "127.0.0.1,::1,localhost"
+    assert -1.01 < f["cert_expiry_days"] < -1.0 and -3.01 < f["chain_expiry_days"] < -3.0
+    assert f["status"] is None and f["tls_ms"] is None  # the handshake did not complete
+    assert unverified.outcome == "ok" and unverified.fields["cert_expiry_days"] == pytest.approx(
+        f["cert_expiry_days"], abs=0.01
+    )
+    assert any("EXPIRED 1.0 days ago" in line for line in http.render(obs))
+
+
+async def test_plain_http_has_no_cert_facts(base: str) -> None:
+    r = await run(f"{base}/text")
+    assert (r.cert_expiry_days, r.chain_certs, r.tls_cipher, r.cert_subject_cn) == (None, None, None, None)
 
 
 async def test_https_to_plain_port_is_tls_error(base: str) -> None:
