@@ -85,6 +85,16 @@ class PublishConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_
     replay_max_per_s: Annotated[float, msgspec.Meta(gt=0, le=10_000_000)] = 2000.0
     ack_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=600)] = 10.0  # no PUBACK by then: reconnect
     health_interval_s: Annotated[float, msgspec.Meta(ge=0.1, le=3600)] = 30.0  # …/health messages
+    # When an observation leaves the spool. "collector": once a collector confirms it stored it
+    # (…/ack, after its durable commit), so a broker that crashes with messages queued loses
+    # nothing; "broker": on the broker's PUBACK (a broker without an edgeprobe collector).
+    delivery: Literal["collector", "broker"] = "collector"
+    # No confirmation within this (the first wait is drawn from [1, 2] × it, doubling while none
+    # comes, up to 10 min): what was sent and not confirmed is sent again, oldest first. Also on
+    # every reconnect.
+    confirm_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0
+    # Observations sent and not yet confirmed at most; then sending waits for confirmations.
+    max_unconfirmed: Annotated[int, msgspec.Meta(ge=1, le=10_000_000)] = 20_000
 
 
 DEFAULT_SPOOL_PATH = "/var/lib/edgeprobe/{agent}/spool.db"

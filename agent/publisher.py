@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import secrets
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -26,13 +27,18 @@ import msgspec
 from edgeprobe import __version__
 from edgeprobe.agent.config import AgentConfig
 from edgeprobe.agent.spool import Spool, SpoolEntry
+from edgeprobe.backoff import Backoff
 from edgeprobe.mqtt import run_session
 from edgeprobe.schema import (
+    MAX_ACK_BATCHES,
     SCHEMA_VERSION,
+    SUPPORTED_VERSIONS,
     AgentHealth,
+    DeliveryAck,
     Envelope,
     RawEnvelope,
     Status,
+    ack_topic,
     encode,
     health_topic,
     obs_topic,
@@ -43,18 +49,37 @@ log = logging.getLogger("edgeprobe.agent.publisher")
 
 VERSION = __version__
 MAX_MESSAGE_BYTES = 512 * 1024  # a batch is split below this (collectors accept 1 MiB by default)
+MAX_CONFIRM_BYTES = 1024 * 1024  # a larger …/ack message is refused unread
+BATCH_FIELD_BYTES = 80  # room kept under MAX_MESSAGE_BYTES for ',"batch":"<id>"'
+CONFIRM_MAX_WAIT_S = 600.0  # the wait for confirmations doubles up to this
+BAD_CONFIRM_LOG_S = 60.0  # a refused …/ack is logged at most this often
 
 
 @dataclass
 class PublisherStats:
     published_observations: int = 0  # sent (a re-send counts again)
-    acknowledged_observations: int = 0  # PUBACK received: deleted from the spool
+    # Delivered: deleted from the spool (delivery "collector": confirmed by a collector; "broker": PUBACK).
+    acknowledged_observations: int = 0
+    broker_acknowledged: int = 0  # PUBACK received (a re-send counts again)
+    unconfirmed: int = 0  # gauge: sent, waiting for a collector's confirmation
+    confirm_timeouts: int = 0  # times nothing was confirmed within the wait: all unconfirmed sent again
+    resent_unconfirmed: int = 0  # observations sent again (confirmation timeout or reconnect)
+    bad_confirmations: int = 0  # …/ack messages refused (malformed, too large, not for this agent)
+    unknown_confirmations: int = 0  # batch ids confirmed that were not waiting (late, or sent again meanwhile)
     published_messages: int = 0  # obs messages acknowledged
     publish_failures: int = 0  # batches not (fully) acknowledged
     connects: int = 0
     reconnects: int = 0
     connected: bool = False
     replay_throttled_s: float = 0.0
+
+
+@dataclass
+class _Sent:
+    """A message sent with delivery "collector", waiting for a collector's confirmation."""
+
+    entries: list[SpoolEntry]
+    at: float  # loop time when it was sent
 
 
 @dataclass
@@ -138,9 +163,20 @@ class Publisher:
         self.obs_topic = obs_topic(prefix, ident.site, ident.id)
         self.status_topic = status_topic(prefix, ident.site, ident.id)
         self.health_topic = health_topic(prefix, ident.site, ident.id)
+        self.ack_topic = ack_topic(prefix, ident.site, ident.id)
+        # delivery "collector": observations stay in the spool until a collector confirms them.
+        self.confirming = cfg.publish.delivery == "collector"
+        self._batch_prefix = secrets.token_hex(4)  # batch ids: "<random>-<n>", unique per agent
+        self._batch_n = 0
+        self._unconfirmed: dict[str, _Sent] = {}  # batch id -> what it carried, in the order sent
         self.started_at_ns = time.time_ns()
         self._started_mono = time.monotonic()
         self._rng = random.Random()
+        confirm_s = 2 * cfg.publish.confirm_timeout_s  # Backoff draws from [c/2, c]: at least confirm_timeout_s
+        self._confirm_backoff = Backoff(confirm_s, max(confirm_s, CONFIRM_MAX_WAIT_S), self._rng)
+        self._confirm_wait_s = self._confirm_backoff.next_delay_s()
+        self._confirmed = asyncio.Event()  # a confirmation freed room in the window
+        self._bad_confirm_logged_at: float | None = None
         pub = cfg.publish
         self._bucket = TokenBucket(pub.replay_max_per_s, max(float(pub.batch_max_observations), pub.replay_max_per_s))
         # Called with what a failed publish gives back to the spool (tests, debugging).
@@ -235,6 +271,10 @@ class Publisher:
             sched_lag_max_ms=probes.sched_lag_max_ms,
             overloaded=probes.overloaded,
             overloaded_runs=probes.overloaded_runs,
+            unconfirmed=self.stats.unconfirmed,
+            confirm_timeouts=self.stats.confirm_timeouts,
+            resent_unconfirmed=self.stats.resent_unconfirmed,
+            bad_confirmations=self.stats.bad_confirmations,
             task_restarts=self.task_restarts() if self.task_restarts is not None else 0,
         )
 
@@ -264,7 +304,13 @@ class Publisher:
         if self.stats.connects > 1:
             self.stats.reconnects += 1
         self.stats.connected = True
+        reader: asyncio.Task[None] | None = None
         try:
+            if self.confirming:
+                # Confirmations sent while we were away are lost (clean session): send again.
+                self._send_again("the connection was lost before they were confirmed")
+                await client.subscribe(self.ack_topic, qos=1, timeout=self.cfg.publish.ack_timeout_s)
+                reader = asyncio.create_task(self._read_confirmations(client), name="confirmations")
             backlog = self.spool.available()
             if backlog:
                 log.info(
@@ -275,15 +321,18 @@ class Publisher:
             await self._publish_status(client, "online")
             if self.on_online is not None:
                 self.on_online()
-            await self._pump(client, stop)
+            await self._pump(client, stop, reader)
             await self._publish_status(client, "offline")
         finally:
             self.stats.connected = False
+            if reader is not None:
+                reader.cancel()
+                await asyncio.gather(reader, return_exceptions=True)
 
     async def _linger(self) -> float | None:
         """Once stopped: until when to keep (re)connecting, None when there is nothing left to send."""
         await self.spool.flush()  # what the scheduler produced last
-        return self._shutdown_deadline() if self.spool.available() else None
+        return self._shutdown_deadline() if self.spool.available() or self._unconfirmed else None
 
     def _report_retry(self, err: Exception, line: str) -> None:
         spool = self.spool.stats()
@@ -316,53 +365,181 @@ class Publisher:
         if error is not None:
             log.warning("stopping without broker (%s): %s", str(error) or "flush timeout", self._left())
 
-    async def _pump(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
+    # ---- confirmations from the collector (delivery "collector") ---------------------------
+
+    def _new_batch_id(self) -> str:
+        self._batch_n += 1
+        return f"{self._batch_prefix}-{self._batch_n}"
+
+    def _room(self) -> int:
+        """Observations that may still be sent before confirmations must free the window."""
+        if not self.confirming:
+            return self.cfg.publish.batch_max_observations
+        return max(0, self.cfg.publish.max_unconfirmed - self.stats.unconfirmed)
+
+    def _confirm_deadline(self) -> float | None:
+        """Loop time by which the oldest unconfirmed message must be confirmed (None: none waits)."""
+        for sent in self._unconfirmed.values():
+            return sent.at + self._confirm_wait_s
+        return None
+
+    def _forget(self, batch: str) -> list[SpoolEntry] | None:
+        sent = self._unconfirmed.pop(batch, None)
+        if sent is None:
+            return None
+        self.stats.unconfirmed -= len(sent.entries)
+        return sent.entries
+
+    def _send_again(self, why: str) -> None:
+        """Give back everything sent and not confirmed (go-back-N): taken again, oldest first."""
+        if not self._unconfirmed:
+            return
+        entries = [e for sent in self._unconfirmed.values() for e in sent.entries]
+        messages = len(self._unconfirmed)
+        self._unconfirmed.clear()
+        self.stats.unconfirmed = 0
+        self.stats.resent_unconfirmed += len(entries)
+        self.spool.release(entries)
+        if self.on_release is not None:
+            self.on_release(entries)
+        log.warning(
+            "%d observation(s) in %d message(s) not confirmed by a collector (%s): sending them again, oldest first",
+            len(entries),
+            messages,
+            why,
+        )
+
+    def confirm(self, payload: bytes) -> None:
+        """Handle a message on our ``…/ack`` topic: delete what a collector confirmed it stored."""
+        ack = self._decode_confirmation(payload)
+        if ack is None:
+            return
+        done: list[SpoolEntry] = []
+        for batch in ack.batches:
+            entries = self._forget(batch)
+            if entries is None:
+                self.stats.unknown_confirmations += 1  # late (sent again meanwhile) or a duplicate
+                continue
+            done.extend(entries)
+        if done:
+            self.spool.ack(done)
+            self.stats.acknowledged_observations += len(done)
+            self._confirm_backoff.reset()
+            self._confirm_wait_s = self._confirm_backoff.next_delay_s()
+            self._confirmed.set()
+
+    def _decode_confirmation(self, payload: bytes) -> DeliveryAck | None:
+        """A valid confirmation for this agent, or None (counted, logged at most once a minute)."""
+        ident = self.cfg.agent
+        why: str
+        if len(payload) > MAX_CONFIRM_BYTES:
+            why = f"{len(payload)} bytes > {MAX_CONFIRM_BYTES}"
+        else:
+            try:
+                ack = msgspec.json.decode(payload, type=DeliveryAck)
+            except msgspec.DecodeError as err:
+                why = f"not a delivery confirmation ({err})"
+            else:
+                if ack.v not in SUPPORTED_VERSIONS:
+                    why = f"unsupported version {ack.v}"
+                elif ack.agent != ident.id or ack.site != ident.site:
+                    why = f"addressed to {ack.site!r}/{ack.agent!r}"
+                elif len(ack.batches) > MAX_ACK_BATCHES:
+                    why = f"{len(ack.batches)} ids > {MAX_ACK_BATCHES}"
+                else:
+                    return ack
+        self.stats.bad_confirmations += 1
+        now = time.monotonic()
+        if self._bad_confirm_logged_at is None or now - self._bad_confirm_logged_at >= BAD_CONFIRM_LOG_S:
+            self._bad_confirm_logged_at = now
+            shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in why[:300])
+            log.warning(
+                "refused a message on %s: %s (%d refused so far)", self.ack_topic, shown, self.stats.bad_confirmations
+            )
+        return None
+
+    async def _read_confirmations(self, client: aiomqtt.Client) -> None:
+        """Hand every message on our ``…/ack`` topic to :meth:`confirm`; returns when the connection ends."""
+        try:
+            async for message in client.messages:
+                if message.topic.matches(self.ack_topic):
+                    payload = message.payload
+                    self.confirm(payload if isinstance(payload, bytes) else bytes(str(payload or ""), "utf-8"))
+        except aiomqtt.MqttError:
+            return
+
+    async def _pump(self, client: aiomqtt.Client, stop: asyncio.Event, reader: asyncio.Task[None] | None) -> None:
         pub = self.cfg.publish
         loop = asyncio.get_running_loop()
         next_status = loop.time() + pub.status_interval_s
         next_health = loop.time()  # one right after connecting, then every health_interval_s
         flush_ns = round(pub.flush_interval_s * 1e9)
         while True:
+            if reader is not None and reader.done():
+                reader.result()  # a bug in it: raise
+                raise aiomqtt.MqttError("connection lost (the confirmations stopped)")
             now = loop.time()
             if now >= next_health:
                 await client.publish(self.health_topic, encode(self.health()), qos=1, timeout=pub.ack_timeout_s)
                 next_health = now + pub.health_interval_s
+            deadline = self._confirm_deadline()
+            if deadline is not None and now >= deadline:
+                self.stats.confirm_timeouts += 1
+                waited, self._confirm_wait_s = self._confirm_wait_s, self._confirm_backoff.next_delay_s()
+                self._send_again(f"none within {waited:.0f} s")
+                continue
+            available = self.spool.available()
+            room = self._room()
             if stop.is_set():
                 await self.spool.flush()  # what the scheduler produced last becomes available
-                if not self.spool.available() or loop.time() >= self._shutdown_deadline():
-                    if self.spool.available():
+                available = self.spool.available()
+                if not (available or self._unconfirmed) or loop.time() >= self._shutdown_deadline():
+                    if available or self._unconfirmed:
                         log.warning("flush timeout at shutdown: %s", self._left())
                     return
-                await self._publish_batch(client)
-                continue
-            if now >= next_status or self._status_due:
-                self._status_due = False
-                await self._publish_status(client, "online")
-                next_status = now + pub.status_interval_s
-            available = self.spool.available()
-            oldest = self.spool.oldest_available_at_ns()
-            now_ns = time.time_ns()
-            if available and (available >= pub.batch_max_observations or oldest is None or now_ns - oldest >= flush_ns):
-                await self._publish_batch(client)
-                continue
-            wait_s = min(next_status, next_health) - now
-            if available and oldest is not None:
-                wait_s = min(wait_s, (oldest + flush_ns - now_ns) / 1e9)
-            stop_wait = asyncio.ensure_future(stop.wait())
-            changed = asyncio.ensure_future(self.spool.wait_changed(max(0.0, wait_s)))
+                if available and room > 0:
+                    await self._publish_batch(client)
+                    continue
+                wait_s = self._shutdown_deadline() - now  # waiting for confirmations
+            else:
+                if now >= next_status or self._status_due:
+                    self._status_due = False
+                    await self._publish_status(client, "online")
+                    next_status = now + pub.status_interval_s
+                oldest = self.spool.oldest_available_at_ns()
+                now_ns = time.time_ns()
+                if (
+                    available
+                    and room > 0
+                    and (available >= pub.batch_max_observations or oldest is None or now_ns - oldest >= flush_ns)
+                ):
+                    await self._publish_batch(client)
+                    continue
+                wait_s = min(next_status, next_health) - now
+                if available and room > 0 and oldest is not None:
+                    wait_s = min(wait_s, (oldest + flush_ns - now_ns) / 1e9)
+            if deadline is not None:
+                wait_s = min(wait_s, deadline - now)
             self._status_poke = poke = asyncio.Event()
-            poked = asyncio.ensure_future(poke.wait())
+            self._confirmed.clear()
+            waits = {
+                asyncio.ensure_future(self.spool.wait_changed(max(0.0, wait_s))),
+                asyncio.ensure_future(poke.wait()),
+                asyncio.ensure_future(self._confirmed.wait()),
+            }
+            if not stop.is_set():
+                waits.add(asyncio.ensure_future(stop.wait()))
             try:
-                await asyncio.wait({stop_wait, changed, poked}, return_when=asyncio.FIRST_COMPLETED)
+                watched: set[asyncio.Future[Any]] = {*waits, reader} if reader is not None else set(waits)
+                await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 self._status_poke = None
-                stop_wait.cancel()
-                changed.cancel()
-                poked.cancel()
+                for waiting in waits:
+                    waiting.cancel()
 
     async def _publish_batch(self, client: aiomqtt.Client) -> None:
         pub = self.cfg.publish
-        n = min(self.spool.available(), pub.batch_max_observations)
+        n = min(self.spool.available(), pub.batch_max_observations, self._room())
         if n <= 0:
             return
         delay = self._bucket.reserve(n, asyncio.get_running_loop().time())
@@ -381,20 +558,53 @@ class Publisher:
             labels=dict(ident.labels),
             observations=[],
         )
+        limit = MAX_MESSAGE_BYTES - (BATCH_FIELD_BYTES if self.confirming else 0)
+        messages: list[tuple[bytes, list[SpoolEntry], str | None]] = []
         done = 0
+        for payload, count in encode_batches(base, [e.payload for e in entries], limit):
+            part = entries[done : done + count]
+            done += count
+            batch = None
+            if self.confirming:
+                batch = self._new_batch_id()
+                payload = encode(
+                    RawEnvelope(
+                        v=base.v,
+                        agent=base.agent,
+                        site=base.site,
+                        sent_at_ns=base.sent_at_ns,
+                        labels=base.labels,
+                        observations=[msgspec.Raw(e.payload) for e in part],
+                        batch=batch,
+                    )
+                )
+            messages.append((payload, part, batch))
+        sent = 0  # messages handed to the broker and acknowledged (PUBACK)
+        registered: set[str] = set()
+        loop = asyncio.get_running_loop()
         try:
-            for payload, count in encode_batches(base, [e.payload for e in entries], MAX_MESSAGE_BYTES):
-                self.stats.published_observations += count
+            for payload, part, batch in messages:
+                if batch is not None:
+                    registered.add(batch)
+                    # Registered before the publish: the confirmation may come before our PUBACK does.
+                    self._unconfirmed[batch] = _Sent(part, loop.time())
+                    self.stats.unconfirmed += len(part)
+                self.stats.published_observations += len(part)
                 await client.publish(self.obs_topic, payload, qos=1, timeout=pub.ack_timeout_s)
-                self.spool.ack(entries[done : done + count])
-                done += count
+                sent += 1
                 self.stats.published_messages += 1
-                self.stats.acknowledged_observations += count
+                self.stats.broker_acknowledged += len(part)
+                if batch is None:
+                    self.spool.ack(part)
+                    self.stats.acknowledged_observations += len(part)
         except BaseException:
             # What the broker did not acknowledge goes back, first in line (it may have arrived
             # anyway, PUBACK lost: delivered twice, which the collector's idempotent writes absorb).
             self.stats.publish_failures += 1
-            rest = entries[done:]
+            rest: list[SpoolEntry] = []
+            for _, part, batch in messages[sent:]:
+                if batch is None or batch not in registered or self._forget(batch) is not None:
+                    rest.extend(part)  # (a registered one: unless a collector confirmed it meanwhile)
             self.spool.release(rest)
             if self.on_release is not None:
                 self.on_release(rest)

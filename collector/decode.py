@@ -38,6 +38,7 @@ import msgspec
 
 from edgeprobe.probes.kind import AnyKind
 from edgeprobe.schema import (
+    BATCH_RE,
     NAME_RE,
     SUPPORTED_VERSIONS,
     AgentHealth,
@@ -108,6 +109,8 @@ class EnvelopeMeta:
     site: str
     sent_at_ns: int
     labels: dict[str, str]
+    batch: str | None = None  # the message id to confirm to the agent (edgeprobe.schema.BATCH_RE), if valid
+    bad_batch: bool = False  # it had one, not of that shape: it can't be confirmed
 
 
 @dataclass(slots=True)
@@ -289,7 +292,16 @@ def decode_message(
         return _whole_reject(bad_sender)
 
     now = time.time_ns() if now_ns is None else now_ns
-    meta = EnvelopeMeta(v=env.v, agent=env.agent, site=env.site, sent_at_ns=env.sent_at_ns, labels=env.labels)
+    batch_ok = env.batch is None or BATCH_RE.match(env.batch) is not None
+    meta = EnvelopeMeta(
+        v=env.v,
+        agent=env.agent,
+        site=env.site,
+        sent_at_ns=env.sent_at_ns,
+        labels=env.labels,
+        batch=env.batch if batch_ok else None,
+        bad_batch=not batch_ok,
+    )
     out = Decoded(meta=meta, total_observations=len(env.observations))
     for i, raw in enumerate(env.observations):
         res = decode_observation(raw, kinds, i, now_ns=now)

@@ -16,10 +16,14 @@ Three tasks:
   a reconnect), subscribed to ``<prefix>/v1/+/+/obs`` and ``<prefix>/v1/+/+/health``. It takes
   the messages that have arrived as a group, turns each into lines (:mod:`edgeprobe.collector.decode`,
   :mod:`edgeprobe.collector.lineproto`), commits all the group's lines to the spool in one transaction,
-  then acknowledges the group's messages in arrival order. Rejected messages are acknowledged
-  too (they are counted by reason and logged at most once per ``limits.log_interval_s`` per
-  reason; re-sending them would not help). When the spool can't be written the session is
-  dropped without acknowledging, and the broker re-sends after the reconnect. When the spool
+  then confirms to each agent the ids (``batch``) of its messages now stored (one
+  :class:`edgeprobe.schema.DeliveryAck` per agent on ``<prefix>/v1/<site>/<agent>/ack``, QoS 1, not
+  retained: the agent keeps an observation until this arrives, so a broker that loses what it
+  queued loses nothing), then acknowledges the group's messages to the broker in arrival order.
+  Rejected messages are acknowledged and confirmed too (they are counted by reason and logged at
+  most once per ``limits.log_interval_s`` per reason; re-sending them would not help).
+  When the spool can't be written the session is dropped without acknowledging, and the
+  broker re-sends after the reconnect. When the spool
   holds ``spool.max_bytes`` the consumer waits (the broker keeps the rest) until it drains.
   On any :class:`aiomqtt.MqttError` it reconnects with capped exponential backoff
   (:func:`edgeprobe.mqtt.run_session`).
@@ -72,14 +76,14 @@ import aiomqtt
 from edgeprobe.backoff import Backoff
 from edgeprobe.collector.config import CollectorConfig, collector_client_id
 from edgeprobe.collector.conflicts import ConflictMemory, line_conflict
-from edgeprobe.collector.decode import REASONS, decode_health, decode_message
+from edgeprobe.collector.decode import REASONS, EnvelopeMeta, decode_health, decode_message
 from edgeprobe.collector.influx import InfluxWriter, WriteError, make_writer
 from edgeprobe.collector.lineproto import HEALTH_MEASUREMENT, encode_batch, encode_point
 from edgeprobe.collector.spool import REASON_FIELD_TYPE_CONFLICT, DeadLetter, DeadLetters, Spool, SpoolError
 from edgeprobe.mqtt import SESSION_LOST, TAKEOVER_SUSPECTED, ack, run_session
 from edgeprobe.probes.kind import AnyKind
 from edgeprobe.probes.stats import percentile
-from edgeprobe.schema import parse_agent_topic
+from edgeprobe.schema import MAX_ACK_BATCHES, SCHEMA_VERSION, DeliveryAck, ack_topic, encode, parse_agent_topic
 from edgeprobe.supervise import Supervisor
 
 log = logging.getLogger("edgeprobe.collector")
@@ -90,6 +94,7 @@ T = TypeVar("T")
 MAX_LOGGED_LINE_CHARS = 300
 INTERNAL_ERROR = "internal_error"  # a rejected-counter key: processing a message raised (a bug)
 MAX_GROUP_MESSAGES = 1000  # messages taken (and committed) together at most
+CONFIRM_TIMEOUT_S = 10.0  # a confirmation (…/ack) the broker has not acknowledged by then ends the session
 RECENT_WRITES = 1024  # write latencies and batch sizes kept for one health point at most
 
 
@@ -122,6 +127,9 @@ class CollectorStats:
     spool_oldest_at_ns: int | None = None  # when the oldest waiting line was received (gauge)
     spool_durable: bool = True  # False: spool.path is null (in memory)
     task_restarts: int = 0  # crashed tasks (consumer, flusher, health) restarted (edgeprobe.supervise)
+    confirmed_batches: int = 0  # agents' messages confirmed as stored (their batch ids, on …/ack)
+    confirmations_sent: int = 0  # …/ack messages published (one per agent per group)
+    unconfirmable_messages: int = 0  # messages with a malformed batch id (stored, never confirmed)
     sessions_lost: int = 0  # reconnects that found no persistent session at the broker (queued messages lost)
     takeovers_suspected: int = 0  # streaks of connections lost right after connecting (client id in use)
 
@@ -146,6 +154,8 @@ class CollectorStats:
             "connects": self.connects,
             "spool_lines": self.spool_lines,
             "task_restarts": self.task_restarts,
+            "confirmed_batches": self.confirmed_batches,
+            "unconfirmable_messages": self.unconfirmable_messages,
         }
 
 
@@ -188,6 +198,9 @@ def health_fields(
         "spool_bytes": stats.spool_bytes,
         "spool_durable": stats.spool_durable,
         "task_restarts": stats.task_restarts,
+        "confirmed_batches": stats.confirmed_batches,
+        "confirmations_sent": stats.confirmations_sent,
+        "unconfirmable_messages": stats.unconfirmable_messages,
     }
     for reason in (*REASONS, INTERNAL_ERROR):
         fields[f"rejected_{reason}"] = stats.rejected.get(reason, 0)
@@ -282,6 +295,7 @@ class _Collector:
         self.started_monotonic = time.monotonic()
         self.on_ready: Callable[[], None] | None = None  # called once, at the first subscription
         self.supervisor: Supervisor | None = None  # restarts crashed tasks; counted in the health point
+        self._to_confirm: dict[tuple[str, str], list[str]] = {}  # (site, agent) -> batch ids of this group
         stats.spool_durable = spool.durable
         self._update_gauges()
 
@@ -337,6 +351,8 @@ class _Collector:
             what = "message" if rej.observation_id is None and rej.index is None else "observation"
             self._reject(topic, rej.reason, rej.detail, what, f" {rej.observation_id}" if rej.observation_id else "")
         meta = decoded.meta
+        if meta is not None:
+            self._note_batch(meta)
         if meta is None or not decoded.observations:
             return []
         batch = encode_batch(
@@ -408,16 +424,59 @@ class _Collector:
 
     # ---- consuming ----------------------------------------------------------------------
 
+    def _note_batch(self, meta: EnvelopeMeta) -> None:
+        """Remember an envelope's batch id, to confirm to its agent once the group is committed."""
+        if meta.bad_batch:
+            self.stats.unconfirmable_messages += 1
+            self.rlog.warning(
+                "bad_batch",
+                "a message from %s/%s has a malformed batch id: stored, but it can't be confirmed",
+                meta.site,
+                meta.agent,
+            )
+        elif meta.batch is not None:
+            self._to_confirm.setdefault((meta.site, meta.agent), []).append(meta.batch)
+
     async def take(self, client: aiomqtt.Client, messages: Sequence[aiomqtt.Message]) -> None:
-        """Spool a group of messages in one commit, then acknowledge them in arrival order."""
+        """Spool a group of messages in one commit, confirm them to their agents (``…/ack``), then
+        acknowledge them to the broker in arrival order."""
         lines: list[str] = []
+        self._to_confirm = {}
         for message in messages:
             lines.extend(self.process(message.topic.value, _payload_bytes(message.payload)))
         if lines:
             await self.spool_append(lines)
+        confirm, self._to_confirm = self._to_confirm, {}
+        if confirm:
+            await self.confirm(client, confirm)
         for message in messages:
             ack(client, message)
         self.stats.acknowledged_messages += len(messages)
+
+    async def confirm(self, client: aiomqtt.Client, batches: Mapping[tuple[str, str], list[str]]) -> None:
+        """Tell each agent which of its messages are now durably stored: one :class:`DeliveryAck`
+        per agent (QoS 1, not retained) on its own ``…/ack`` topic. Only after the spool commit;
+        an MqttError here ends the session before the PUBACKs, so the broker re-sends the group and
+        the confirmations go again."""
+        prefix = self.config.broker.topic_prefix
+        sends = []
+        for (site, agent), ids in batches.items():
+            for i in range(0, len(ids), MAX_ACK_BATCHES):
+                chunk = ids[i : i + MAX_ACK_BATCHES]
+                payload = encode(
+                    DeliveryAck(
+                        v=SCHEMA_VERSION,
+                        agent=agent,
+                        site=site,
+                        collector=self.config.name,
+                        at_ns=time.time_ns(),
+                        batches=chunk,
+                    )
+                )
+                sends.append(client.publish(ack_topic(prefix, site, agent), payload, qos=1, timeout=CONFIRM_TIMEOUT_S))
+        await asyncio.gather(*sends)
+        self.stats.confirmations_sent += len(sends)
+        self.stats.confirmed_batches += sum(len(ids) for ids in batches.values())
 
     async def consume(self, stop: asyncio.Event) -> None:
         """Hold the MQTT session until ``stop`` is set, reconnecting as needed."""

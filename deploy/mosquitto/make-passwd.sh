@@ -9,7 +9,7 @@
 #   site/agent:password       an agent: its login (username) is the agent id, and the ACL written
 #                             here gets the agent's own block binding that login to its site —
 #                             <prefix>/v1/<site>/<agent>/{obs,status,health} to write,
-#                             .../{cmd,config} to read — appended to a copy of ACL_FILE.
+#                             .../{cmd,config,ack} to read — appended to a copy of ACL_FILE.
 # mosquitto can't split a username into site and agent (%u is all of it), so the site is bound
 # here, once per agent, instead of with a pattern. Site and agent: a letter or digit, then letters,
 # digits, '.', '_' or '-'; not config, group or results (edgeprobe.schema.RESERVED_NAMES); an agent
@@ -69,6 +69,7 @@ for pair in $EDGEPROBE_MQTT_USERS; do
                 echo "topic write $prefix/v1/$site/$user/health"
                 echo "topic read $prefix/v1/$site/$user/cmd"
                 echo "topic read $prefix/v1/$site/$user/config"
+                echo "topic read $prefix/v1/$site/$user/ack"
             } >> "$agents"
             ;;
     esac

@@ -28,6 +28,9 @@ NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 # (``<prefix>/v1/config/group/<name>``, ``<prefix>/v1/results/...``): an agent named ``group`` in a
 # site named ``config`` would otherwise write group configuration. Refused as site and agent names.
 RESERVED_NAMES: Final = frozenset({"config", "group", "results"})
+# Message (batch) ids in envelopes and delivery acknowledgements, and how many one ack holds.
+BATCH_RE: Final = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+MAX_ACK_BATCHES: Final = 10_000
 
 FieldValue = bool | int | float | str | None | list[float | None]
 
@@ -72,6 +75,10 @@ class Envelope(msgspec.Struct, kw_only=True):
     sent_at_ns: int
     labels: dict[str, str] = {}  # agent labels, stored as tags on every observation
     observations: list[Observation]
+    # This message's id (BATCH_RE), unique per agent: the collector that stores the message
+    # confirms it by this id on ``…/ack`` (:class:`DeliveryAck`). None: no confirmation asked
+    # (``publish.delivery: broker``, or an agent before it). Additive to v1.
+    batch: str | None = None
 
 
 class RawEnvelope(msgspec.Struct, kw_only=True):
@@ -84,6 +91,7 @@ class RawEnvelope(msgspec.Struct, kw_only=True):
     sent_at_ns: int
     labels: dict[str, str] = {}
     observations: list[msgspec.Raw]
+    batch: str | None = None
 
 
 class Status(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -146,10 +154,10 @@ class AgentHealth(msgspec.Struct, kw_only=True, omit_defaults=True):
     uptime_s: float = 0.0  # monotonic seconds since the process started
     # The spool (durable queue between scheduler and broker), at sampling time.
     spool_durable: bool = False  # True: SQLite file; False: in-memory (spool.path: null)
-    spool_depth: int = 0  # observations waiting for a PUBACK (in flight included)
+    spool_depth: int = 0  # observations not yet delivered (in flight included)
     spool_bytes: int = 0  # their encoded size (msgspec JSON), bytes
     spool_oldest_age_s: float | None = None  # wall-clock age of the oldest waiting one; 0 when empty
-    spool_in_flight: int = 0  # of spool_depth: sent, PUBACK not yet received
+    spool_in_flight: int = 0  # of spool_depth: sent, not yet acknowledged (PUBACK, or confirmation)
     spool_errors: int = 0  # process: failed spool writes/commits (disk full, I/O error)
     dropped_bytes_limit: int = 0  # spool: oldest dropped because spool.max_bytes was reached
     dropped_age_limit: int = 0  # spool: dropped because older than spool.max_age_s
@@ -161,7 +169,7 @@ class AgentHealth(msgspec.Struct, kw_only=True, omit_defaults=True):
     # The publisher, process counters.
     produced: int = 0  # process: observations the scheduler produced (== put into the spool)
     published: int = 0  # process: observations sent to the broker (a re-send counts again)
-    acknowledged: int = 0  # process: observations the broker acknowledged (PUBACK): left the spool
+    acknowledged: int = 0  # process: delivered, left the spool (collector confirmation; "broker": PUBACK)
     publish_failures: int = 0  # process: batches not acknowledged (timeout, lost connection)
     messages_published: int = 0  # process: MQTT obs messages acknowledged
     connects: int = 0  # process: successful broker connections (first one included)
@@ -174,8 +182,29 @@ class AgentHealth(msgspec.Struct, kw_only=True, omit_defaults=True):
     sched_lag_max_ms: float | None = None  # largest sched_lag_ms since the previous health message
     overloaded: bool = False  # the scheduler started a run late within the last 60 s
     overloaded_runs: int = 0  # process: runs flagged overloaded (started later than their threshold)
+    # Delivery confirmations (publish.delivery "collector": an observation leaves the spool when a
+    # collector confirms it stored it; ``acknowledged`` counts those then).
+    unconfirmed: int = 0  # observations sent and waiting for a collector's confirmation (gauge)
+    confirm_timeouts: int = 0  # process: waits that ended without a confirmation (all unconfirmed sent again)
+    resent_unconfirmed: int = 0  # process: observations sent again for want of a confirmation (or on reconnect)
+    bad_confirmations: int = 0  # process: …/ack messages refused (malformed, too large, for another agent)
     # Supervision (edgeprobe.supervise).
     task_restarts: int = 0  # process: crashed tasks (publisher, scheduler, control) restarted
+
+
+class DeliveryAck(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A collector's confirmation on ``<prefix>/v1/<site>/<agent>/ack`` (QoS 1, not retained) that
+    the messages with these ``batch`` ids are durably stored (committed to its spool, on their way
+    to InfluxDB). The agent keeps an observation in its spool until this arrives for its message;
+    it is sent by whichever collector took the message (shared subscriptions included). Additive
+    to v1."""
+
+    v: int
+    agent: str
+    site: str
+    collector: str  # the collector's name (its config ``name``)
+    at_ns: int  # wall clock when sent
+    batches: list[str]  # ids of stored messages, in the order they arrived, at most MAX_ACK_BATCHES
 
 
 class CommandReply(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -206,6 +235,10 @@ def group_config_topic(prefix: str, name: str) -> str:
 
 def result_topic(prefix: str, request_id: str, agent: str) -> str:
     return f"{prefix}/{TOPIC_VERSION}/results/{request_id}/{agent}"
+
+
+def ack_topic(prefix: str, site: str, agent: str) -> str:
+    return f"{prefix}/{TOPIC_VERSION}/{site}/{agent}/ack"
 
 
 def obs_topic(prefix: str, site: str, agent: str) -> str:

@@ -75,6 +75,9 @@ def agent_dict(broker: MosquittoServer, spool: Path, agent_id: str = "f-a1", **p
             "ack_timeout_s": 1.5,
             "health_interval_s": 0.5,
             "flush_timeout_s": 10,
+            # The subscriber below is no collector (no confirmations on …/ack): observations leave
+            # the spool on the broker's PUBACK, except where a test passes delivery="collector".
+            "delivery": "broker",
             **publish,
         },
         "spool": {"path": str(spool)},
@@ -450,7 +453,9 @@ async def test_broker_down_end_to_end_exactly_once_in_influxdb(
         collector_stop, collector_ready = asyncio.Event(), asyncio.Event()
         collector = asyncio.create_task(run_collector(ccfg, stop=collector_stop, on_ready=collector_ready.set))
         await asyncio.wait_for(collector_ready.wait(), 20)  # subscribed (persistent session) before the agent publishes
-        cfg = convert(agent_dict(broker, tmp_path / "agent-spool.db", "f-a4"), AgentConfig, "t")
+        cfg = convert(
+            agent_dict(broker, tmp_path / "agent-spool.db", "f-a4", delivery="collector"), AgentConfig, "t"
+        )
         agent = RunningAgent(cfg)
         try:
             handles = await agent.start()

@@ -40,7 +40,8 @@ def agent_cfg(
                 "reconnect_max_s": 5 * reconnect_s,
                 "connect_timeout_s": 2,
             },
-            "publish": {"flush_interval_s": 0.1},
+            # No collector here: observations leave the spool on the broker's PUBACK.
+            "publish": {"flush_interval_s": 0.1, "delivery": "broker"},
             "jobs": [
                 {
                     "kind": "icmp",
@@ -184,7 +185,7 @@ def test_daemon_sigterm_is_clean_and_presence_is_visible(mosquitto: MosquittoSer
             f"""
             agent: {{id: sig-a1, site: lab}}
             broker: {{url: "{mosquitto.url}"}}
-            publish: {{flush_interval_s: 0.2}}
+            publish: {{flush_interval_s: 0.2, delivery: broker}}
             spool: {{path: "{tmp_path}/spool.db"}}
             jobs:
               - {{kind: icmp, targets: [127.0.0.1], interval_s: 0.5, options: {{count: 1, timeout_s: 0.2}}}}

@@ -150,7 +150,8 @@ async def test_full_disk_no_error_storm_sent_from_memory_nothing_lost(
         {
             "agent": {"id": AGENT, "site": "lab"},
             "broker": {"url": mosquitto.url, "reconnect_min_s": 0.1, "reconnect_max_s": 1.0},
-            "publish": {"flush_interval_s": 0.2, "health_interval_s": 0.5, "ack_timeout_s": 5},
+            # No collector here: observations leave the spool on the broker's PUBACK.
+            "publish": {"flush_interval_s": 0.2, "health_interval_s": 0.5, "ack_timeout_s": 5, "delivery": "broker"},
             "spool": {"path": str(path)},
         },
         AgentConfig,
