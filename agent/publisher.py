@@ -1,12 +1,18 @@
 """Publishing observations to the broker: batches at QoS 1, presence, health (the session body).
 
 The reconnect loop is :func:`edgeprobe.mqtt.run_session`; this module holds the session body.
-Observations are taken from the spool (agent/spool.py) oldest first and deleted from it only
-when the broker has acknowledged them (PUBACK); a failed or interrupted publish releases what
-was not acknowledged, so a reconnect re-sends it first (at least once: a PUBACK lost with the
-connection means the broker may have it twice; the collector's writes are idempotent by
-timestamp and tags). Publishing is paced by a token bucket (``publish.replay_max_per_s``), so a
-backlog after an outage goes out in order at a bounded rate.
+Observations are taken from the spool (agent/spool.py) oldest first, each message with an id of
+its own (``batch``). With ``publish.delivery: collector`` (the default) they are deleted from the
+spool only when a collector confirms it stored them (:class:`edgeprobe.schema.DeliveryAck` on
+``…/ack``, read by :meth:`Publisher.confirm`); the broker's PUBACK only moves a message into the
+window of unconfirmed ones (``publish.max_unconfirmed``), which is given back to the spool and
+sent again, oldest first, on every reconnect and when no confirmation came within the wait
+(``publish.confirm_timeout_s``, doubling with the shared backoff). So a broker that loses what it
+queued loses no data. With ``delivery: broker`` the PUBACK deletes them. Either way a failed or
+interrupted publish releases what was not acknowledged, so a reconnect re-sends it first (at
+least once; the collector's writes are idempotent by timestamp and tags). Publishing is paced
+by a token bucket (``publish.replay_max_per_s``), so a backlog after an outage goes out in order
+at a bounded rate.
 """
 
 from __future__ import annotations
