@@ -513,17 +513,24 @@ class Publisher:
                     await self._publish_status(client, "online")
                     next_status = now + pub.status_interval_s
                 oldest = self.spool.oldest_available_at_ns()
-                now_ns = time.time_ns()
+                # Enqueue times are wall-clock stamps: after a backward clock step the oldest looks
+                # younger than zero; a step may make a batch leave early, never hold it back.
+                waited_ns = None if oldest is None else time.time_ns() - oldest
                 if (
                     available
                     and room > 0
-                    and (available >= pub.batch_max_observations or oldest is None or now_ns - oldest >= flush_ns)
+                    and (
+                        available >= pub.batch_max_observations
+                        or waited_ns is None
+                        or waited_ns >= flush_ns
+                        or waited_ns < 0
+                    )
                 ):
                     await self._publish_batch(client)
                     continue
                 wait_s = min(next_status, next_health) - now
-                if available and room > 0 and oldest is not None:
-                    wait_s = min(wait_s, (oldest + flush_ns - now_ns) / 1e9)
+                if available and room > 0 and waited_ns is not None:
+                    wait_s = min(wait_s, (flush_ns - waited_ns) / 1e9)
             if deadline is not None:
                 wait_s = min(wait_s, deadline - now)
             self._status_poke = poke = asyncio.Event()
