@@ -38,6 +38,7 @@ import msgspec
 
 from edgeprobe.agent.config import AgentConfig, Job, JobConfig, build_jobs
 from edgeprobe.agent.policy import PolicyRefusal, TargetPolicy
+from edgeprobe.agent.publisher import agent_client_ids
 from edgeprobe.agent.replay import ReplayState, ReplayStateError, state_path_for
 from edgeprobe.agent.scheduler import Scheduler
 from edgeprobe.configfile import ConfigError, convert
@@ -169,8 +170,9 @@ class Control:
 
         try:
             await run_session(
-                self.cfg.broker,
-                f"edgeprobe-agent-{self.cfg.agent.id}-control",
+                # broker.client_id names the publisher's connection; this one adds -control to it
+                msgspec.structs.replace(self.cfg.broker, client_id=None),
+                agent_client_ids(self.cfg)[1],
                 session,
                 stop=stop,
                 name="control channel",

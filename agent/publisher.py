@@ -55,6 +55,20 @@ log = logging.getLogger("edgeprobe.agent.publisher")
 
 VERSION = __version__
 MAX_MESSAGE_BYTES = 512 * 1024  # a batch is split below this (collectors accept 1 MiB by default)
+
+# Both of the agent's MQTT connections use clean sessions, so their client ids need not survive a
+# restart: a random part made once per process keeps them unguessable. Any broker login may
+# connect with any client id, and the broker then drops the older connection: with a predictable
+# id (``edgeprobe-agent-<id>``) one stolen login could knock every agent off in turn.
+_PROCESS_TOKEN = secrets.token_hex(8)
+
+
+def agent_client_ids(cfg: AgentConfig) -> tuple[str, str]:
+    """(publisher's, control channel's) MQTT client ids: ``broker.client_id`` when set, else
+    ``edgeprobe-agent-<id>-<random>``; the control channel's is the same with ``-control``, so
+    the two connections never take each other's place."""
+    base = cfg.broker.client_id or f"edgeprobe-agent-{cfg.agent.id}-{_PROCESS_TOKEN}"
+    return base, f"{base}-control"
 MAX_CONFIRM_BYTES = 1024 * 1024  # a larger …/ack message is refused unread
 BATCH_FIELD_BYTES = 80  # room kept under MAX_MESSAGE_BYTES for ',"batch":"<id>"'
 CONFIRM_MAX_WAIT_S = 600.0  # the wait for confirmations doubles up to this
@@ -357,7 +371,7 @@ class Publisher:
 
         error = await run_session(
             broker,
-            f"edgeprobe-agent-{self.cfg.agent.id}",
+            agent_client_ids(self.cfg)[0],
             session,
             stop=stop,
             name=f"broker {broker.url}",

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
+import msgspec
 import pytest
 
 from edgeprobe.collector.config import CLIENT_ID_FILE, CollectorConfig, collector_client_id
@@ -124,3 +125,45 @@ async def test_a_takeover_fight_is_reported(mosquitto: MosquittoServer) -> None:
         stop.set()
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+def test_agent_client_ids_are_unguessable_and_never_collide() -> None:
+    from edgeprobe.agent import publisher
+    from tests.integration.test_agent_daemon import agent_cfg
+
+    cfg = agent_cfg("mqtt://127.0.0.1:1883", None, agent_id="fra1-a")
+    pub_id, control_id = publisher.agent_client_ids(cfg)
+    assert pub_id.startswith("edgeprobe-agent-fra1-a-") and len(pub_id) >= len("edgeprobe-agent-fra1-a-") + 16
+    assert control_id == pub_id + "-control"
+    fixed = msgspec.structs.replace(cfg, broker=msgspec.structs.replace(cfg.broker, client_id="mine"))
+    assert publisher.agent_client_ids(fixed) == ("mine", "mine-control")  # a configured id: still two ids
+
+
+async def test_an_agent_with_a_configured_client_id_keeps_both_connections(tmp_path: Path) -> None:
+    """broker.client_id used to name both of the agent's connections: the broker kept dropping one
+    for the other. Now the control channel's id is the configured one plus -control."""
+    from edgeprobe.agent.config import AgentConfig, build_jobs
+    from edgeprobe.agent.daemon import run_agent
+    from edgeprobe.signing import generate_key
+    from tests.integration.test_agent_daemon import agent_cfg
+
+    async with MosquittoServer(port=free_port()) as server:
+        base = agent_cfg(server.url, None)
+        raw = msgspec.to_builtins(base)
+        raw["broker"]["client_id"] = "pinned-agent"
+        generate_key(tmp_path / "c.key", tmp_path / "c.pub")
+        raw["control"] = {"accept_commands": True, "public_key_file": str(tmp_path / "c.pub")}
+        cfg = convert(raw, AgentConfig, "test")
+        stop = asyncio.Event()
+        ready = asyncio.Event()
+        started: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(run_agent(cfg, build_jobs(cfg, "t"), stop=stop, started=started, on_ready=ready.set))
+        running = await asyncio.wait_for(started, 10)
+        await asyncio.wait_for(ready.wait(), 15)  # published online AND the control channel subscribed
+        produced_before = running.publisher.stats.acknowledged_observations
+        await wait_for_async(
+            lambda: running.publisher.stats.acknowledged_observations >= produced_before + 10, 15, "ten more sent"
+        )
+        assert running.publisher.stats.connects == 1  # never knocked off by its own control channel
+        stop.set()
+        await asyncio.wait_for(task, 15)
