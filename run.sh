@@ -55,6 +55,7 @@ ensure_system_packages() {
     have curl || missing+=(curl)
     have fping || missing+=(fping)      # used by the benchmarks
     have openssl || missing+=(openssl)  # test certificates for MQTT over TLS
+    have unbound || [ -x /usr/sbin/unbound ] || missing+=(unbound)  # a local DNS server for the dns probe's tests
     if [ ${#missing[@]} -gt 0 ]; then
         apt_install "${missing[@]}"
     fi

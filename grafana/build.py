@@ -903,6 +903,26 @@ def latency() -> Json:
             12,
             8,
         ),
+        (
+            timeseries(
+                "DNS query time by resolver",
+                "Median DNS query time per agent → resolver (rtt_min_ms: a run's fastest answer among the "
+                "resolvers of its job; one resolver per job gives one line per resolver), with the transport "
+                "asked (udp; tcp and tls include their handshakes), in each time bucket. NXDOMAIN counts as an "
+                "answer; SERVFAIL, REFUSED and no answer are failures, never times.",
+                [
+                    target(
+                        f'SELECT median("rtt_min_ms") FROM "edgeprobe_dns" WHERE {where(F_SITE, F_AGENT)} '
+                        'GROUP BY time($__interval), "agent", "resolver_set", "transport" fill(none)',
+                        alias="$tag_agent → $tag_resolver_set ($tag_transport)",
+                    )
+                ],
+                "ms",
+                steps((GREEN, None), (YELLOW, 50), (RED, 250)),
+            ),
+            12,
+            8,
+        ),
         (row("TLS certificates (HTTP)"), 24, 1),
         (
             table(

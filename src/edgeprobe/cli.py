@@ -157,6 +157,38 @@ def http(url: str, as_json: bool, header: tuple[str, ...], insecure: bool, **opt
     _finish(_run_adhoc("http", url, options, as_json))
 
 
+@main.command("dns")
+@click.argument("name")
+@click.argument("servers", nargs=-1, metavar="[@RESOLVER]...")
+@click.option("-t", "--type", "rtype", help="Record type: A (default), AAAA, CNAME, MX, NS, PTR, SOA, SRV, TXT …")
+@click.option("--tcp", "transport", flag_value="tcp", help="Ask over TCP.")
+@click.option("--tls", "transport", flag_value="tls", help="Ask over DNS over TLS (port 853 unless given).")
+@click.option("-W", "--timeout", "timeout_s", type=float, help="Seconds to wait for each resolver (default 2).")
+@click.option("-k", "--insecure", is_flag=True, help="DoT: do not verify the resolver's certificate.")
+@click.option("--tls-name", "tls_server_name", help="DoT: the name sent (SNI) and checked in the certificate.")
+@json_option
+def dns_query(
+    name: str, servers: tuple[str, ...], rtype: str | None, insecure: bool, as_json: bool, **options: Any
+) -> None:
+    """DNS query time per resolver, like dig +short: NAME [@IP[:PORT] | @tls://IP[:PORT] …].
+
+    Without a resolver, the nameservers of /etc/resolv.conf are asked."""
+    from edgeprobe.probes.dns import parse_resolver
+
+    for server in servers:
+        try:
+            if not server.startswith("@"):
+                raise ValueError(f"expected @RESOLVER (e.g. @9.9.9.9, @tls://1.1.1.1), got {server!r}")
+            parse_resolver(server[1:], "udp")
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="RESOLVER") from None
+    options["resolvers"] = [s[1:] for s in servers] or None
+    options["rtype"] = rtype.upper() if rtype else None
+    if insecure:
+        options["verify_tls"] = False
+    _finish(_run_adhoc("dns", name, options, as_json))
+
+
 def _run_ttft(url: str, options: dict[str, Any], count: int, interval_s: float, as_json: bool) -> int:
     import os
 

@@ -6,8 +6,8 @@ unit, the InfluxQL sticks to what InfluxDB 1.x, 2.x and 3.x all run, and every f
 query names is one edgeprobe writes.
 
 On data: two agents (two sites, with coordinates) probe loopback targets and two local responders
-(ICMP, TCP including a refused port, HTTP, HTTPS with a valid and an expired certificate, and
-inference with 429, 500 and a silent endpoint) for
+(ICMP, TCP including a refused port, HTTP, HTTPS with a valid and an expired certificate, DNS
+against a local unbound, and inference with 429, 500 and a silent endpoint) for
 a few seconds; their observations and health go agent → mosquitto → collector → a fresh InfluxDB
 database. The targets are given coordinates, so the agents write the physical-floor fields
 (``distance_km``, ``floor_rtt_ms``, ``inflation_ratio``, ``floor_ttft_ms``) themselves; only
@@ -45,6 +45,7 @@ from edgeprobe.probes.registry import KINDS
 from edgeprobe.schema import BASE_FIELD_KEYS, AgentHealth, Observation
 from tests.support import certs
 from tests.support.paths import REPO
+from tests.support.unbound import Unbound
 from tests.support.wait import wait_for_async
 
 GRAFANA = REPO / "grafana"
@@ -403,6 +404,21 @@ async def serve_https(tmp: Path) -> AsyncIterator[dict[str, str]]:
             await server.wait_closed()
 
 
+@asynccontextmanager
+async def serve_dns(workdir: Path) -> AsyncIterator[str]:
+    """unbound on 127.0.0.1, authoritative for edgeprobe.test only (tests/support/unbound.py): its ip:port."""
+    server = Unbound(
+        workdir,
+        records=["www.edgeprobe.test. 300 IN A 192.0.2.10", "www.edgeprobe.test. 300 IN AAAA 2001:db8::10"],
+        tls=False,
+    )
+    await asyncio.to_thread(server.start)
+    try:
+        yield f"127.0.0.1:{server.port}"
+    finally:
+        await asyncio.to_thread(server.stop)
+
+
 def target_host(target: str) -> str:
     if "://" in target:
         return urlsplit(target).hostname or ""
@@ -481,6 +497,20 @@ def agent_config(
             "interval_s": 1.0,
             "options": {"timeout_s": 0.5},
         },
+        {  # the local unbound: an answer, an NXDOMAIN (ok) and a REFUSED name outside its zone (dns_error)
+            "name": "dns",
+            "kind": "dns",
+            "targets": ["www.edgeprobe.test", "nope.edgeprobe.test", "outside.example"],
+            "interval_s": 1.0,
+            "options": {"resolvers": [urls["dns"]], "timeout_s": 0.5},
+        },
+        {
+            "name": "dns-tcp",
+            "kind": "dns",
+            "targets": ["www.edgeprobe.test"],
+            "interval_s": 1.0,
+            "options": {"resolvers": [urls["dns"]], "transport": "tcp", "rtype": "AAAA", "timeout_s": 0.5},
+        },
     ]
     if "inference" in KINDS:
         opts = {"model": "edgeprobe-responder", "max_tokens": 6, "timeout_s": 0.5, "first_token_timeout_s": 0.4}
@@ -543,8 +573,9 @@ async def run_pipeline(broker: MosquittoServer, filled: Filled, spool_dir: Path)
         serve_responder("127.0.0.1", 0, edge_settings) as edge,
         serve_responder("127.0.0.1", 0, core_settings) as core,
         serve_https(spool_dir) as https_urls,
+        serve_dns(spool_dir / "unbound") as dns_resolver,
     ):
-        urls = {"edge": edge.url, "core": core.url, **https_urls}
+        urls = {"edge": edge.url, "core": core.url, "dns": dns_resolver, **https_urls}
         closed = free_port()  # nothing listens: the TCP probe gets "refused", a real failure
         ccfg_raw: dict[str, Any] = {
             "name": "dash-collector",
@@ -581,7 +612,7 @@ async def run_pipeline(broker: MosquittoServer, filled: Filled, spool_dir: Path)
             until=lambda n: n >= want,
             interval_s=0.3,
         )
-        collector_health = f"SELECT count(\"uptime_s\") FROM \"{HEALTH}\" WHERE \"source\" = 'collector'"
+        collector_health = f'SELECT count("uptime_s") FROM "{HEALTH}" WHERE "source" = \'collector\''
         before = await asyncio.to_thread(_count, influx, db, collector_health)
         await wait_for_async(
             lambda: asyncio.to_thread(_count, influx, db, collector_health),
@@ -766,6 +797,12 @@ def test_panels_show_what_they_say(filled: Filled) -> None:
         days = CERT_DAYS["https_expired" if r["cert_expiry_days"] < 0 else "https_valid"]
         assert days - 0.01 < r["cert_expiry_days"] <= days and r["chain_expiry_days"] == r["cert_expiry_days"], r
     assert {r["cert_expiry_days"] < 0 for r in expiring} == {True, False}  # kept from the tls_error runs too
+    dns_times = [r for r in panel_rows(filled, latency, "DNS query time by resolver") if r["median"] is not None]
+    assert {(r["agent"], r["transport"]) for r in dns_times} == {(a[0], t) for a in AGENTS for t in ("udp", "tcp")}
+    assert all(0 < r["median"] < 500 for r in dns_times), dns_times
+    for outcome, rcode in (("ok", "NXDOMAIN"), ("dns_error", "REFUSED")):  # NXDOMAIN is an answer, REFUSED is not
+        q = f'SELECT count("seq") FROM "edgeprobe_dns" WHERE "outcome" = \'{outcome}\' AND "rcodes" = \'{rcode}\''
+        assert _count(filled.influx, filled.db, q) > 0, q
     tiers = panel_rows(filled, inference, "Edge vs core per PoP (time range)")
     assert {(r["site"], r["tier"]) for r in tiers} == {(a[1], t) for a in AGENTS for t in ("edge", "core")}
     print("\nTTFT p50 by site and tier (responders: edge 30 ms, core 90 ms to first token):")

@@ -97,7 +97,7 @@ def test_bad_tcp_target(tmp_path: Path) -> None:
 
 def test_unknown_kind(tmp_path: Path) -> None:
     msg = error_of(tmp_path, GOOD.replace("kind: icmp", "kind: icmpp"))
-    assert "jobs[0].kind: unknown probe kind 'icmpp'; expected one of: http, icmp, inference, tcp" in msg
+    assert "jobs[0].kind: unknown probe kind 'icmpp'; expected one of: dns, http, icmp" in msg
 
 
 def test_missing_required_key(tmp_path: Path) -> None:

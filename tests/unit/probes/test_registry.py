@@ -151,6 +151,7 @@ def test_target_labels_and_round_trips() -> None:
         "tcp": "target",
         "http": "url",
         "inference": "url",
+        "dns": "target",
     }
     trips = get_kind("inference").first_byte_round_trips
     assert trips is not None
