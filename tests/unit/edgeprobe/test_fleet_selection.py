@@ -64,6 +64,6 @@ def test_mesh_errors() -> None:
     )
     with pytest.raises(ConfigError, match="no target group 'nope'"):
         mesh_documents(unknown_group, "edgeprobe", "m")
-    bad_kind = convert({"rules": [{"name": "r", "kind": "dns", "targets": ["x:1"], "interval_s": 60}]}, MeshFile, "m")
+    bad_kind = convert({"rules": [{"name": "r", "kind": "nope", "targets": ["x:1"], "interval_s": 60}]}, MeshFile, "m")
     with pytest.raises(ConfigError, match="unknown probe kind"):
         validate_documents(mesh_documents(bad_kind, "edgeprobe", "m"), "m")
