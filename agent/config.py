@@ -18,7 +18,7 @@ from edgeprobe.agent.policy import AGENT_SECRET_ENV_PREFIXES, PolicyConfig, agen
 from edgeprobe.configfile import ConfigError, convert, load
 from edgeprobe.mqtt import BROKER_ENV, BrokerConfig
 from edgeprobe.probes.kind import AnyKind
-from edgeprobe.probes.registry import KINDS
+from edgeprobe.probes.registry import KINDS, find_kind, kind_names
 from edgeprobe.schema import BASE_FIELD_KEYS, NAME_RE, RESERVED_NAMES, RESERVED_TAG_KEYS
 from edgeprobe.supervise import SuperviseConfig
 
@@ -196,10 +196,10 @@ def build_jobs(cfg: AgentConfig, source: str) -> list[Job]:
     seen: set[str] = set()
     for i, job in enumerate(cfg.jobs):
         where = f"jobs[{i}]"
-        kind = KINDS.get(job.kind)
+        kind = find_kind(job.kind)  # its name or an alias (ping, ttft)
         if kind is None:
             raise ConfigError(
-                f"{source}: {where}.kind: unknown probe kind {job.kind!r}; expected one of: {', '.join(sorted(KINDS))}"
+                f"{source}: {where}.kind: unknown probe kind {job.kind!r}; expected one of: {kind_names()}"
             )
         options = convert(job.options, kind.config_type, source, prefix=f"{where}.options")
         for var in kind.reads_env(options):

@@ -45,7 +45,7 @@ from edgeprobe.configfile import ConfigError, convert
 from edgeprobe.mqtt import run_session
 from edgeprobe.probes.context import ProbeContext
 from edgeprobe.probes.handler import hide_in_text, run_probe
-from edgeprobe.probes.registry import KINDS
+from edgeprobe.probes.registry import find_kind
 from edgeprobe.schema import (
     NAME_RE,
     SCHEMA_VERSION,
@@ -242,7 +242,7 @@ class Control:
                 raise Refusal("bad_request", "request_id: expected 1-64 letters, digits, '_' or '-'")
             if cmd.agent != self.cfg.agent.id:
                 raise Refusal("wrong_agent", f"command is for agent {cmd.agent!r}, not this one")
-            kind = KINDS.get(cmd.kind)
+            kind = find_kind(cmd.kind)  # its name or an alias (ping, ttft)
             if kind is None:
                 raise Refusal("bad_request", f"unknown probe kind {cmd.kind!r}")
             target = (cmd.target, kind.shown_target(cmd.target))
@@ -483,7 +483,7 @@ def _doc_targets(doc: ConfigDocument) -> list[tuple[str, str]]:
     for raw in doc.jobs:
         if not isinstance(raw, dict) or not isinstance(raw.get("kind"), str):
             continue
-        kind = KINDS.get(raw["kind"])
+        kind = find_kind(raw["kind"])
         entries = raw.get("targets")
         for entry in entries if isinstance(entries, list) else []:
             sent = entry.get("target") if isinstance(entry, dict) else entry

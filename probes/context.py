@@ -11,11 +11,20 @@ A string is the refusal's reason and ends the run as ``policy_refused``; the pro
 connects. The probe connects to exactly the address that was checked (no second lookup). The
 agent sets it for requests that come from its controller (:mod:`edgeprobe.agent.policy`);
 :meth:`ProbeContext.restricted` gives such a view, sharing the owner's resources.
+
+``progress`` (optional) is how a live view (the CLI's ``ping``, ``tcp``) sees a run as it happens
+without a second implementation of the probe: a kind that repeats (echoes, connection attempts)
+calls it with a :class:`Step` once it knows where it goes (``seq`` None) and once per reply or
+attempt, as each ends. ``request_stop()`` (the CLI's Ctrl-C) asks such a run to send nothing more
+and return what it measured so far, a normal result; :meth:`ProbeContext.pause` is how a probe
+waits between sends so that a stop ends the wait. Neither is set by the agent.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Protocol, TypeAlias, TypeVar, cast
 
@@ -30,12 +39,57 @@ AddressCheck: TypeAlias = Callable[[str, str, int], Awaitable[str | None]]
 """``(name, address, port)`` → None to go ahead, or why not (see the module docstring)."""
 
 
+@dataclass(frozen=True, kw_only=True)
+class Step:
+    """One reply or attempt of a run as it ends (or, with ``seq`` None, the run's start)."""
+
+    target: str  # as the probe was given it
+    address: str  # the IP address it goes to
+    seq: int | None  # 1, 2, … in send order; None: the start (resolved, about to send)
+    time_ms: float | None = None  # the measured time; None: no answer (see ``error``)
+    ttl: int | None = None  # the reply's IP TTL / hop limit, where known
+    error: str | None = None  # why there was no answer (an ICMP error, refused, no reply in time)
+    detail: str | None = None  # at the start: how it is sent (e.g. "dgram ICMP socket, 56 data bytes")
+
+
+ProgressHook: TypeAlias = Callable[[Step], None]
+
+
 class ProbeContext:
-    def __init__(self, *, check_address: AddressCheck | None = None) -> None:
+    def __init__(self, *, check_address: AddressCheck | None = None, progress: ProgressHook | None = None) -> None:
         self._resources: dict[object, Closeable] = {}
         self._closed = False
         self._owner: ProbeContext | None = None
         self.check_address = check_address
+        self.progress = progress
+        self._stop = asyncio.Event()
+
+    def report(self, step: Step) -> None:
+        """Hand ``step`` to the progress hook, if any."""
+        if self.progress is not None:
+            self.progress(step)
+
+    def request_stop(self) -> None:
+        """Ask the runs using this context to send nothing more and return what they measured."""
+        self._stop.set()
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop.is_set()
+
+    async def stopped(self) -> None:
+        """Return once a stop is requested."""
+        await self._stop.wait()
+
+    async def pause(self, delay_s: float) -> bool:
+        """Wait ``delay_s`` seconds, less if a stop is requested; True when one was."""
+        if not self._stop.is_set() and delay_s > 0:
+            try:
+                async with asyncio.timeout(delay_s):
+                    await self._stop.wait()
+            except TimeoutError:
+                pass
+        return self._stop.is_set()
 
     def restricted(self, check_address: AddressCheck) -> ProbeContext:
         """A view of this context whose probes vet every address with ``check_address``.

@@ -468,6 +468,8 @@ KIND: Final = ProbeKind(
     headline=Figure(field="rtt_min_ms", label="query"),
     jitter=None,
     fleet_field="rtt_min_ms",
+    live=None,
+    aliases=(),
     floor_field=None,  # the resolvers are not where the name points: no physical floor to compare
     first_byte_round_trips=None,
     policy_cost=policy_cost,

@@ -36,7 +36,9 @@ the values of credential-like query parameters replaced by ``REDACTED`` (:func:`
 from __future__ import annotations
 
 import re
+import statistics
 import time
+from collections import Counter
 from collections.abc import Mapping
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -100,6 +102,9 @@ class HttpResult(msgspec.Struct, kw_only=True):
     chain_expiry_days: float | None = None  # the earliest notAfter among the certificates sent, - now
     chain_certs: int | None = None  # certificates the server sent, leaf included
     connection: str = "new"
+    # A redirect's Location when it was not followed (a 3xx answer; the CLI suggests -L), with
+    # credential-like query values replaced as in the target. None otherwise.
+    location: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,9 +128,18 @@ def parse_url(url: str) -> Url:
         raise ValueError(f"a URL must not contain spaces or control characters, got {url!r}")
     try:
         parts = urlsplit(url)
-        port = parts.port
     except ValueError as exc:
         raise ValueError(f"invalid URL {url!r}: {exc}") from exc
+    netloc = parts.netloc.rpartition("@")[2]
+    if netloc.count(":") > 1 and not netloc.startswith("["):
+        raise ValueError(f"an IPv6 address in a URL goes in brackets: http://[::1]:8080/, got {url!r}")
+    try:
+        port = parts.port
+    except ValueError as exc:
+        port_text = netloc.rpartition("]")[2].rpartition(":")[2]
+        if port_text.isdigit():
+            raise ValueError(f"invalid port in {url!r}: {port_text} is out of range, expected 1..65535") from exc
+        raise ValueError(f"invalid port {port_text!r} in {url!r}: expected a number 1..65535") from exc
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https"):
         raise ValueError(f"expected an http:// or https:// URL, got {url!r}")
@@ -247,6 +261,7 @@ def _result(hop: _Hop, redirects: int, redirect_ms: float | None) -> HttpResult:
         body_truncated=hop.truncated,
         redirects=redirects,
         redirect_ms=redirect_ms,
+        location=redact_url(hop.location) if hop.location and hop.status in REDIRECT_STATUSES else None,
         tls_version=t.tls_version if t else None,
         tls_cipher=t.tls_cipher if t else None,
         cert_subject_cn=c.subject_cn if c else None,
@@ -381,14 +396,20 @@ PHASES: Final = (
 def render(obs: Observation) -> list[str]:
     """Status line, then one line per phase like ``curl -w`` (from partial fields too) (pure)."""
     f = obs.fields
-    status = f.get("status")
+    status, address, size = f.get("status"), f.get("address"), f.get("bytes")
     lines = [
-        f"{obs.target} → {f.get('address', '?')}  status {status if status is not None else '-'}"
-        f"  {num(f.get('bytes'), 0)} bytes" + (f"  {f.get('tls_version')}" if f.get("tls_version") else "")
+        obs.target
+        + (f" → {address}" if address else "")
+        + (f"  status {status}" if status is not None else "")
+        + (f"  {size} bytes" if size is not None else "")
+        + (f"  {f.get('tls_version')}" if f.get("tls_version") else "")
     ]
-    for name, key, meaning in PHASES:
-        lines.append(f"  {name:<8} {num(f.get(key)):>10} ms   {meaning}")
+    for name, key, meaning in PHASES:  # only the phases reached: a failed run shows how far it got
+        if f.get(key) is not None:
+            lines.append(f"  {name:<8} {num(f.get(key)):>10} ms   {meaning}")
     lines += cert_lines(f)
+    if f.get("location"):
+        lines.append(f"  redirect to {f['location']} (not followed; -L follows redirects)")
     return lines
 
 
@@ -415,6 +436,27 @@ def cert_lines(f: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def render_summary(observations: list[Observation]) -> list[str]:
+    """Totals and min/median/max over several requests (``edgeprobe http --count N``) (pure)."""
+    if not observations:
+        return []
+    ok = [o for o in observations if o.outcome == Outcome.OK]
+    failed = Counter(o.outcome for o in observations if o.outcome != Outcome.OK)
+    failures = ", ".join(f"{k} {n}" for k, n in sorted(failed.items()))
+    lines = [
+        f"--- {len(observations)} requests to {observations[0].target}: {len(ok)} ok"
+        + (f", {sum(failed.values())} failed ({failures})" if failed else "")
+        + " ---"
+    ]
+    for name, key, _ in PHASES:
+        values = sorted(float(v) for o in ok if isinstance(v := o.fields.get(key), int | float))
+        if values:
+            lines.append(
+                f"{name:<8} min/median/max = {values[0]:.3f}/{statistics.median(values):.3f}/{values[-1]:.3f} ms"
+            )
+    return lines
+
+
 KIND: Final = ProbeKind(
     name="http",
     description="One HTTP(S) request on a fresh connection, with dns/connect/tls/ttfb/total timings",
@@ -430,6 +472,8 @@ KIND: Final = ProbeKind(
     headline=Figure(field="ttfb_ms", label="first byte"),
     jitter=None,  # one request per run: no series to vary
     fleet_field="total_ms",
+    live=None,
+    aliases=(),
     floor_field="connect_ms",
     first_byte_round_trips=None,
     policy_cost=lambda config: PolicyCost(packets=1),

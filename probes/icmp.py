@@ -39,8 +39,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from edgeprobe.probes import netio
-from edgeprobe.probes.context import ProbeContext
-from edgeprobe.probes.kind import Figure, PolicyCost, Privilege, ProbeKind
+from edgeprobe.probes.context import ProbeContext, Step
+from edgeprobe.probes.kind import Figure, LiveView, PolicyCost, Privilege, ProbeKind
 from edgeprobe.probes.outcome import Outcome, ProbeFailure, classify_exception
 from edgeprobe.probes.stats import RttSummary, summarize_rtts
 from edgeprobe.probes.text import num
@@ -56,6 +56,10 @@ class IcmpConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_onl
     timeout_s: Annotated[float, msgspec.Meta(ge=0.001, le=60)] = 1.0  # per echo, from its send
     family: Literal["auto", "ipv4", "ipv6"] = "auto"
     socket: Literal["auto", "raw", "dgram"] = "auto"
+    # IP TTL (IPv4) / unicast hop limit (IPv6) of the echo requests; None: the system's default
+    # (net.ipv4.ip_default_ttl, usually 64). A small one makes routers on the way answer
+    # "time to live exceeded".
+    ttl: Annotated[int, msgspec.Meta(ge=1, le=255)] | None = None
 
 
 class IcmpResult(RttSummary, kw_only=True):
@@ -336,8 +340,9 @@ class EchoSocket:
         self._loop.add_reader(sock.fileno(), self._on_readable)
 
     @classmethod
-    async def open(cls, *, ipv6: bool, kind: SocketKind) -> EchoSocket:
-        """Open and configure the socket; PermissionError when this kind is not allowed."""
+    async def open(cls, *, ipv6: bool, kind: SocketKind, ttl: int | None = None) -> EchoSocket:
+        """Open and configure the socket (``ttl``: its echoes' TTL / hop limit, None: the
+        system's); PermissionError when this kind is not allowed."""
         sol = socket.IPPROTO_IPV6 if ipv6 else socket.IPPROTO_IP
         sock = socket.socket(
             socket.AF_INET6 if ipv6 else socket.AF_INET,
@@ -349,6 +354,8 @@ class EchoSocket:
             sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
             sock.setsockopt(sol, socket.IPV6_RECVHOPLIMIT if ipv6 else IP_RECVTTL, 1)
+            if ttl is not None:
+                sock.setsockopt(sol, socket.IPV6_UNICAST_HOPS if ipv6 else socket.IP_TTL, ttl)
             if kind == "dgram":
                 sock.setsockopt(sol, IPV6_RECVERR if ipv6 else IP_RECVERR, 1)
                 sock.bind(("::" if ipv6 else "0.0.0.0", 0))
@@ -502,13 +509,17 @@ def _permission_reason(ipv6: bool, kinds: Sequence[SocketKind]) -> str:
     return f"no {sockets} socket allowed: needs {' or '.join(needs)}"
 
 
-async def _open_socket(ctx: ProbeContext, ipv6: bool, choice: Literal["auto", SocketKind]) -> EchoSocket:
+async def _open_socket(
+    ctx: ProbeContext, ipv6: bool, choice: Literal["auto", SocketKind], ttl: int | None = None
+) -> EchoSocket:
     kinds: tuple[SocketKind, ...] = ("dgram", "raw") if choice == "auto" else (choice,)
     for kind in kinds:
+        # One socket per TTL too (the TTL is the socket's); the system's TTL: the plain socket.
+        opener = functools.partial(EchoSocket.open, ipv6=ipv6, kind=kind)
+        if ttl is not None:
+            opener = functools.partial(opener, ttl=ttl)
         try:
-            return await ctx.resource(
-                ("icmp", ipv6, kind), functools.partial(EchoSocket.open, ipv6=ipv6, kind=kind)
-            )
+            return await ctx.resource(("icmp", ipv6, kind) if ttl is None else ("icmp", ipv6, kind, ttl), opener)
         except PermissionError:
             continue
     raise ProbeFailure(Outcome.PERMISSION_DENIED, _permission_reason(ipv6, kinds))
@@ -529,21 +540,53 @@ def _build_result(echoes: Sequence[_Echo], *, address: str, ipv6: bool, kind: So
     )
 
 
+def _step(target: str, echo: _Echo, n: int) -> Step:
+    """Echo number ``n`` (1, 2, … in send order) as it ended."""
+    if echo.rtt_ns is not None:
+        return Step(target=target, address=echo.address, seq=n, time_ms=echo.rtt_ns / 1e6, ttl=echo.ttl)
+    return Step(target=target, address=echo.address, seq=n, error=echo.error or "no reply")
+
+
+def _report(ctx: ProbeContext, target: str, echo: _Echo, n: int, _done: object) -> None:
+    if echo.rtt_ns is not None or echo.error is not None or not ctx.stop_requested:  # not those a stop cut off
+        ctx.report(_step(target, echo, n))
+
+
 async def probe(target: str, config: IcmpConfig, ctx: ProbeContext) -> IcmpResult:
+    """``count`` echoes ``interval_s`` apart; each reported to ``ctx.progress`` as it ends. A stop
+    (``ctx.request_stop()``) sends no more, counts the echoes still unanswered as lost (as ping
+    does on Ctrl-C) and returns what was measured."""
     ipv6, sockaddr = await _resolve(target, config.family)
     if ctx.check_address is not None:  # the address echoes go to, before the first one
         await netio.check_address(ctx.check_address, target, str(sockaddr[0]), 0)
-    sock = await _open_socket(ctx, ipv6, config.socket)
+    sock = await _open_socket(ctx, ipv6, config.socket, config.ttl)
+    ctx.report(
+        Step(
+            target=target,
+            address=str(sockaddr[0]),
+            seq=None,
+            detail=f"{config.size_bytes} data bytes over a {sock.kind} ICMP{'v6' if ipv6 else ''} socket"
+            + (f", ttl {config.ttl}" if config.ttl is not None else ""),
+        )
+    )
     loop = asyncio.get_running_loop()
     echoes: list[_Echo] = []
     start = loop.time()
     try:
         for i in range(config.count):
-            delay = start + i * config.interval_s - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            echoes.append(sock.send(sockaddr, config.size_bytes, config.timeout_s))
-        await asyncio.wait([e.done for e in echoes])
+            if i and await ctx.pause(start + i * config.interval_s - loop.time()):
+                break
+            echo = sock.send(sockaddr, config.size_bytes, config.timeout_s)
+            echoes.append(echo)
+            if ctx.progress is not None:
+                echo.done.add_done_callback(functools.partial(_report, ctx, target, echo, i + 1))
+        if not ctx.stop_requested:
+            stop: asyncio.Future[None] = asyncio.ensure_future(ctx.stopped())
+            replies: asyncio.Future[Any] = asyncio.gather(*(e.done for e in echoes))
+            try:
+                await asyncio.wait((replies, stop), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stop.cancel()
     finally:
         for echo in echoes:
             sock.release(echo)
@@ -561,11 +604,76 @@ async def probe(target: str, config: IcmpConfig, ctx: ProbeContext) -> IcmpResul
 # ---------------------------------------------------------------- the human view (pure)
 
 
+def render_step(step: Step) -> str:
+    """One line of ping's live output: the header (the start), a reply or an echo without one."""
+    if step.seq is None:
+        return f"PING {step.target} ({step.address})" + (f": {step.detail}" if step.detail else "")
+    if step.time_ms is None:
+        return f"no reply from {step.address}: icmp_seq={step.seq}: {step.error or 'no reply'}"
+    ttl = f" ttl={step.ttl}" if step.ttl is not None else ""
+    return f"reply from {step.address}: icmp_seq={step.seq}{ttl} time={step.time_ms:.3f} ms"
+
+
+def _header(obs: Observation) -> str:
+    f = obs.fields
+    if not f.get("address"):
+        return f"PING {obs.target}"
+    how = f" over a {f['socket']} ICMP socket" if f.get("socket") else ""
+    return f"PING {obs.target} ({f['address']}){how}"
+
+
+def render_stats(obs: Observation) -> list[str]:
+    """ping's statistics of a run (from partial fields too; nothing when nothing was sent)."""
+    f = obs.fields
+    sent, received = f.get("sent"), f.get("received")
+    if sent is None:
+        return []
+    loss = f.get("loss_ratio")
+    dup = f.get("duplicates") or 0
+    errors = f.get("errors") or 0
+    lines = [
+        f"--- {obs.target} ping statistics ---",
+        f"{sent} packets transmitted, {received} received"
+        + (f", +{dup} duplicates" if dup else "")
+        + (f", +{errors} errors" if errors else "")
+        + (f", {100 * float(loss):.4g}% packet loss" if isinstance(loss, int | float) else "")
+        + f", time {obs.duration_ms:.0f} ms",
+    ]
+    if f.get("rtt_min_ms") is not None:
+        lines.append(
+            "rtt min/avg/max/stddev = "
+            f"{num(f.get('rtt_min_ms'))}/{num(f.get('rtt_avg_ms'))}/{num(f.get('rtt_max_ms'))}/"
+            f"{num(f.get('rtt_stddev_ms'))} ms"
+        )
+        extra = [
+            (k, f.get(k))
+            for k in ("rtt_p50_ms", "rtt_p95_ms", "jitter_rfc3550_ms", "ipdv_mean_ms", "pdv_p95_ms")
+            if f.get(k) is not None
+        ]
+        if extra:
+            lines.append("  ".join(f"{k}={num(v)}" for k, v in extra))
+    return lines
+
+
+def render_one_line(obs: Observation) -> str:
+    """fping's summary of one target: ``target : xmt/rcv/%loss = 5/5/0%, min/avg/max = …``."""
+    f = obs.fields
+    if f.get("sent") is None:
+        return f"{obs.target} : {obs.outcome}: {obs.reason or 'no reason given'}"
+    loss = f.get("loss_ratio")
+    line = f"{obs.target} : xmt/rcv/%loss = {f.get('sent')}/{f.get('received')}/"
+    line += f"{100 * float(loss):.4g}%" if isinstance(loss, int | float) else "-"
+    if f.get("rtt_min_ms") is not None:
+        line += f", min/avg/max = {num(f.get('rtt_min_ms'))}/{num(f.get('rtt_avg_ms'))}/{num(f.get('rtt_max_ms'))} ms"
+    return line
+
+
 def render(obs: Observation) -> list[str]:
-    """``ping``'s output: one line per echo, then the statistics (from partial fields too)."""
+    """``ping``'s output after the run: one line per echo, then the statistics (from partial
+    fields too)."""
     f = obs.fields
     address = f.get("address") or obs.target
-    lines = [f"PING {obs.target} ({address}) over a {f.get('socket', '?')} ICMP socket"]
+    lines = [_header(obs)]
     rtts = f.get("rtts_ms") or []
     assert isinstance(rtts, list)
     for i, rtt in enumerate(rtts, start=1):
@@ -574,31 +682,7 @@ def render(obs: Observation) -> list[str]:
             if rtt is not None
             else f"no reply from {address}: icmp_seq={i}"
         )
-    sent, received = f.get("sent"), f.get("received")
-    if sent is not None:
-        loss = f.get("loss_ratio")
-        loss_pct = "-" if loss is None else f"{100 * float(loss):.1f}%"  # type: ignore[arg-type]
-        dup = f.get("duplicates") or 0
-        lines.append(f"--- {obs.target} ping statistics ---")
-        lines.append(
-            f"{sent} packets transmitted, {received} received"
-            + (f", +{dup} duplicates" if dup else "")
-            + f", {loss_pct} packet loss, time {obs.duration_ms:.0f} ms"
-        )
-        if f.get("rtt_min_ms") is not None:
-            lines.append(
-                "rtt min/avg/max/stddev = "
-                f"{num(f.get('rtt_min_ms'))}/{num(f.get('rtt_avg_ms'))}/{num(f.get('rtt_max_ms'))}/"
-                f"{num(f.get('rtt_stddev_ms'))} ms"
-            )
-            extra = [
-                (k, f.get(k))
-                for k in ("rtt_p50_ms", "rtt_p95_ms", "jitter_rfc3550_ms", "ipdv_mean_ms", "pdv_p95_ms")
-                if f.get(k) is not None
-            ]
-            if extra:
-                lines.append("  ".join(f"{k}={num(v)}" for k, v in extra))
-    return lines
+    return lines + render_stats(obs)
 
 
 KIND = ProbeKind(
@@ -616,6 +700,8 @@ KIND = ProbeKind(
     headline=Figure(field="rtt_p50_ms", label="rtt p50"),
     jitter=Figure(field="jitter_rfc3550_ms", label="RFC 3550"),
     fleet_field="rtt_avg_ms",
+    live=LiveView(step=render_step, summary=render_stats, one_line=render_one_line),
+    aliases=("ping",),
     floor_field="rtt_min_ms",
     first_byte_round_trips=None,
     policy_cost=lambda config: PolicyCost(packets=config.count),

@@ -868,18 +868,24 @@ def render(obs: Observation) -> list[str]:
     where_text = f" → {where}:{f.get('port')}" if where else ""
     status = f.get("status")
     lines = [
-        f"{obs.target}{where_text}  {f.get('api', '?')}  model {f.get('model', '?')}"
-        f"  HTTP {status if status is not None else '-'}  connection {f.get('connection') or '-'}"
+        f"{obs.target}{where_text}"
+        + (f"  {f['api']}" if f.get("api") else "")
+        + (f"  model {f['model']}" if f.get("model") else "")
+        + (f"  HTTP {status}" if status is not None else "")
+        + (f"  connection {f['connection']}" if f.get("connection") else "")
         + (f"  {f.get('tls_version')}" if f.get("tls_version") else "")
     ]
+    ttft = f.get("ttft_ms")
+    lines.append(f"  time to first token: {ttft:.3f} ms" if isinstance(ttft, int | float) else "  no first token")
     timeline = phases(f)
     ends = [e for _, _, e in timeline if e is not None]
     scale = max(ends) if ends else 0.0
-    lines.append(f"  {'phase':<12} {'start ms':>10} {'took ms':>10}  |0{'':{BAR_WIDTH - 2}}| {num(scale, 1)} ms")
-    for name, start, end in timeline:
+    if ends:  # the phases reached; none: the error line says why
+        lines.append(f"  {'phase':<12} {'start ms':>10} {'took ms':>10}  |0{'':{BAR_WIDTH - 2}}| {num(scale, 1)} ms")
+    for name, start, end in timeline if ends else ():
         if start is None or end is None:
-            note = "  (reused connection)" if f.get("connection") == "reused" and name in ("dns", "connect") else ""
-            lines.append(f"  {name:<12} {num(start):>10} {'-':>10}{note}")
+            if f.get("connection") == "reused" and name in ("dns", "connect"):
+                lines.append(f"  {name:<12} {'-':>10} {'-':>10}  (reused connection)")
             continue
         lines.append(f"  {name:<12} {start:>10.3f} {end - start:>10.3f}  {_bar(start, end, scale)}")
     if f.get("chunks") is not None:
@@ -975,6 +981,8 @@ KIND: Final = ProbeKind(
     headline=Figure(field="ttft_ms", label="time to first token"),
     jitter=Figure(field="itl_p95_ms", label="inter-token p95"),
     fleet_field="ttft_ms",
+    live=None,
+    aliases=("ttft",),
     floor_field="net_rtt_ms",
     first_byte_round_trips=first_byte_round_trips,
     # Charged up front at the most a request can cost: max_tokens of output.

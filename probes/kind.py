@@ -10,7 +10,9 @@ kind's module keeps a table keyed by kind name:
 * showing it: ``render`` (the CLI's human view of one observation, a pure function defined in the
   kind's module next to ``KIND``; ``edgeprobe.render`` only adds the generic frame around it),
   ``target_label`` (the CLI's ``--json``), ``headline`` and ``jitter`` (the demo's live view),
-  ``fleet_field`` (``edgeprobe fleet probe``);
+  ``fleet_field`` (``edgeprobe fleet probe``), ``live`` (the CLI's view of a run as it happens),
+  ``aliases`` (the other names users give the kind: the CLI's command name, ``ping`` for
+  ``icmp``; resolved by :func:`edgeprobe.probes.registry.get_kind` wherever a kind is named);
 * judging it: ``floor_field`` and ``first_byte_round_trips`` (the physical floor,
   :func:`edgeprobe.probes.geo.physics`), ``policy_cost`` (an agent's ad-hoc policy),
   ``env_vars`` (the environment variables a run reads: an agent lets a remote request name only
@@ -35,7 +37,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Generic, Literal, TypeVar
 
-from edgeprobe.probes.context import ProbeContext
+from edgeprobe.probes.context import ProbeContext, Step
 from edgeprobe.schema import Observation
 
 C = TypeVar("C")
@@ -66,6 +68,16 @@ class Privilege:
 
     status_field: str  # the edgeprobe.schema.Status field in which an agent reports whether it has it
     missing_note: str  # how a listing marks an agent without it: "<kind>(<missing_note>)"
+
+
+@dataclass(frozen=True, kw_only=True)
+class LiveView:
+    """How the CLI shows a run as it happens (the kind reports :class:`Step` s to
+    ``ProbeContext.progress``). Pure functions."""
+
+    step: Callable[[Step], str]  # one line per step; the start (``seq`` None) is the header line
+    summary: Callable[[Observation], list[str]]  # the lines after the steps (the statistics)
+    one_line: Callable[[Observation], str]  # the whole run in one line (several targets at once)
 
 
 def plain_lines(obs: Observation) -> list[str]:
@@ -103,6 +115,8 @@ class ProbeKind(Generic[C, R]):
     headline: Figure | None = None  # the latency a one-line live view shows (the demo)
     jitter: Figure | None = None  # the variation a one-line live view shows next to it
     fleet_field: str | None = None  # the number `edgeprobe fleet probe` shows per agent and summarises
+    live: LiveView | None = None  # the CLI's live view; None: the kind reports no steps (shown at the end)
+    aliases: tuple[str, ...] = ()  # other names for the kind (the CLI command's), unique across kinds
     # Judging it.
     floor_field: str | None = None  # the smallest measured round trip, compared with the physical floor
     # Round trips a fresh request needs before the first byte of its answer, from the target and the

@@ -94,6 +94,12 @@ _MAX_CHUNK_LINE_BYTES: Final = 4096
 _MAX_TRAILER_BYTES: Final = 64 * 1024
 
 
+# OpenSSL's reasons for a first record that is not TLS (plain HTTP text read as a record header).
+PLAIN_TEXT_REASONS: Final = frozenset(
+    {"WRONG_VERSION_NUMBER", "HTTP_REQUEST", "PACKET_LENGTH_TOO_LONG", "RECORD_LAYER_FAILURE"}
+)
+
+
 def _user_agent() -> str:
     try:
         return f"edgeprobe/{metadata.version('edgeprobe')}"
@@ -613,7 +619,10 @@ def _tls_failure(exc: BaseException, where: str) -> ProbeFailure:
     if isinstance(exc, ssl.CertificateError):
         return ProbeFailure(Outcome.TLS_ERROR, f"certificate error for {where}: {exc}")
     if isinstance(exc, ssl.SSLError):
-        return ProbeFailure(Outcome.TLS_ERROR, f"TLS handshake with {where} failed: {exc.reason or exc}")
+        # What OpenSSL says when the first "record" is plain text such as "HTTP/1.1 400": an
+        # http:// port asked for https://.
+        hint = "; the server answered in plain HTTP? try http://" if exc.reason in PLAIN_TEXT_REASONS else ""
+        return ProbeFailure(Outcome.TLS_ERROR, f"TLS handshake with {where} failed: {exc.reason or exc}{hint}")
     if isinstance(exc, ConnectionError):
         return ProbeFailure(Outcome.TLS_ERROR, f"connection closed by {where} during the TLS handshake")
     outcome, _ = classify_exception(exc)

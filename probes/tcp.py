@@ -17,7 +17,6 @@ failure (``refused``, ``timeout`` …) with the partial result.
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import re
 import time
@@ -27,8 +26,8 @@ from typing import Annotated, Final, Literal
 import msgspec
 
 from edgeprobe.probes import netio
-from edgeprobe.probes.context import ProbeContext
-from edgeprobe.probes.kind import Figure, PolicyCost, ProbeKind
+from edgeprobe.probes.context import ProbeContext, Step
+from edgeprobe.probes.kind import Figure, LiveView, PolicyCost, ProbeKind
 from edgeprobe.probes.outcome import Outcome, ProbeFailure
 from edgeprobe.probes.stats import summarize_rtts
 from edgeprobe.probes.text import num
@@ -124,23 +123,24 @@ async def probe(target: str, config: TcpConfig, ctx: ProbeContext) -> TcpResult:
         failure.partial = result
         raise
     result.address, result.dns_ms = resolved.address, resolved.dns_ms
+    ctx.report(Step(target=target, address=resolved.address, seq=None, time_ms=resolved.dns_ms))
     samples: list[float | None] = []
     failures: list[ProbeFailure] = []
     first_ns = time.perf_counter_ns()
     interval_ns = int(config.interval_s * 1e9)
     for i in range(config.count):
-        if i:
-            delay_s = (first_ns + i * interval_ns - time.perf_counter_ns()) / 1e9
-            if delay_s > 0:
-                await asyncio.sleep(delay_s)
+        if i and await ctx.pause((first_ns + i * interval_ns - time.perf_counter_ns()) / 1e9):
+            break  # a stop: no more attempts; the one under way (if any) has ended
         try:
             sock, connect_ms = await netio.connect_socket(resolved, timeout_s=config.timeout_s)
         except ProbeFailure as failure:
             samples.append(None)
             failures.append(failure)
+            ctx.report(Step(target=target, address=resolved.address, seq=i + 1, error=failure.reason))
             continue
         sock.close()
         samples.append(connect_ms)
+        ctx.report(Step(target=target, address=resolved.address, seq=i + 1, time_ms=connect_ms))
     fill_stats(result, samples)
     if result.received == 0:
         common = Counter(f.outcome for f in failures).most_common(1)[0][0]
@@ -154,20 +154,61 @@ def max_run_s(config: TcpConfig) -> float:
     return config.timeout_s * (config.count + 1) + config.interval_s * (config.count - 1)
 
 
-def render(obs: Observation) -> list[str]:
-    """DNS time, each attempt, then the median (from partial fields too) (pure)."""
+def _header(target: str, address: str | None, dns_ms: object) -> str:
+    if not address:
+        return f"TCP connect to {target}"
+    return f"TCP connect to {target} ({address})" + (f", dns {num(dns_ms)} ms" if dns_ms is not None else "")
+
+
+def render_step(step: Step) -> str:
+    """One line of the live output: the header (the start, ``time_ms`` the DNS time) or an attempt."""
+    if step.seq is None:
+        return _header(step.target, step.address, step.time_ms)
+    if step.time_ms is None:
+        return f"  attempt {step.seq}: no connection: {step.error or 'no handshake'}"
+    return f"  attempt {step.seq}: connected to {step.address} in {step.time_ms:.3f} ms"
+
+
+def render_stats(obs: Observation) -> list[str]:
+    """The summary after the attempts (nothing when none was made)."""
     f = obs.fields
-    address = f.get("address") or obs.target
-    lines = [f"TCP connect to {obs.target} ({address}), dns {num(f.get('dns_ms'))} ms"]
+    if not f.get("sent"):
+        return []
+    loss = f.get("loss_ratio")
+    lines = [
+        f"--- {obs.target} tcp connect statistics ---",
+        f"{f.get('sent')} attempts, {f.get('received')} connected"
+        + (f", {100 * float(loss):.4g}% failed" if isinstance(loss, int | float) else "")
+        + f", time {obs.duration_ms:.0f} ms",
+    ]
+    if f.get("connect_min_ms") is not None:
+        lines.append(
+            f"connect min/median/avg/max = {num(f.get('connect_min_ms'))}/{num(f.get('connect_ms'))}/"
+            f"{num(f.get('connect_avg_ms'))}/{num(f.get('connect_max_ms'))} ms"
+        )
+    return lines
+
+
+def render_one_line(obs: Observation) -> str:
+    """The run in one line."""
+    f = obs.fields
+    if not f.get("sent"):
+        return f"{obs.target} : {obs.outcome}: {obs.reason or 'no reason given'}"
+    line = f"{obs.target} : {f.get('received')}/{f.get('sent')} connected"
+    if f.get("connect_ms") is not None:
+        line += f", median {num(f.get('connect_ms'))} ms"
+    return line
+
+
+def render(obs: Observation) -> list[str]:
+    """DNS time, each attempt, then the summary (from partial fields too) (pure)."""
+    f = obs.fields
+    lines = [_header(obs.target, f.get("address"), f.get("dns_ms"))]  # type: ignore[arg-type]
     attempts = f.get("connects_ms") or []
     assert isinstance(attempts, list)
     for i, c in enumerate(attempts, start=1):
         lines.append(f"  attempt {i}: " + (f"connected in {c:.3f} ms" if c is not None else "no connection"))
-    if f.get("sent") is not None:
-        lines.append(
-            f"{f.get('sent')} attempts, {f.get('received')} connected; connect median {num(f.get('connect_ms'))} ms"
-        )
-    return lines
+    return lines + render_stats(obs)
 
 
 KIND: Final = ProbeKind(
@@ -185,6 +226,8 @@ KIND: Final = ProbeKind(
     headline=Figure(field="connect_ms", label="connect"),
     jitter=Figure(field="connect_jitter_rfc3550_ms", label="RFC 3550"),
     fleet_field="connect_ms",
+    live=LiveView(step=render_step, summary=render_stats, one_line=render_one_line),
+    aliases=(),
     floor_field="connect_min_ms",
     first_byte_round_trips=None,
     policy_cost=lambda config: PolicyCost(packets=config.count),  # each attempt: SYN, ACK, FIN

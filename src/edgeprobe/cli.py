@@ -20,7 +20,7 @@ from edgeprobe.configfile import ConfigError, convert
 from edgeprobe.probes.context import ProbeContext
 from edgeprobe.probes.handler import run_probe
 from edgeprobe.probes.outcome import Outcome
-from edgeprobe.probes.registry import KINDS
+from edgeprobe.probes.registry import KINDS, NAMES
 from edgeprobe.schema import Observation
 from edgeprobe.termtext import json_safe, term_safe
 
@@ -35,6 +35,61 @@ def setup_logging(level: str) -> None:
     )
 
 
+# The names of options that a command gives under another name than the config field's.
+RENAMED_OPTIONS = {"verify_tls": "-k/--insecure", "headers": "-H/--header", "extra_headers": "-H/--header"}
+_BOUND_WORDS = (("ge", "≥"), ("gt", ">"), ("le", "≤"), ("lt", "<"))
+
+
+def _unit(field: str) -> str:
+    for suffix, unit in (("_s", " s"), ("_ms", " ms"), ("_bytes", " bytes")):
+        if field.endswith(suffix):
+            return unit
+    return ""
+
+
+def bounds_text(config_type: type, field: str) -> str | None:
+    """``≥ 0.001 s and ≤ 60 s``: the range the config struct allows for ``field``; None without one."""
+    import msgspec
+
+    info = msgspec.inspect.type_info(config_type)
+    for f in getattr(info, "fields", ()):
+        if f.name != field:
+            continue
+        t = f.type
+        if isinstance(t, msgspec.inspect.UnionType):
+            t = next((x for x in t.types if not isinstance(x, msgspec.inspect.NoneType)), t)
+        found = [(sym, getattr(t, attr, None)) for attr, sym in _BOUND_WORDS]
+        shown = [f"{sym} {v:g}{_unit(field)}" for sym, v in found if v is not None]
+        return " and ".join(shown) or None
+    return None
+
+
+def _option_flag(field: str) -> str:
+    """The flag the user typed for config ``field`` (``-W/--timeout``), from the running command."""
+    if field in RENAMED_OPTIONS:
+        return RENAMED_OPTIONS[field]
+    ctx = click.get_current_context(silent=True)
+    for param in ctx.command.params if ctx is not None else ():
+        if isinstance(param, click.Option) and param.name == field:
+            return "/".join(param.opts)
+    return field
+
+
+def option_error(err: ConfigError, config_type: type, given: dict[str, Any]) -> str:
+    """A config error as the user's flags say it: ``-W/--timeout must be ≥ 0.001 s and ≤ 60 s, got 0``."""
+    import re
+
+    found = re.search(r"at `\$\.(?:options\.)?(\w+)", str(err.__cause__ or err))
+    if found is None or found.group(1) not in given:
+        return str(err)
+    field = found.group(1)
+    flag, value = _option_flag(field), given[field]
+    bounds = bounds_text(config_type, field)
+    if bounds is not None and isinstance(value, int | float) and not isinstance(value, bool):
+        return f"{flag} must be {bounds}, got {value:g}"
+    return f"{flag}: {str(err.__cause__ or err).split(' - at ')[0]}, got {value!r}"
+
+
 def _adhoc_config(command: str, kind_name: str, target: str, options: dict[str, Any]) -> Any:
     """The kind's config from the options the user gave (the struct's defaults for the rest), or
     None after printing a one-line usage error (bad option or target)."""
@@ -43,19 +98,19 @@ def _adhoc_config(command: str, kind_name: str, target: str, options: dict[str, 
     try:
         config = convert(given, kind.config_type, "command line")
     except ConfigError as err:
-        click.echo(f"edgeprobe {command}: {err}", err=True)
+        click.echo(term_safe(f"edgeprobe {command}: {option_error(err, kind.config_type, given)}"), err=True)
         return None
     problem = kind.check_target(target)
     if problem is not None:
-        click.echo(f"edgeprobe {command}: {problem}", err=True)
+        click.echo(term_safe(f"edgeprobe {command}: {problem}"), err=True)
         return None
     return config
 
 
-def _show_json(obs: Observation) -> None:
+def _show_json(obs: Observation, extra: dict[str, Any] | None = None) -> None:
     from edgeprobe import render
 
-    click.echo(json_safe(json.dumps(render.as_json_obj(obs), ensure_ascii=False)))
+    click.echo(json_safe(json.dumps({**render.as_json_obj(obs), **(extra or {})}, ensure_ascii=False)))
     failure = render.error_line(obs)
     if failure:
         click.echo(failure, err=True)
@@ -82,6 +137,111 @@ def _run_adhoc(kind_name: str, target: str, options: dict[str, Any], as_json: bo
     return EXIT_OK if obs.outcome == Outcome.OK else EXIT_FAILED
 
 
+EXIT_INTERRUPTED = 130  # a second Ctrl-C: given up without a summary, as a shell reports SIGINT
+
+
+class _Interrupt:
+    """Ctrl-C while runs are under way: the first asks them to stop and report what they measured
+    (``ProbeContext.request_stop``), a second cancels ``task``. Outside the main thread (no signal
+    handlers there) it does nothing."""
+
+    def __init__(self, ctx: ProbeContext | None = None) -> None:
+        self.ctx = ctx
+        self.task: asyncio.Task[Any] | None = None
+        self.count = 0
+        self.on_first: Callable[[], None] | None = None
+
+    def _fire(self) -> None:
+        self.count += 1
+        if self.count == 1:
+            if self.ctx is not None:
+                self.ctx.request_stop()
+            if self.on_first is not None:
+                self.on_first()
+        elif self.task is not None:
+            self.task.cancel()
+
+    def __enter__(self) -> _Interrupt:
+        import signal
+
+        self.task = asyncio.current_task()
+        try:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGINT, self._fire)
+        except (RuntimeError, ValueError):  # not the main thread
+            pass
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+
+        try:
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGINT)
+        except (RuntimeError, ValueError):
+            pass
+
+    @property
+    def interrupted(self) -> bool:
+        return self.count > 0
+
+
+def _echo_safe(line: str, err: bool = False) -> None:
+    from edgeprobe import render
+
+    click.echo(term_safe(line, render.MAX_LINE_CHARS), err=err)
+
+
+def _run_live(
+    command: str, kind_name: str, targets: tuple[str, ...], options: dict[str, Any], as_json: bool, quiet: bool
+) -> int:
+    """Run a repeating kind (ping, tcp) against each target at once, showing each reply or attempt
+    as it comes (``ProbeContext.progress``), then the summary; Ctrl-C ends the runs early with the
+    summary of what they measured. Exit 0 when every target answered at least once (like ping and
+    fping, an interrupted run too), else 1."""
+    from edgeprobe import render
+    from edgeprobe.probes.context import Step
+
+    kind = KINDS[kind_name]
+    live = kind.live
+    assert live is not None
+    configs = [_adhoc_config(command, kind_name, t, options) for t in targets]
+    if any(c is None for c in configs):
+        return EXIT_USAGE
+    several = len(targets) > 1
+
+    def show(step: Step) -> None:
+        if as_json or (quiet and step.seq is not None) or (several and step.seq is None):
+            return
+        line = live.step(step)
+        _echo_safe(f"{step.target} : {line.strip()}" if several else line)
+
+    async def go() -> tuple[list[Observation], bool]:
+        async with ProbeContext(progress=show) as ctx:
+            with _Interrupt(ctx) as interrupt:
+                pairs = enumerate(zip(targets, configs, strict=True))
+                runs = [run_probe(kind, t, c, ctx, seq=i) for i, (t, c) in pairs]
+                return list(await asyncio.gather(*runs)), interrupt.interrupted
+
+    try:
+        done, interrupted = asyncio.run(go())
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        return EXIT_INTERRUPTED
+    for obs in done:
+        if as_json:
+            _show_json(obs, {"interrupted": True} if interrupted else None)
+            continue
+        if several:
+            _echo_safe(live.one_line(obs), err=False)
+            continue
+        if interrupted:
+            click.echo("")  # ping's blank line after ^C
+        for line in live.summary(obs):
+            _echo_safe(line)
+        err = render.error_line(obs)
+        if err:
+            click.echo(err, err=True)
+    return EXIT_OK if all(o.outcome == Outcome.OK for o in done) else EXIT_FAILED
+
+
 def _finish(code: int) -> None:
     sys.exit(code)
 
@@ -95,35 +255,74 @@ def main() -> None:
     """edgeprobe: what latency users at the edge really get."""
 
 
+def _dv(kind_name: str, field: str) -> Any:
+    """The kind's default for ``field`` (from its config struct: the one source of defaults)."""
+    import msgspec
+
+    for f in msgspec.structs.fields(KINDS[kind_name].config_type):
+        if f.name == field:
+            return f.default
+    raise KeyError(field)
+
+
 @main.command()
-@click.argument("target")
-@click.option("-c", "--count", type=int, help="Echo requests to send.")
-@click.option("-i", "--interval", "interval_s", type=float, help="Seconds between requests.")
-@click.option("-s", "--size", "size_bytes", type=int, help="Payload bytes per request.")
-@click.option("-W", "--timeout", "timeout_s", type=float, help="Seconds to wait for each reply.")
+@click.argument("targets", nargs=-1, required=True, metavar="TARGET...")
+@click.option("-c", "--count", type=int, default=_dv("icmp", "count"), show_default=True, help="Echo requests to send.")
+@click.option(
+    "-i", "--interval", "interval_s", type=float, default=_dv("icmp", "interval_s"), show_default=True,
+    help="Seconds between requests.",
+)  # fmt: skip
+@click.option(
+    "-s", "--size", "size_bytes", type=int, default=_dv("icmp", "size_bytes"), show_default=True,
+    help="Payload bytes per request.",
+)  # fmt: skip
+@click.option(
+    "-W", "--timeout", "timeout_s", type=float, default=_dv("icmp", "timeout_s"), show_default=True,
+    help="Seconds to wait for each reply.",
+)  # fmt: skip
+@click.option(
+    "-t", "--ttl", type=int, show_default="system default", help="IP TTL (IPv4) / hop limit (IPv6) of the echoes."
+)
+@click.option("-q", "--quiet", is_flag=True, help="Only the first line and the summary.")
 @click.option("-4", "family", flag_value="ipv4", help="IPv4 only.")
 @click.option("-6", "family", flag_value="ipv6", help="IPv6 only.")
 @click.option(
-    "--socket", "socket_kind", type=click.Choice(["auto", "raw", "dgram"]), help="ICMP socket kind."
-)
+    "--socket", "socket_kind", type=click.Choice(["auto", "raw", "dgram"]), default=_dv("icmp", "socket"),
+    show_default=True,
+    help="ICMP socket kind.",
+)  # fmt: skip
 @json_option
-def ping(target: str, as_json: bool, socket_kind: str | None, **options: Any) -> None:
-    """ICMP echo: per-packet RTTs, loss and jitter, like ping."""
+def ping(targets: tuple[str, ...], as_json: bool, quiet: bool, socket_kind: str | None, **options: Any) -> None:
+    """ICMP echo, like ping: one line per reply as it comes, then loss, RTT and jitter.
+
+    Several targets are pinged at once (like fping): one summary line each. Ctrl-C stops and
+    prints the statistics of what was sent; the exit code is 0 if every target replied at least
+    once, else 1 (like ping). --json prints one object per target (with "interrupted": true after
+    Ctrl-C)."""
     options["socket"] = socket_kind
-    _finish(_run_adhoc("icmp", target, options, as_json))
+    _finish(_run_live("ping", "icmp", targets, options, as_json, quiet))
 
 
 @main.command()
-@click.argument("target", metavar="HOST:PORT")
-@click.option("-c", "--count", type=int, help="Connections to open.")
-@click.option("-i", "--interval", "interval_s", type=float, help="Seconds between connections.")
-@click.option("-W", "--timeout", "timeout_s", type=float, help="Seconds to wait for each handshake.")
+@click.argument("targets", nargs=-1, required=True, metavar="HOST:PORT...")
+@click.option("-c", "--count", type=int, default=_dv("tcp", "count"), show_default=True, help="Connections to open.")
+@click.option(
+    "-i", "--interval", "interval_s", type=float, default=_dv("tcp", "interval_s"), show_default=True,
+    help="Seconds between connection starts.",
+)  # fmt: skip
+@click.option(
+    "-W", "--timeout", "timeout_s", type=float, default=_dv("tcp", "timeout_s"), show_default=True,
+    help="Seconds to wait for each handshake.",
+)  # fmt: skip
+@click.option("-q", "--quiet", is_flag=True, help="Only the first line and the summary.")
 @click.option("-4", "family", flag_value="ipv4", help="IPv4 only.")
 @click.option("-6", "family", flag_value="ipv6", help="IPv6 only.")
 @json_option
-def tcp(target: str, as_json: bool, **options: Any) -> None:
-    """TCP connect: DNS time and handshake time, repeated."""
-    _finish(_run_adhoc("tcp", target, options, as_json))
+def tcp(targets: tuple[str, ...], as_json: bool, quiet: bool, **options: Any) -> None:
+    """TCP connect: DNS time, then one line per handshake as it completes, then the summary.
+
+    Ctrl-C stops and prints the summary of the attempts made (exit 0 if one connected)."""
+    _finish(_run_live("tcp", "tcp", targets, options, as_json, quiet))
 
 
 def _headers(values: tuple[str, ...]) -> dict[str, str] | None:
@@ -145,16 +344,34 @@ def _headers(values: tuple[str, ...]) -> dict[str, str] | None:
 @click.option("-d", "--data", "body", help="Request body.")
 @click.option("-L", "--follow", "follow_redirects", is_flag=True, default=None, help="Follow redirects.")
 @click.option("-k", "--insecure", is_flag=True, help="Do not verify the server's TLS certificate.")
-@click.option("-W", "--timeout", "timeout_s", type=float, help="Seconds for the whole request.")
+@click.option(
+    "-W", "--timeout", "timeout_s", type=float, default=_dv("http", "timeout_s"), show_default=True,
+    help="Seconds for the whole request.",
+)  # fmt: skip
+@click.option("-c", "--count", type=click.IntRange(1, 100_000), default=1, show_default=True, help="Requests.")
+@click.option(
+    "-i", "--interval", "interval_s", type=click.FloatRange(0, 3600), default=1.0, show_default=True,
+    help="Seconds between one request's end and the next one's start.",
+)  # fmt: skip
 @click.option("-4", "family", flag_value="ipv4", help="IPv4 only.")
 @click.option("-6", "family", flag_value="ipv6", help="IPv6 only.")
 @json_option
-def http(url: str, as_json: bool, header: tuple[str, ...], insecure: bool, **options: Any) -> None:
-    """HTTP request with curl-like phases: dns, connect, tls, first byte, total."""
+def http(
+    url: str, as_json: bool, header: tuple[str, ...], insecure: bool, count: int, interval_s: float, **options: Any
+) -> None:
+    """HTTP request with curl-like phases: dns, connect, tls, first byte, total.
+
+    With --count N, N requests (each on a fresh connection), each printed as it ends, then
+    min/median/max. Ctrl-C stops and summarizes the requests that ended."""
+    from edgeprobe.probes.http import render_summary
+
     options["headers"] = _headers(header)
     if insecure:
         options["verify_tls"] = False
-    _finish(_run_adhoc("http", url, options, as_json))
+    config = _adhoc_config("http", "http", url, options)
+    if config is None:
+        _finish(EXIT_USAGE)
+    _finish(_run_repeated("http", "http", url, config, count, interval_s, as_json, render_summary))
 
 
 @main.command("dns")
@@ -192,7 +409,6 @@ def dns_query(
 def _run_ttft(url: str, options: dict[str, Any], count: int, interval_s: float, as_json: bool) -> int:
     import os
 
-    from edgeprobe import render
     from edgeprobe.probes import inference
 
     config = _adhoc_config("ttft", inference.KIND.name, url, options)
@@ -203,6 +419,26 @@ def _run_ttft(url: str, options: dict[str, Any], count: int, interval_s: float, 
             f"edgeprobe ttft: --api-key-env: environment variable {config.api_key_env} is not set or is empty", err=True
         )
         return EXIT_USAGE
+    return _run_repeated("ttft", inference.KIND.name, url, config, count, interval_s, as_json, inference.render_summary)
+
+
+def _run_repeated(
+    command: str,
+    kind_name: str,
+    target: str,
+    config: Any,
+    count: int,
+    interval_s: float,
+    as_json: bool,
+    summarize: Callable[[list[Observation]], list[str]],
+) -> int:
+    """``count`` runs one after another (``interval_s`` from one's end to the next one's start, on
+    one ProbeContext), each shown as it ends, then ``summarize`` of them all when more than one.
+    Ctrl-C abandons the run under way (not a measurement) and summarizes those that ended: exit 0
+    then if one of them succeeded (like ping), else 1. Uninterrupted: 0 only if all succeeded."""
+    from edgeprobe import render
+
+    kind = KINDS[kind_name]
     done: list[Observation] = []
 
     def show(obs: Observation, i: int) -> None:
@@ -214,24 +450,41 @@ def _run_ttft(url: str, options: dict[str, Any], count: int, interval_s: float, 
         for line in render.render(obs):
             click.echo(line, err=line.startswith("edgeprobe "))
 
-    async def go() -> None:
+    async def go() -> bool:
         async with ProbeContext() as ctx:
-            for i in range(count):
-                if i:
-                    await asyncio.sleep(interval_s)
-                obs = await run_probe(inference.KIND, url, config, ctx, seq=i)
-                done.append(obs)
-                show(obs, i)
+            with _Interrupt(ctx) as interrupt:
+                current: asyncio.Task[Observation] | None = None
+
+                def abandon() -> None:
+                    if current is not None:
+                        current.cancel()
+
+                interrupt.on_first = abandon
+                for i in range(count):
+                    if i and await ctx.pause(interval_s):
+                        break
+                    current = asyncio.ensure_future(run_probe(kind, target, config, ctx, seq=i))
+                    try:
+                        obs = await current
+                    except asyncio.CancelledError:
+                        if not interrupt.interrupted or interrupt.count > 1:
+                            raise
+                        break
+                    done.append(obs)
+                    show(obs, i)
+                return interrupt.interrupted
 
     try:
-        asyncio.run(go())
-    except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
-    if count > 1 and not as_json:
-        for line in inference.render_summary(done):
-            click.echo(term_safe(line, render.MAX_LINE_CHARS))
-    if len(done) < count:
-        return EXIT_FAILED
+        interrupted = asyncio.run(go())
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        return EXIT_INTERRUPTED
+    if interrupted and not as_json:
+        click.echo(f"interrupted after {len(done)} of {count} requests", err=True)
+    if (count > 1 or interrupted) and not as_json:
+        for line in summarize(done):
+            _echo_safe(line)
+    if interrupted:
+        return EXIT_OK if any(o.outcome == Outcome.OK for o in done) else EXIT_FAILED
     return EXIT_OK if all(o.outcome == Outcome.OK for o in done) else EXIT_FAILED
 
 
@@ -241,14 +494,19 @@ API_CHOICES = ("openai-chat", "openai-completions", "ollama-chat", "ollama-gener
 @main.command()
 @click.argument("url")
 @click.option("-m", "--model", required=True, help="Model name (sent in the request; stored as a tag).")
-@click.option("--api", type=click.Choice(API_CHOICES), help="Wire format (default openai-chat).")
+@click.option(
+    "--api", type=click.Choice(API_CHOICES), default=_dv("inference", "api"), show_default=True, help="Wire format."
+)
 @click.option("-c", "--count", type=click.IntRange(1, 100_000), default=1, show_default=True, help="Requests.")
 @click.option(
     "-i", "--interval", "interval_s", type=click.FloatRange(0, 3600), default=1.0, show_default=True,
     help="Seconds between one request's end and the next one's start.",
 )  # fmt: skip
 @click.option("-p", "--prompt", help="Prompt text (default: a one-sentence request).")
-@click.option("--max-tokens", type=int, help="Largest answer asked for, in tokens (default 16).")
+@click.option(
+    "--max-tokens", type=int, default=_dv("inference", "max_tokens"), show_default=True,
+    help="Largest answer asked for, in tokens.",
+)  # fmt: skip
 @click.option("--api-key-env", help="Name of the environment variable that holds the API key.")
 @click.option("--api-key-header", help="Send the key in this header as-is (default: the API's own).")
 @click.option("-H", "--header", "header", multiple=True, help="Extra header 'Name: value' (repeatable).")
@@ -259,8 +517,14 @@ API_CHOICES = ("openai-chat", "openai-completions", "ollama-chat", "ollama-gener
 @click.option("--no-usage", is_flag=True, help="Do not ask for the usage report (stream_options / details).")
 @click.option("--no-net-rtt", is_flag=True, help="Skip the separate TCP connect that measures net_rtt_ms.")
 @click.option("-k", "--insecure", is_flag=True, help="Do not verify the server's TLS certificate.")
-@click.option("-W", "--timeout", "timeout_s", type=float, help="Seconds for each whole request (default 30).")
-@click.option("--first-token-timeout", "first_token_timeout_s", type=float, help="Seconds to the first token (15).")
+@click.option(
+    "-W", "--timeout", "timeout_s", type=float, default=_dv("inference", "timeout_s"), show_default=True,
+    help="Seconds for each whole request.",
+)  # fmt: skip
+@click.option(
+    "--first-token-timeout", "first_token_timeout_s", type=float, default=_dv("inference", "first_token_timeout_s"),
+    show_default=True, help="Seconds to the first token.",
+)  # fmt: skip
 @click.option("-4", "family", flag_value="ipv4", help="IPv4 only.")
 @click.option("-6", "family", flag_value="ipv6", help="IPv6 only.")
 @json_option
@@ -815,14 +1079,53 @@ def _parse_options(items: tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
+# The ad-hoc commands' flags that `fleet probe` takes too: config field -> the flag as typed.
+FLEET_PROBE_FLAGS = {
+    "count": "-c/--count",
+    "interval_s": "-i/--interval",
+    "size_bytes": "-s/--size",
+    "timeout_s": "-W/--probe-timeout",
+    "ttl": "-t/--ttl",
+    "family": "-4/-6",
+}
+
+
+def _fleet_probe_options(kind_name: str, opts: dict[str, Any], flags: dict[str, Any]) -> dict[str, Any]:
+    """``-o`` options plus the ad-hoc flags given, checked against the kind (exit 2 on a clash or a
+    flag the kind does not take)."""
+    from edgeprobe.probes.registry import get_kind
+
+    kind = get_kind(kind_name)
+    out = dict(opts)
+    for field, value in flags.items():
+        if value is None:
+            continue
+        flag = FLEET_PROBE_FLAGS[field]
+        if field not in kind.config_type.__struct_fields__:
+            click.echo(f"edgeprobe fleet probe: {flag} is not an option of {kind.name}", err=True)
+            sys.exit(EXIT_USAGE)
+        if field in out:
+            click.echo(f"edgeprobe fleet probe: {flag} and -o {field}= both given", err=True)
+            sys.exit(EXIT_USAGE)
+        out[field] = value
+    return out
+
+
 @fleet.command("probe")
-@click.argument("kind", type=click.Choice(sorted(KINDS)))
+@click.argument("kind", type=click.Choice(sorted(NAMES)), metavar="KIND")
 @click.argument("target")
 @click.option("-o", "--option", "options", multiple=True, metavar="NAME=VALUE", help="Probe option (e.g. -o count=3).")
+@click.option("-c", "--count", type=int, help="As ping/tcp -c (the kind's default otherwise).")
+@click.option("-i", "--interval", "interval_s", type=float, help="As ping/tcp -i: seconds between sends.")
+@click.option("-s", "--size", "size_bytes", type=int, help="As ping -s: payload bytes.")
+@click.option("-W", "--probe-timeout", "timeout_s", type=float, help="As the ad-hoc commands' -W/--timeout.")
+@click.option("-t", "--ttl", type=int, help="As ping -t: IP TTL / hop limit.")
+@click.option("-4", "family", flag_value="ipv4", help="IPv4 only.")
+@click.option("-6", "family", flag_value="ipv6", help="IPv6 only.")
 @where_option
 @click.option("--agents", "limit", type=click.IntRange(min=1), help="At most this many agents (spread across sites).")
 @click.option(
-    "--timeout", "timeout_s", type=float, default=15.0, show_default=True, help="Seconds to wait for answers."
+    "--timeout", "wait_s", type=float, default=15.0, show_default=True, help="Seconds to wait for answers."
 )
 @key_option
 @_fleet_options
@@ -833,26 +1136,34 @@ def fleet_probe(
     options: tuple[str, ...],
     where: tuple[str, ...],
     limit: int | None,
-    timeout_s: float,
+    wait_s: float,
     key_path: str | None,
     fleet_config: str | None,
     broker_url: str | None,
     as_json: bool,
+    **flags: Any,
 ) -> None:
-    """Run one probe now from many agents; results stream in as they answer."""
+    """Run one probe now from many agents; results stream in as they answer.
+
+    KIND is a probe kind or its command's name: icmp or ping, tcp, http, inference or ttft, ….
+    The ad-hoc commands' flags (-c, -i, -s, -W, -t, -4/-6) set the same options as -o does."""
 
     from edgeprobe.fleet import ProbeRun, check_request, primary_field
+    from edgeprobe.probes.registry import get_kind
     from edgeprobe.schema import CommandReply
 
-    ff = _fleet_broker(fleet_config, broker_url)
-    key = _fleet_key(ff, key_path)
-    opts = _parse_options(options)
-    sel = _where(where)
+    timeout_s = wait_s
+    kind = get_kind(kind).name
+    given_flags = {k: v for k, v in flags.items() if v is not None}
+    opts = _fleet_probe_options(kind, _parse_options(options), given_flags)
     try:
         check_request(kind, target, opts)
     except ConfigError as err:
-        click.echo(f"edgeprobe fleet probe: {err}", err=True)
+        click.echo(f"edgeprobe fleet probe: {option_error(err, get_kind(kind).config_type, given_flags)}", err=True)
         sys.exit(EXIT_USAGE)
+    ff = _fleet_broker(fleet_config, broker_url)
+    key = _fleet_key(ff, key_path)
+    sel = _where(where)
     field_name = primary_field(kind) or ""
 
     def reply_cells(r: CommandReply) -> tuple[str, str, str]:

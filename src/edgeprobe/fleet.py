@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from edgeprobe.agent.control import AdhocCommand, ConfigDocument
 from edgeprobe.configfile import ConfigError, convert, load, read_yaml
 from edgeprobe.mqtt import BROKER_ENV, BrokerConfig, make_client
-from edgeprobe.probes.registry import KINDS
+from edgeprobe.probes.registry import find_kind, get_kind, kind_names
 from edgeprobe.schema import (
     NAME_RE,
     RESERVED_NAMES,
@@ -48,7 +48,7 @@ KEY_ENV = "EDGEPROBE_CONTROLLER_KEY_FILE"
 def primary_field(kind: str) -> str | None:
     """The one number of a kind that the live table and the summary show (its ``fleet_field``);
     None for a kind this build does not know."""
-    k = KINDS.get(kind)
+    k = find_kind(kind)
     return k.fleet_field if k is not None else None
 
 
@@ -316,9 +316,9 @@ def make_command(
 
 def check_request(kind: str, target: str, options: dict[str, Any]) -> None:
     """The checks an agent will make, made first here for a clear error (ConfigError)."""
-    k = KINDS.get(kind)
+    k = find_kind(kind)  # its name or an alias (ping, ttft)
     if k is None:
-        raise ConfigError(f"unknown probe kind {kind!r}; expected one of: {', '.join(sorted(KINDS))}")
+        raise ConfigError(f"unknown probe kind {kind!r}; expected one of: {kind_names()}")
     convert(options, k.config_type, "command line", prefix="options")
     problem = k.check_target(target)
     if problem is not None:
@@ -342,6 +342,7 @@ async def fleet_probe(
 ) -> ProbeRun:
     """Ask the selected agents to run one probe now; collect replies until all answered or timeout."""
     check_request(kind, target, options)
+    kind = get_kind(kind).name  # an alias goes out as the kind's own name (agents of any version know it)
     if statuses is None:
         statuses = await read_statuses(broker)
     chosen = select_agents(statuses, where or {}, limit)
@@ -427,7 +428,9 @@ def mesh_documents(mesh: MeshFile, prefix: str, source: str, now_ns: int | None 
             targets = list(mesh.groups[rule.targets])
         else:
             targets = list(rule.targets)
-        job = {"name": rule.name, "kind": rule.kind, "targets": targets, "interval_s": rule.interval_s}
+        known = find_kind(rule.kind)  # an alias goes out as the kind's own name
+        kind = known.name if known is not None else rule.kind
+        job = {"name": rule.name, "kind": kind, "targets": targets, "interval_s": rule.interval_s}
         if rule.options:
             job["options"] = dict(rule.options)
         if rule.labels:
