@@ -107,11 +107,11 @@ def _adhoc_config(command: str, kind_name: str, target: str, options: dict[str, 
     return config
 
 
-def _show_json(obs: Observation, extra: dict[str, Any] | None = None) -> None:
+def _show_json(obs: Observation, extra: dict[str, Any] | None = None, command: str | None = None) -> None:
     from edgeprobe import render
 
     click.echo(json_safe(json.dumps({**render.as_json_obj(obs), **(extra or {})}, ensure_ascii=False)))
-    failure = render.error_line(obs)
+    failure = render.error_line(obs, command)
     if failure:
         click.echo(failure, err=True)
 
@@ -227,7 +227,7 @@ def _run_live(
         return EXIT_INTERRUPTED
     for obs in done:
         if as_json:
-            _show_json(obs, {"interrupted": True} if interrupted else None)
+            _show_json(obs, {"interrupted": True} if interrupted else None, command)
             continue
         if several:
             _echo_safe(live.one_line(obs), err=False)
@@ -236,7 +236,7 @@ def _run_live(
             click.echo("")  # ping's blank line after ^C
         for line in live.summary(obs):
             _echo_safe(line)
-        err = render.error_line(obs)
+        err = render.error_line(obs, command)
         if err:
             click.echo(err, err=True)
     return EXIT_OK if all(o.outcome == Outcome.OK for o in done) else EXIT_FAILED
@@ -443,11 +443,11 @@ def _run_repeated(
 
     def show(obs: Observation, i: int) -> None:
         if as_json:
-            _show_json(obs)
+            _show_json(obs, command=command)
             return
         if count > 1:
             click.echo(f"request {i + 1}/{count}")
-        for line in render.render(obs):
+        for line in render.render(obs, command):
             click.echo(line, err=line.startswith("edgeprobe "))
 
     async def go() -> bool:

@@ -32,22 +32,24 @@ def as_json_obj(obs: Observation) -> dict[str, Any]:
     return out
 
 
-def error_line(obs: Observation) -> str | None:
-    """The one-line error for a failed run, or None when it succeeded."""
+def error_line(obs: Observation, command: str | None = None) -> str | None:
+    """The one-line error for a failed run, or None when it succeeded. It names ``command`` (the
+    one the user typed: ``ping`` for an icmp run) or else the kind."""
     if obs.outcome == Outcome.OK:
         return None
     return term_safe(
-        f"edgeprobe {obs.kind} {obs.target}: {obs.outcome}: {obs.reason or 'no reason given'}", MAX_LINE_CHARS
+        f"edgeprobe {command or obs.kind} {obs.target}: {obs.outcome}: {obs.reason or 'no reason given'}",
+        MAX_LINE_CHARS,
     )
 
 
-def render(obs: Observation) -> list[str]:
+def render(obs: Observation, command: str | None = None) -> list[str]:
     """The kind's own lines (every field as ``name: value`` for a kind this build does not know),
     then the error line of a failed run. Terminal-safe (:func:`edgeprobe.termtext.term_safe`): the
     target, a server's reason or headers are not this program's text."""
     kind = KINDS.get(obs.kind)
     lines = [term_safe(line, MAX_LINE_CHARS) for line in (kind.render(obs) if kind is not None else plain_lines(obs))]
-    err = error_line(obs)
+    err = error_line(obs, command)
     if err:
         lines.append(err)
     return lines

@@ -277,6 +277,7 @@ def test_failure_output_is_quiet_and_has_no_python_none() -> None:
     code, out, err = run("ping", "nonexistent.invalid", "-c", "1")
     assert code == 1 and out == ""  # no header nor statistics of nothing; the one error line
     assert "?" not in err and "None" not in err
+    assert one_line_error(err).startswith("edgeprobe ping nonexistent.invalid: dns_error: ")  # the command typed
 
 
 def test_redirect_without_follow_shows_the_location(redirect_port: int) -> None:
