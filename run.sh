@@ -46,6 +46,46 @@ then run this again."
     fi
 }
 
+# pids_running BINARY CONFIG: pids of processes running BINARY with the config file CONFIG on their
+# command line (a package's own daemon; the tests' and the demo's servers use configs of their own
+# in temporary or --keep directories, so they never match).
+pids_running() {
+    local dir cmd
+    for dir in /proc/[0-9]*; do
+        cmd=$(tr '\0' ' ' <"$dir/cmdline" 2>/dev/null) || continue
+        case "$cmd" in
+            "$1 "*" $2" | "$1 "*" $2 "*) printf '%s\n' "${dir#/proc/}" ;;
+        esac
+    done
+}
+
+# stop_package_services NAME BINARY CONFIG...: the Debian packages enable and start their own daemon
+# (influxdb: influxd on every interface, port 8086, without authentication; mosquitto: a broker on
+# port 1883). edgeprobe's tests and demo start their own servers on free loopback ports and need
+# neither, so the services these packages just installed are stopped and disabled: through systemd
+# when it runs, else the package's init script (which stops the daemon of its own pid file), and any
+# daemon still running with the package's config file gets SIGTERM.
+stop_package_services() {
+    local name binary config pids
+    while [ $# -ge 3 ]; do
+        name=$1 binary=$2 config=$3
+        shift 3
+        if have systemctl && [ -d /run/systemd/system ]; then
+            systemctl disable --now "$name.service" >/dev/null 2>&1 || true
+        else
+            [ -x "/etc/init.d/$name" ] && { "/etc/init.d/$name" stop >/dev/null 2>&1 || true; }
+            have update-rc.d && { update-rc.d "$name" disable >/dev/null 2>&1 || true; }
+        fi
+        pids=$(pids_running "$binary" "$config")
+        if [ -n "$pids" ]; then
+            # shellcheck disable=SC2086 # one pid a word
+            kill $pids 2>/dev/null || true
+        fi
+        printf 'run.sh: stopped and disabled the %s service that the package enabled (edgeprobe starts its own %s on loopback)\n' \
+            "$name" "$(basename "$binary")"
+    done
+}
+
 ensure_system_packages() {
     local -a missing=()
     have python3 || missing+=(python3)
@@ -58,6 +98,10 @@ ensure_system_packages() {
     have unbound || [ -x /usr/sbin/unbound ] || missing+=(unbound)  # a local DNS server for the dns probe's tests
     if [ ${#missing[@]} -gt 0 ]; then
         apt_install "${missing[@]}"
+        local -a services=()
+        case " ${missing[*]} " in *" influxdb "*) services+=(influxdb /usr/bin/influxd /etc/influxdb/influxdb.conf) ;; esac
+        case " ${missing[*]} " in *" mosquitto "*) services+=(mosquitto /usr/sbin/mosquitto /etc/mosquitto/mosquitto.conf) ;; esac
+        [ ${#services[@]} -eq 0 ] || stop_package_services "${services[@]}"
     fi
     python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
         || die "python3 >= 3.11 is needed, found $(python3 --version 2>&1)"

@@ -888,11 +888,15 @@ def collector_dead_letters_replay(config_path: str, reason: str | None, dry_run:
 @click.option(
     "--interval", "interval_s", type=click.FloatRange(min=4.0), default=5.0, show_default=True, help="Probe interval."
 )
-def demo(duration_s: float | None, interval_s: float) -> None:
+@click.option(
+    "--keep", "keep_dir", metavar="DIR",
+    help="Keep mosquitto's and InfluxDB's data in DIR, on the same ports every run; print how to see it in Grafana.",
+)  # fmt: skip
+def demo(duration_s: float | None, interval_s: float, keep_dir: str | None) -> None:
     """Run the whole pipeline locally (mosquitto, InfluxDB, collector, agent) with a live view."""
     from edgeprobe.demo import main as demo_main
 
-    sys.exit(demo_main(duration_s, interval_s))
+    sys.exit(demo_main(duration_s, interval_s, keep_dir))
 
 
 # ---------------------------------------------------------------------- the fleet (agent/fleet.py)

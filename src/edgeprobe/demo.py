@@ -4,17 +4,24 @@ Starts mosquitto and influxd as plain processes on free loopback ports (the same
 tests use), a local HTTP target, the collector and an agent probing loopback targets, and shows
 what arrives in a live terminal view. Ctrl-C (or ``--duration``) stops everything it started.
 Traffic stays on 127.0.0.1 / ::1.
+
+``--keep DIR``: mosquitto's and InfluxDB's data, configs and the spools stay in DIR, and their
+ports are chosen once (``DIR/ports.json``) and reused by every later run with the same DIR, so a
+Grafana datasource pointed at the kept InfluxDB keeps working; at the end the demo prints the steps
+to see the data in Grafana.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import signal
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -167,11 +174,66 @@ def agent_config(broker_url: str, http_port: int, responder_urls: dict[str, str]
     }
 
 
-async def run_demo(duration_s: float | None, interval_s: float, console: Console) -> int:
+PORTS_FILE = "ports.json"
+DATABASE = "edgeprobe"
+
+
+def kept_ports(keep_dir: Path) -> dict[str, int]:
+    """The ports of a kept demo: read from ``keep_dir/ports.json``, else chosen now and saved there."""
+    from edgeprobe.localstack import free_ports
+
+    path = keep_dir / PORTS_FILE
+    names = ("mosquitto", "influxd_http", "influxd_rpc")
+    if path.exists():
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(saved, dict) and all(isinstance(saved.get(n), int) for n in names):
+            return {n: int(saved[n]) for n in names}
+    ports = dict(zip(names, free_ports(len(names)), strict=True))
+    keep_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path.write_text(json.dumps(ports, indent=2) + "\n", encoding="utf-8")
+    return ports
+
+
+def grafana_steps(keep_dir: Path, influx_url: str, influx_config: Path, influxd: str) -> list[str]:
+    """How to look at a kept demo's data in Grafana, with this run's paths and URL."""
+    grafana = keep_dir / "grafana"
+    prov = grafana / "provisioning"
+    return [
+        f"Kept in {keep_dir}: mosquitto/ and influxd/ (data, config, log), the spools, {PORTS_FILE} (the same",
+        f"ports next time: edgeprobe demo --keep {keep_dir}). To see the data in Grafana:",
+        "  1. Start InfluxDB on the kept data (loopback only, no authentication: a demo):",
+        f"       {influxd} -config {influx_config}",
+        "  2. Export the dashboards and provisioning files:",
+        f"       edgeprobe dashboards export {grafana}",
+        f"  3. Datasource: in {prov / 'datasources' / 'edgeprobe.yaml'} set",
+        f"       url: {influx_url}   database: {DATABASE}   jsonData.dbName: {DATABASE}",
+        "     and delete user and secureJsonData (this InfluxDB has no users); keep uid edgeprobe-influxdb.",
+        f"     (In Grafana's UI instead: an InfluxDB data source, query language InfluxQL, URL {influx_url},",
+        f"     database {DATABASE}.)",
+        f"  4. Dashboards: in {prov / 'dashboards' / 'edgeprobe.yaml'} set options.path to",
+        f"       {grafana / 'dashboards'}",
+        f"     and start Grafana with GF_PATHS_PROVISIONING={prov} (a Grafana in Docker: --network host,",
+        f"     both folders mounted); or import {grafana / 'import'}/*.json (Dashboards > New > Import),",
+        "     which asks for the datasource of step 3.",
+    ]
+
+
+async def run_demo(
+    duration_s: float | None, interval_s: float, console: Console, keep_dir: Path | None = None
+) -> int:
     from edgeprobe.collector.config import CollectorConfig
     from edgeprobe.collector.service import run_collector
     from edgeprobe.localstack import InfluxServer, MosquittoServer
 
+    if keep_dir is not None:
+        ports = await asyncio.to_thread(kept_ports, keep_dir)
+        broker_server = MosquittoServer(port=ports["mosquitto"], workdir=keep_dir / "mosquitto")
+        influx_server = InfluxServer(
+            port=ports["influxd_http"], rpc_port=ports["influxd_rpc"], workdir=keep_dir / "influxd"
+        )
+    else:
+        broker_server, influx_server = MosquittoServer(), InfluxServer()
+    started_ns = time.time_ns()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -179,8 +241,9 @@ async def run_demo(duration_s: float | None, interval_s: float, console: Console
     view = View()
     console.print("[bold]edgeprobe demo[/bold]: starting mosquitto and influxd on free loopback ports …")
     async with contextlib.AsyncExitStack() as stack:
-        broker = await stack.enter_async_context(MosquittoServer())
-        influx = await stack.enter_async_context(InfluxServer())
+        broker = await stack.enter_async_context(broker_server)
+        influx = await stack.enter_async_context(influx_server)
+        influx_config = influx.config_path
         responder_urls: dict[str, str] = {}
         for tier, settings in RESPONDERS.items():
             running = await stack.enter_async_context(
@@ -188,12 +251,13 @@ async def run_demo(duration_s: float | None, interval_s: float, console: Console
             )
             responder_urls[tier] = running.url
         runner, http_port = await _http_target()
-        database = "edgeprobe"
+        database = DATABASE
         ccfg = convert(
             {
                 "broker": {"url": broker.url},
                 "influx": {"api": "v1", "url": influx.url, "database": database},
-                "spool": {"path": str(influx.workdir / "collector-spool.sqlite")},  # removed with the workdir
+                # removed with the workdir (kept with --keep)
+                "spool": {"path": str(influx.workdir / "collector-spool.sqlite")},
             },
             CollectorConfig,
             "demo",
@@ -220,14 +284,14 @@ async def run_demo(duration_s: float | None, interval_s: float, console: Console
                 while not stop.is_set() and (deadline is None or loop.time() < deadline):
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), 1.0)
-                    written = await asyncio.to_thread(count_points, influx, database)
+                    written = await asyncio.to_thread(count_points, influx, database, started_ns)
                     live.update(view.render(header, written))
                 agent_stop.set()
                 await agent_task
                 await asyncio.sleep(2.0)  # let the collector write the last batch
                 collector_stop.set()
                 await collector_task
-                written = await asyncio.to_thread(count_points, influx, database)
+                written = await asyncio.to_thread(count_points, influx, database, started_ns)
                 live.update(view.render(header, written))
         finally:
             agent_stop.set()
@@ -239,12 +303,19 @@ async def run_demo(duration_s: float | None, interval_s: float, console: Console
             await runner.cleanup()
     produced = sum(r.count for r in view.rows.values())
     console.print(f"\nstopped: {produced} observations produced, {written} written to InfluxDB; nothing left running.")
+    if keep_dir is not None:
+        from edgeprobe.localstack import find_binary
+
+        influxd = find_binary("influxd") or "influxd"
+        for line in grafana_steps(keep_dir, influx_server.url, influx_config, influxd):
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
     return 0
 
 
-def count_points(influx: Any, database: str) -> int | None:
+def count_points(influx: Any, database: str, since_ns: int = 0) -> int | None:
+    """Points this run wrote (time >= ``since_ns``: a kept database holds earlier runs' too)."""
     try:
-        res = influx.query('SELECT count("seq") FROM /^edgeprobe_/', db=database)
+        res = influx.query(f'SELECT count("seq") FROM /^edgeprobe_/ WHERE time >= {since_ns}', db=database)
     except Exception:
         return None
     total = 0
@@ -253,9 +324,10 @@ def count_points(influx: Any, database: str) -> int | None:
     return total
 
 
-def main(duration_s: float | None, interval_s: float) -> int:
+def main(duration_s: float | None, interval_s: float, keep_dir: str | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     console = Console()
     if not console.is_terminal:
         console = Console(width=150)  # piped: wide enough for the table rather than 80 columns
-    return asyncio.run(run_demo(duration_s, interval_s, console))
+    keep = None if keep_dir is None else Path(keep_dir).absolute()
+    return asyncio.run(run_demo(duration_s, interval_s, console, keep))

@@ -166,12 +166,16 @@ class _ServerProcess:
         *,
         port: int | None = None,
         keep: bool = False,
+        workdir: str | os.PathLike[str] | None = None,
         start_timeout_s: float = 20.0,
         stop_grace_s: float = 10.0,
         binary: str | None = None,
     ) -> None:
         self.host = HOST
         self.keep = keep
+        # A directory of the caller's (created if missing, never removed): with a fixed port, the
+        # server's data and config outlive the process, e.g. `edgeprobe demo --keep DIR`.
+        self._given_workdir = Path(workdir) if workdir is not None else None
         self.start_timeout_s = start_timeout_s
         self.stop_grace_s = stop_grace_s
         self.paused = False
@@ -348,7 +352,11 @@ class _ServerProcess:
             raise BinaryNotFoundError(
                 f"{self.binary_name} not found: apt-get install {self.package} (./run.sh test installs it)"
             )
-        self._workdir = Path(tempfile.mkdtemp(prefix=f"edgeprobe-{self.name}-"))
+        if self._given_workdir is not None:
+            self._given_workdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._workdir = self._given_workdir
+        else:
+            self._workdir = Path(tempfile.mkdtemp(prefix=f"edgeprobe-{self.name}-"))
 
     def _spawn(self, new_ports: bool) -> None:
         assert self._binary is not None
@@ -457,7 +465,7 @@ class _ServerProcess:
         self.paused = False
 
     def _remove_workdir(self) -> None:
-        if self._workdir is not None and not self.keep:
+        if self._workdir is not None and not self.keep and self._given_workdir is None:
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
 
@@ -498,12 +506,18 @@ class MosquittoServer(_ServerProcess):
         max_packet_size: int | None = MAX_PACKET_SIZE,
         persistence: bool = True,
         keep: bool = False,
+        workdir: str | os.PathLike[str] | None = None,
         start_timeout_s: float = 20.0,
         stop_grace_s: float = 10.0,
         binary: str | None = None,
     ) -> None:
         super().__init__(
-            port=port, keep=keep, start_timeout_s=start_timeout_s, stop_grace_s=stop_grace_s, binary=binary
+            port=port,
+            keep=keep,
+            workdir=workdir,
+            start_timeout_s=start_timeout_s,
+            stop_grace_s=stop_grace_s,
+            binary=binary,
         )
         self.allow_anonymous = allow_anonymous
         self.extra_config = list(extra_config)
@@ -560,12 +574,18 @@ class InfluxServer(_ServerProcess):
         port: int | None = None,
         rpc_port: int | None = None,
         keep: bool = False,
+        workdir: str | os.PathLike[str] | None = None,
         start_timeout_s: float = 20.0,
         stop_grace_s: float = 10.0,
         binary: str | None = None,
     ) -> None:
         super().__init__(
-            port=port, keep=keep, start_timeout_s=start_timeout_s, stop_grace_s=stop_grace_s, binary=binary
+            port=port,
+            keep=keep,
+            workdir=workdir,
+            start_timeout_s=start_timeout_s,
+            stop_grace_s=stop_grace_s,
+            binary=binary,
         )
         if port is not None and rpc_port is None:
             rpc_port = free_port(self.host)

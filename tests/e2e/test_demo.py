@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -58,3 +61,61 @@ def test_demo_runs_the_pipeline_and_stops_clean(stop_with: signal.Signals | None
     assert children, "the demo should have started mosquitto and influxd"
     for pid in children:  # mosquitto and influxd are gone
         assert not os.path.exists(f"/proc/{pid}") or "zombie" in Path(f"/proc/{pid}/status").read_text()
+
+
+def test_demo_keep_leaves_the_data_on_fixed_ports_and_says_how_to_see_it(tmp_path: Path) -> None:
+    """``--keep DIR``: the data, configs and ports survive the run, the printed steps work: the kept
+    influxd starts from the printed command and holds what the demo wrote; a second run reuses the ports."""
+    from edgeprobe.localstack import find_binary
+    from tests.support.wait import wait_for
+
+    keep = tmp_path / "kept"
+    exe = str(Path(sys.executable).with_name("edgeprobe"))
+    first = subprocess.run(
+        [exe, "demo", "--duration", "6", "--keep", str(keep)], capture_output=True, text=True, timeout=120
+    )
+    assert first.returncode == 0, first.stdout + first.stderr
+    out = first.stdout
+    m = re.search(r"stopped: (\d+) observations produced, (\d+) written to InfluxDB", out)
+    assert m and int(m[2]) == int(m[1]) >= 4, out
+    ports = json.loads((keep / "ports.json").read_text())
+    url = f"http://127.0.0.1:{ports['influxd_http']}"
+    assert f"InfluxDB {url} database" in out
+    influxd = find_binary("influxd")
+    command = f"{influxd} -config {keep / 'influxd' / 'influxd.conf'}"
+    for step in (command, f"edgeprobe dashboards export {keep / 'grafana'}", f"url: {url}   database: edgeprobe"):
+        assert step in out, (step, out)
+    assert (keep / "mosquitto" / "mosquitto.db").is_file()  # mosquitto's persistence, saved on exit
+
+    # Step 1 as printed: the kept InfluxDB comes back with the demo's points.
+    proc = subprocess.Popen(command.split(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+
+        def count() -> int:
+            q = urllib.parse.urlencode({"db": "edgeprobe", "q": 'SELECT count("seq") FROM /^edgeprobe_/'})
+            try:
+                with urllib.request.urlopen(f"{url}/query?{q}", timeout=2) as resp:
+                    body = json.loads(resp.read())
+            except OSError:
+                return 0
+            return sum(int(s["values"][0][1]) for s in body["results"][0].get("series", []))
+
+        assert wait_for(count, 30, "the demo's points in the kept InfluxDB") == int(m[2])
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+    # Steps 2-4: the export holds the files the steps name.
+    export = subprocess.run(
+        [exe, "dashboards", "export", str(keep / "grafana")], capture_output=True, text=True, timeout=60
+    )
+    assert export.returncode == 0, export.stderr
+    for rel in ("provisioning/datasources/edgeprobe.yaml", "provisioning/dashboards/edgeprobe.yaml", "import"):
+        assert (keep / "grafana" / rel).exists(), rel
+
+    second = subprocess.run(
+        [exe, "demo", "--duration", "5", "--keep", str(keep)], capture_output=True, text=True, timeout=120
+    )
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert f"InfluxDB {url} database" in second.stdout and f"127.0.0.1:{ports['mosquitto']}" in second.stdout
+    assert json.loads((keep / "ports.json").read_text()) == ports
