@@ -776,6 +776,30 @@ def collector_run(config_path: str, log_level: str, ready_file: str | None) -> N
         _remove_ready_file(ready_file)
 
 
+@collector.command("check")
+@config_option
+def collector_check(config_path: str) -> None:
+    """Validate a collector config file and summarize it (broker, InfluxDB, spool, subscription)."""
+    from edgeprobe.collector.config import load_collector_config
+
+    cfg = _load_or_exit(load_collector_config, config_path)
+    influx = cfg.influx
+    click.echo(f"{term_safe(config_path)}: ok: collector {cfg.name}, broker {term_safe(cfg.broker.url)}")
+    if influx.api == "v1":
+        where = f"database {term_safe(influx.database)}"
+        if influx.retention_policy is not None:
+            where += f", retention policy {term_safe(influx.retention_policy)}"
+    else:
+        where = f"org {term_safe(influx.org)}, bucket {term_safe(influx.bucket)}"
+    click.echo(f"  influx: api {influx.api} at {term_safe(influx.url)}, {where}")
+    spool_path = cfg.spool_path()
+    click.echo(f"  spool: {term_safe(spool_path) if spool_path else 'in memory (spool.path: null)'}")
+    dead = cfg.dead_letter_path()
+    click.echo(f"  dead letters: {term_safe(dead) if dead else 'logged and counted only'}")
+    sub = cfg.subscription
+    click.echo(f"  subscription: {', '.join(term_safe(t) for t in cfg.topic_filters)} (QoS {sub.qos})")
+
+
 @collector.group("dead-letters")
 def collector_dead_letters() -> None:
     """The points InfluxDB refused for good: list them, replay them once the schema is fixed."""
@@ -1354,7 +1378,7 @@ def fleet_clear(
 SAMPLE_FILES = {"agent": "agent.yaml", "collector": "collector.yaml"}  # in edgeprobe/examples/
 SAMPLE_NEXT = {
     "agent": "edgeprobe agent check -c {path}, then: edgeprobe agent run -c {path}",
-    "collector": "edgeprobe collector run -c {path}",
+    "collector": "edgeprobe collector check -c {path}, then: edgeprobe collector run -c {path}",
 }
 
 
