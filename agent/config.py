@@ -15,7 +15,7 @@ from typing import Annotated, Any, Final, Literal
 import msgspec
 
 from edgeprobe.agent.policy import AGENT_SECRET_ENV_PREFIXES, PolicyConfig, agent_secret_env
-from edgeprobe.configfile import ConfigError, convert, load
+from edgeprobe.configfile import ConfigError, LogConfig, convert, load
 from edgeprobe.mqtt import BROKER_ENV, BrokerConfig
 from edgeprobe.probes.kind import AnyKind
 from edgeprobe.probes.registry import KINDS, find_kind, kind_names
@@ -170,6 +170,7 @@ class AgentConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_on
     control: ControlConfig = ControlConfig()
     policy: PolicyConfig = PolicyConfig()  # remote requests (ad-hoc and central); never taken from the broker
     supervise: SuperviseConfig = SuperviseConfig()  # restarting crashed tasks (edgeprobe.supervise)
+    log: LogConfig = LogConfig()  # the one-line summary every log.summary_interval_s
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -50,6 +52,36 @@ class _LagMax:
     def take(self) -> float | None:
         value, self.value = self.value, None
         return value
+
+
+async def summary_loop(
+    interval_s: float,
+    counters: Callable[[], tuple[int, int, int]],
+    backlog: Callable[[], int],
+    overloaded: Callable[[], bool],
+    stop: asyncio.Event,
+) -> None:
+    """Log one INFO line every ``interval_s`` (monotonic) until ``stop``: the observations produced,
+    published and confirmed in the interval (``counters``: running totals), the spool backlog and
+    the overloaded flag."""
+    last = counters()
+    t0 = time.monotonic()
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval_s)
+            return
+        now, t1 = counters(), time.monotonic()
+        produced, published, confirmed = (n - p for n, p in zip(now, last, strict=True))
+        log.info(
+            "last %g s: %d observations produced, %d published, %d confirmed; spool backlog %d; overloaded: %s",
+            round(t1 - t0, 1),
+            produced,
+            published,
+            confirmed,
+            backlog(),
+            "yes" if overloaded() else "no",
+        )
+        last, t0 = now, t1
 
 
 async def run_agent(
@@ -179,12 +211,32 @@ async def run_agent(
                 if ctl is not None
                 else None
             )
+            summary_task: asyncio.Task[None] | None = None
+            if cfg.log.summary_interval_s > 0:
+                pub_stats = publisher.stats
+
+                def totals() -> tuple[int, int, int]:
+                    produced = sched.produced + (ctl.produced if ctl is not None else 0)
+                    return produced, pub_stats.published_observations, pub_stats.acknowledged_observations
+
+                summary_task = asyncio.create_task(
+                    supervised(
+                        "summary",
+                        lambda: summary_loop(
+                            cfg.log.summary_interval_s, totals, lambda: len(spool), lambda: sched.overloaded, halt
+                        ),
+                        halt,
+                    ),
+                    name="summary",
+                )
             try:
                 await supervised("scheduler", lambda: sched.run(halt, cfg.agent.shutdown_grace_s), halt)
             finally:
                 halt.set()
                 if control_task is not None:
                     await control_task  # stops on ``halt``; ends the central jobs too
+                if summary_task is not None:
+                    await summary_task
                 publish_stop.set()  # flush what the scheduler produced, then disconnect
                 await pub_task
                 stop_watch.cancel()

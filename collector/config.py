@@ -33,7 +33,7 @@ from urllib.parse import urlsplit
 import msgspec
 
 from edgeprobe import configfile
-from edgeprobe.configfile import Secret
+from edgeprobe.configfile import LogConfig, Secret
 from edgeprobe.mqtt import BROKER_ENV, BrokerConfig
 from edgeprobe.schema import NAME_RE
 from edgeprobe.supervise import SuperviseConfig
@@ -210,6 +210,7 @@ class CollectorConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, k
     limits: LimitsConfig = LimitsConfig()
     spool: SpoolConfig = SpoolConfig()
     supervise: SuperviseConfig = SuperviseConfig()  # restarting crashed tasks (edgeprobe.supervise)
+    log: LogConfig = LogConfig()  # the one-line summary every log.summary_interval_s
     # The collector's own health point (measurement edgeprobe_health, source=collector); null: off.
     health_interval_s: Annotated[float, msgspec.Meta(gt=0, le=86400)] | None = 10.0
 

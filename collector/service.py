@@ -293,6 +293,7 @@ class _Collector:
         self.latencies_ms: deque[float] = deque(maxlen=RECENT_WRITES)
         self.batch_lines: deque[int] = deque(maxlen=RECENT_WRITES)
         self.started_monotonic = time.monotonic()
+        self.last_write_monotonic: float | None = None  # the last successful write to InfluxDB
         self.on_ready: Callable[[], None] | None = None  # called once, at the first subscription
         self.supervisor: Supervisor | None = None  # restarts crashed tasks; counted in the health point
         self._to_confirm: dict[tuple[str, str], list[str]] = {}  # (site, agent) -> batch ids of this group
@@ -598,6 +599,31 @@ class _Collector:
             await asyncio.sleep(interval_s)
             await self.add_health_point()
 
+    async def summary_loop(self, interval_s: float) -> None:
+        """One INFO line every ``interval_s`` (monotonic): messages and observations in, points
+        written in the interval, the spool backlog and the age of the last successful write."""
+        st = self.stats
+
+        def totals() -> tuple[int, int, int]:
+            return st.received_messages, st.received_observations, st.written_points
+
+        last, t0 = totals(), time.monotonic()
+        while True:
+            await asyncio.sleep(interval_s)
+            now, t1 = totals(), time.monotonic()
+            messages, observations, written = (n - p for n, p in zip(now, last, strict=True))
+            wrote = self.last_write_monotonic
+            log.info(
+                "last %g s: %d messages, %d observations in, %d points written; spool backlog %d lines; %s",
+                round(t1 - t0, 1),
+                messages,
+                observations,
+                written,
+                self.spool.depth,
+                "no successful write yet" if wrote is None else f"last successful write {t1 - wrote:.0f} s ago",
+            )
+            last, t0 = now, t1
+
     # ---- flushing -----------------------------------------------------------------------
 
     async def flush_loop(self, writer: InfluxWriter) -> None:
@@ -666,6 +692,7 @@ class _Collector:
                 await asyncio.sleep(delay)
                 continue
             self.stats.writes += 1
+            self.last_write_monotonic = time.monotonic()
             self.stats.written_points += len(chunk)
             self.latencies_ms.append(elapsed_ms)
             self.batch_lines.append(len(chunk))
@@ -884,12 +911,23 @@ async def _serve(
                 sup.run("health", lambda: col.health_loop(interval_s)), name="collector-health"
             )
             tasks.add(health)
+        summary: asyncio.Task[None] | None = None
+        summary_s = config.log.summary_interval_s
+        if summary_s > 0:
+            summary = asyncio.create_task(
+                sup.run("summary", lambda: col.summary_loop(summary_s)), name="collector-summary"
+            )
+            tasks.add(summary)
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             if consumer not in done:  # a task the supervisor gave up on: surface it
                 consumer.cancel()
                 for task in done:
                     task.result()
+            if summary is not None:
+                summary.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await summary
             if health is not None:
                 health.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

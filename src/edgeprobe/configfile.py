@@ -12,12 +12,19 @@ import re
 import stat
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Annotated, Any, Final, TypeVar
 
 import msgspec
 import yaml
 
 T = TypeVar("T")
+
+
+class LogConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """The daemons' own logging (``log:`` in agent.yaml and collector.yaml)."""
+
+    # One INFO line this often (monotonic seconds) with what happened in the interval; 0: off.
+    summary_interval_s: Annotated[float, msgspec.Meta(ge=0, le=86_400)] = 60.0
 
 
 class ConfigError(ValueError):
