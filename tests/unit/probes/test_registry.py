@@ -49,7 +49,12 @@ def named_fields(kind: AnyKind) -> dict[str, str]:
 
 def declared_parts(kind: AnyKind) -> set[str]:
     """The keywords given to ``ProbeKind(...)`` where the kind's module assigns its ``KIND``."""
-    modules = [m for m in list(sys.modules.values()) if getattr(m, "KIND", None) is kind]
+    # Only the package's modules: a test module may hold a KIND of its own (KIND = KINDS["dns"]).
+    modules = [
+        m
+        for m in list(sys.modules.values())
+        if getattr(m, "__name__", "").startswith("edgeprobe.") and getattr(m, "KIND", None) is kind
+    ]
     assert len(modules) == 1, f"{kind.name}: expected one module defining KIND, found {modules}"
     for node in ast.parse(inspect.getsource(modules[0])).body:
         if isinstance(node, ast.AnnAssign):
