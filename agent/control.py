@@ -144,6 +144,7 @@ class Control:
         return {
             "accepts_commands": c.accept_commands,
             "accepts_config": c.accept_config,
+            "job_kinds": sorted({j.kind.name for j in [*self.local_jobs, *self.central_jobs]}),
             "refused": sum(self.refusals.values()),
             "refusals": dict(self.refusals),
             "last_refusal": self.last_refusal,

@@ -35,6 +35,7 @@ from edgeprobe.agent.config import AgentConfig
 from edgeprobe.agent.spool import Spool, SpoolEntry
 from edgeprobe.backoff import Backoff
 from edgeprobe.mqtt import run_session
+from edgeprobe.probes.registry import find_kind
 from edgeprobe.schema import (
     MAX_ACK_BATCHES,
     SCHEMA_VERSION,
@@ -219,6 +220,15 @@ class Publisher:
         if self._status_poke is not None:
             self._status_poke.set()
 
+    def job_kinds(self) -> list[str]:
+        """The kinds of the file's jobs (an alias as its kind's own name); the control channel
+        replaces this with the file's plus the central jobs' (``status_extra``)."""
+        out: set[str] = set()
+        for job in self.cfg.jobs:
+            k = find_kind(job.kind)
+            out.add(k.name if k is not None else job.kind)
+        return sorted(out)
+
     def status(self, state: str) -> Status:
         ident = self.cfg.agent
         spool = self.spool.stats()
@@ -234,6 +244,7 @@ class Publisher:
             icmp_permitted=self.icmp_permitted,
             version=VERSION,
             kinds=self.kinds,
+            job_kinds=self.job_kinds(),
             labels=dict(ident.labels),
             latitude=ident.latitude,
             longitude=ident.longitude,

@@ -1019,18 +1019,21 @@ def fleet_keygen(private_key: str, public_key: str, force: bool) -> None:
     click.echo(f"wrote {private_key} (keep it secret) and {public_key} (for the agents)")
 
 
-def _kinds_cell(row: dict[str, Any]) -> str:
-    """The kinds an agent runs, each marked when the agent reports lacking the kind's privilege
-    (``icmp(no perm)``)."""
-    cells = []
-    for name in row["kinds"]:
-        kind = KINDS.get(name)
-        need = kind.privilege if kind is not None else None
-        if need is not None and row.get(need.status_field) is False:
-            cells.append(f"{name}({need.missing_note})")
-        else:
-            cells.append(name)
-    return ",".join(cells)
+def _can_run_cell(row: dict[str, Any]) -> str:
+    """What an agent can run: ``all`` (every kind this CLI knows), ``all but icmp (no perm)`` when
+    it reports lacking a kind's privilege, else its kinds, each such one marked ``icmp(no perm)``."""
+    lacking = row["cannot_run"]
+    if set(row["kinds"]) >= set(KINDS):
+        if not lacking:
+            return "all"
+        return "all but " + ", ".join(f"{name} ({note})" for name, note in sorted(lacking.items()))
+    return ",".join(f"{name}({lacking[name]})" if name in lacking else name for name in row["kinds"])
+
+
+def _accepts_cell(row: dict[str, Any]) -> str:
+    """``cmd,cfg`` (ad-hoc commands, central configuration), one of them, or ``-``."""
+    parts = [short for what, short in (("commands", "cmd"), ("config", "cfg")) if row[f"accepts_{what}"]]
+    return ",".join(parts) or "-"
 
 
 @fleet.command("ls")
@@ -1066,8 +1069,8 @@ def fleet_ls(
     for row, s in zip(rows, statuses, strict=True):
         if s.state == "online" and age_s(s) > stale_s:
             row["state"] = "stale"
-    if as_json:
-        click.echo(json.dumps(rows))
+    if as_json:  # a JSON array of status_row objects (docs/fleet.md), nothing else on stdout
+        click.echo(json_safe(json.dumps(rows, ensure_ascii=False)))
         return
     from rich.console import Console
     from rich.table import Table
@@ -1077,7 +1080,10 @@ def fleet_ls(
         """Agent-written text, terminal-safe and never read as rich markup."""
         return Text(term_safe(value, 200), style=style)
 
-    table = Table("agent", "site", "state", "age", "labels", "kinds", "refused", "config")
+    table = Table()
+    for header in ("agent", "site", "state", "age", "labels", "jobs", "can run", "accepts", "refused", "config"):
+        short = header in ("state", "age", "accepts", "refused")
+        table.add_column(header, no_wrap=short, overflow="fold")  # wrapped, never clipped
     for row in rows:
         style = {"online": "green", "offline": "red", "stale": "yellow"}.get(row["state"], "")
         table.add_row(
@@ -1086,7 +1092,9 @@ def fleet_ls(
             cell(row["state"], style),
             f"{row['age_s']:.0f} s",
             cell(",".join(f"{k}={v}" for k, v in sorted(row["labels"].items()))),
-            cell(_kinds_cell(row)),
+            cell("?" if row["job_kinds"] is None else ",".join(row["job_kinds"]) or "-"),
+            cell(_can_run_cell(row)),
+            _accepts_cell(row),
             str(row["refused"] or 0),
             cell(("error: " + row["config_error"]) if row["config_error"] else ",".join(row["config_docs"])),
         )
@@ -1176,7 +1184,7 @@ def fleet_probe(
     KIND is a probe kind or its command's name: icmp or ping, tcp, http, inference or ttft, ….
     The ad-hoc commands' flags (-c, -i, -s, -W, -t, -4/-6) set the same options as -o does."""
 
-    from edgeprobe.fleet import ProbeRun, check_request, primary_field
+    from edgeprobe.fleet import ProbeRun, check_request, primary_field, refusal_words
     from edgeprobe.probes.registry import get_kind
     from edgeprobe.schema import CommandReply
 
@@ -1196,7 +1204,7 @@ def fleet_probe(
 
     def reply_cells(r: CommandReply) -> tuple[str, str, str]:
         if r.status != "ok" or r.observation is None:
-            return "refused", "-", f"{r.code}: {r.reason}"
+            return refusal_words(r.code), "-", r.reason or ""
         v = r.observation.fields.get(field_name)
         return r.observation.outcome, f"{v:.2f}" if isinstance(v, float) else "-", r.observation.reason or ""
 
@@ -1235,23 +1243,36 @@ def fleet_probe(
         with live:
             run = _run_fleet_probe(ff, key, kind, target, opts, sel, limit, timeout_s, asked, replied)
     summary = run.summary()
+    if run.not_accepting:
+        names = ", ".join(term_safe(s.agent, 200) for s in run.not_accepting)
+        click.echo(f"skipped {len(run.not_accepting)} agent(s) that do not accept commands: {names}", err=True)
     if as_json:
         replies = [msgspec_builtins(r) for r in run.replies.values()]
-        click.echo(json.dumps({"request_id": run.request_id, "replies": replies, "summary": summary}))
+        out = {"request_id": run.request_id, "replies": replies, "summary": summary}
+        click.echo(json_safe(json.dumps(out, ensure_ascii=False)))
     else:
         if not run.asked:
-            click.echo("no online agent matches", err=True)
+            click.echo("no online agent that accepts commands matches", err=True)
         if summary["measured"]:
             click.echo(
                 f"{field_name}: min {summary['min']:.2f}  median {summary['median']:.2f}  max {summary['max']:.2f}"
                 f"  ({summary['measured']} of {summary['asked']} agents)"
             )
-        for agent_id in summary["missing"]:
-            click.echo(f"{term_safe(agent_id)}: no answer within {timeout_s:g} s")
         if run.skipped:
             counts = ", ".join(f"{code} {n}" for code, n in sorted(run.skipped.items()))
             click.echo(f"edgeprobe fleet: skipped {sum(run.skipped.values())} invalid reply(ies) ({counts})", err=True)
-    sys.exit(EXIT_OK if run.asked and summary["answered"] == summary["asked"] else EXIT_FAILED)
+    # What went wrong, one line per agent, last (stderr: --json keeps stdout for the JSON).
+    for agent_id, r in sorted(run.denied().items()):
+        why = f": {r.reason}" if r.reason else ""
+        click.echo(term_safe(f"{agent_id}: {refusal_words(r.code)}{why}", 400), err=True)
+    for agent_id, r in sorted(run.failed().items()):
+        obs = r.observation
+        assert obs is not None
+        why = f": {obs.reason}" if obs.reason else ""
+        click.echo(term_safe(f"{agent_id}: failed: {obs.outcome}{why}", 400), err=True)
+    for agent_id in summary["missing"]:
+        click.echo(f"{term_safe(agent_id, 200)}: no answer within {timeout_s:g} s", err=True)
+    sys.exit(EXIT_OK if run.all_ok else EXIT_FAILED)
 
 
 def msgspec_builtins(obj: Any) -> Any:

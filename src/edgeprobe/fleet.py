@@ -159,6 +159,7 @@ def check_status(prefix: str, topic: str, payload: bytes) -> Status:
     for name, items in (
         ("labels", status.labels),
         ("kinds", status.kinds),
+        ("job_kinds", status.job_kinds or []),
         ("refusals", status.refusals),
         ("config_docs", status.config_docs),
     ):
@@ -237,8 +238,21 @@ def age_s(status: Status, now_ns: int | None = None) -> float:
     return max(0.0, (now - at) / 1e9)
 
 
+def missing_privileges(status: Status) -> dict[str, str]:
+    """The agent's kinds it cannot run for want of a privilege it reports lacking, each with the
+    note a listing shows (``{"icmp": "no perm"}``) (pure)."""
+    out: dict[str, str] = {}
+    for name in status.kinds:
+        kind = find_kind(name)
+        need = kind.privilege if kind is not None else None
+        if need is not None and getattr(status, need.status_field, None) is False:
+            out[name] = need.missing_note
+    return out
+
+
 def status_row(status: Status, now_ns: int | None = None) -> dict[str, Any]:
-    """One agent as the ``fleet ls --json`` object (pure)."""
+    """One agent as the ``fleet ls --json`` object (pure); the keys are documented in docs/fleet.md."""
+    lacking = missing_privileges(status)
     return {
         "agent": status.agent,
         "site": status.site,
@@ -246,13 +260,16 @@ def status_row(status: Status, now_ns: int | None = None) -> dict[str, Any]:
         "age_s": round(age_s(status, now_ns), 1),
         "version": status.version,
         "labels": status.labels,
+        "job_kinds": status.job_kinds,
         "kinds": status.kinds,
+        "can_run": [k for k in status.kinds if k not in lacking],
+        "cannot_run": lacking,
         "icmp_permitted": status.icmp_permitted,
         "latitude": status.latitude,
         "longitude": status.longitude,
         "queued": status.queued,
-        "accepts_commands": status.accepts_commands,
-        "accepts_config": status.accepts_config,
+        "accepts_commands": bool(status.accepts_commands),
+        "accepts_config": bool(status.accepts_config),
         "refused": status.refused,
         "refusals": status.refusals,
         "config_docs": status.config_docs,
@@ -263,6 +280,25 @@ def status_row(status: Status, now_ns: int | None = None) -> dict[str, Any]:
 # ---------------------------------------------------------------------- ad-hoc requests
 
 
+# Refusal codes about the request itself (its signature, freshness, shape) or the agent's state,
+# not about what the agent's policy allows; every other code is a policy decision.
+REQUEST_REFUSAL_CODES = frozenset(
+    {
+        "unsigned", "bad_signature", "malformed", "expired", "future", "ttl_too_long", "replayed",
+        "busy", "replay_state_error", "bad_request", "wrong_agent",
+    }
+)  # fmt: skip
+
+
+def refusal_words(code: str | None) -> str:
+    """How ``fleet probe`` names a reply with status ``refused`` (never the word "refused", which
+    a TCP probe uses for a reset): ``denied by policy (policy_denied)``, ``request rejected (expired)``."""
+    shown = code or "no code"
+    if code in REQUEST_REFUSAL_CODES:
+        return f"request rejected ({shown})"
+    return f"denied by policy ({shown})"
+
+
 @dataclass
 class ProbeRun:
     request_id: str
@@ -271,10 +307,29 @@ class ProbeRun:
     asked: list[Status]
     replies: dict[str, CommandReply] = field(default_factory=dict)  # agent -> reply
     skipped: Counter[str] = field(default_factory=Counter)  # replies not taken, by reason
+    # Online agents that matched but whose status says they do not accept commands (not asked).
+    not_accepting: list[Status] = field(default_factory=list)
 
     @property
     def missing(self) -> list[str]:
         return [s.agent for s in self.asked if s.agent not in self.replies]
+
+    def denied(self) -> dict[str, CommandReply]:
+        """Agents whose policy (or checks) turned the request down (reply status ``refused``)."""
+        return {a: r for a, r in self.replies.items() if r.status != "ok" or r.observation is None}
+
+    def failed(self) -> dict[str, CommandReply]:
+        """Agents that ran the probe and measured a failure (outcome other than ``ok``)."""
+        return {
+            a: r
+            for a, r in self.replies.items()
+            if r.status == "ok" and r.observation is not None and r.observation.outcome != "ok"
+        }
+
+    @property
+    def all_ok(self) -> bool:
+        """Someone was asked, and every agent asked answered and measured ``ok``."""
+        return bool(self.asked) and not self.missing and not self.denied() and not self.failed()
 
     def values(self) -> list[float]:
         """The primary value of every answered, measured reply."""
@@ -293,11 +348,13 @@ class ProbeRun:
             "asked": len(self.asked),
             "answered": len(self.replies),
             "measured": len(vals),
-            "refused": sum(1 for r in self.replies.values() if r.status == "refused"),
+            "denied": len(self.denied()),
+            "failed": len(self.failed()),
             "min": min(vals) if vals else None,
             "median": statistics.median(vals) if vals else None,
             "max": max(vals) if vals else None,
             "missing": self.missing,
+            "not_accepting": [s.agent for s in self.not_accepting],
         }
 
 
@@ -345,8 +402,10 @@ async def fleet_probe(
     kind = get_kind(kind).name  # an alias goes out as the kind's own name (agents of any version know it)
     if statuses is None:
         statuses = await read_statuses(broker)
-    chosen = select_agents(statuses, where or {}, limit)
-    run = ProbeRun(request_id=uuid.uuid4().hex, kind=kind, target=target, asked=chosen)
+    accepting = [s for s in statuses if s.accepts_commands is True]
+    chosen = select_agents(accepting, where or {}, limit)
+    not_accepting = select_agents([s for s in statuses if s.accepts_commands is not True], where or {}, None)
+    run = ProbeRun(request_id=uuid.uuid4().hex, kind=kind, target=target, asked=chosen, not_accepting=not_accepting)
     if on_asked is not None:
         on_asked(run)
     if not chosen:

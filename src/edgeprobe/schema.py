@@ -103,7 +103,9 @@ class Status(msgspec.Struct, kw_only=True, omit_defaults=True):
     state: str  # "online" | "offline"
     at_ns: int
     version: str | None = None
-    kinds: list[str] = []
+    kinds: list[str] = []  # the probe kinds this agent's build can run (capabilities; see icmp_permitted)
+    # Additive: the kinds of the jobs it runs now (its file's and central ones). None: not reported.
+    job_kinds: list[str] | None = None
     labels: dict[str, str] = {}
     latitude: float | None = None
     longitude: float | None = None

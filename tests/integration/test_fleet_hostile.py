@@ -50,7 +50,7 @@ async def publish_as(fleet: Fleet, login: str, site: str, payload: bytes) -> Non
 async def test_poisoned_statuses_are_sanitized_or_skipped(
     fleet: Fleet, agents: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("COLUMNS", "600")  # the CLI's table, wide enough to show whole cells
+    monkeypatch.setenv("COLUMNS", "1200")  # the CLI's table, wide enough to show whole cells
     real = await agents(fleet.agent_cfg("a1"))
     await wait_until(real.ready.is_set, what="a1 ready")
     # a2: its own identity, but escape sequences and markup everywhere a string goes
@@ -59,7 +59,14 @@ async def test_poisoned_statuses_are_sanitized_or_skipped(
         "a2",
         "s2",
         raw_status(
-            "s2", "a2", version=EVIL, labels={"m": MARKUP, "tier": EVIL}, kinds=["tcp", EVIL], config_error=EVIL
+            "s2",
+            "a2",
+            version=EVIL,
+            labels={"m": MARKUP, "tier": EVIL},
+            kinds=["tcp", EVIL],
+            job_kinds=[EVIL],
+            config_error=EVIL,
+            accepts_commands=True,
         ),
     )
     # a3: wrong types
@@ -103,7 +110,7 @@ async def test_poisoned_statuses_are_sanitized_or_skipped(
         assert done.returncode == 0, done.stderr
         assert json.loads(done.stdout)["summary"]["answered"] == 1
         table = await asyncio.to_thread(cli, *args, "--config", str(fleet_yaml))
-        assert "a1" in table.stdout and "a2: no answer" in table.stdout, table.stdout
+        assert "a1" in table.stdout and "a2: no answer" in table.stderr, (table.stdout, table.stderr)
         assert is_term_safe(table.stdout.replace("\n", "")) and is_term_safe(table.stderr.replace("\n", ""))
     finally:
         sock.close()
