@@ -56,7 +56,7 @@ def test_good_config_loads(tmp_path: Path) -> None:
 
 def test_unknown_top_level_key(tmp_path: Path) -> None:
     msg = error_of(tmp_path, GOOD + "brokr: {}\n")
-    assert "brokr: unknown key; expected one of: agent, broker, control, jobs, policy, publish, spool" in msg
+    assert "brokr: unknown key; expected one of: agent, broker, control, jobs, log, policy, publish, spool" in msg
 
 
 def test_unknown_option_key_names_the_path(tmp_path: Path) -> None:
