@@ -475,4 +475,5 @@ KIND: Final = ProbeKind(
     policy_cost=policy_cost,
     env_vars=None,
     privilege=None,
+    sub_points=None,
 )

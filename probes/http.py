@@ -479,4 +479,5 @@ KIND: Final = ProbeKind(
     policy_cost=lambda config: PolicyCost(packets=1),
     env_vars=None,
     privilege=None,
+    sub_points=None,
 )

@@ -989,4 +989,5 @@ KIND: Final = ProbeKind(
     policy_cost=lambda config: PolicyCost(packets=1, tokens=config.max_tokens),
     env_vars=lambda config: () if config.api_key_env is None else (config.api_key_env,),
     privilege=None,
+    sub_points=None,
 )

@@ -17,7 +17,8 @@ kind's module keeps a table keyed by kind name:
   :func:`edgeprobe.probes.geo.physics`), ``policy_cost`` (an agent's ad-hoc policy),
   ``env_vars`` (the environment variables a run reads: an agent lets a remote request name only
   those its owner allowed), ``privilege`` (what the agent's host must grant, as
-  ``edgeprobe fleet ls`` shows it).
+  ``edgeprobe fleet ls`` shows it);
+* storing more: ``sub_points`` (points an observation makes besides its own: the trace's hops).
 
 The parts beyond running it have neutral defaults (no tags, no figures, the generic renderer, one
 packet a request) so that a test can build a stand-in kind in a few lines; a *registered* kind
@@ -60,6 +61,16 @@ class PolicyCost:
 
     packets: int  # checked against policy.max_packets_per_request (echoes, connection attempts …)
     tokens: int = 0  # model tokens at most, charged to policy.inference_tokens_per_hour
+
+
+@dataclass(frozen=True, kw_only=True)
+class SubPoint:
+    """One more InfluxDB point an observation makes besides its own (the trace's one per hop),
+    written to ``<measurement>_<suffix>`` with the observation's tags plus ``tags``."""
+
+    suffix: str  # "hop": edgeprobe_trace_hop
+    tags: Mapping[str, str]  # of low cardinality (a hop's TTL)
+    fields: Mapping[str, Any]  # scalars; None left out
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -127,6 +138,9 @@ class ProbeKind(Generic[C, R]):
     # An agent refuses a remote request naming one its policy does not allow. None: it reads none.
     env_vars: Callable[[C], tuple[str, ...]] | None = None
     privilege: Privilege | None = None  # what the agent's host must grant; None: nothing beyond the network
+    # Points an observation makes besides its own, from its result fields (pure; the collector
+    # writes them). None: only its own point.
+    sub_points: Callable[[Mapping[str, Any]], list[SubPoint]] | None = None
 
     @property
     def measurement(self) -> str:

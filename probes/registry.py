@@ -6,10 +6,10 @@ Each entry is a kind's ``KIND``: everything the rest of edgeprobe knows about a 
 
 from __future__ import annotations
 
-from edgeprobe.probes import dns, http, icmp, inference, tcp
+from edgeprobe.probes import dns, http, icmp, inference, tcp, trace
 from edgeprobe.probes.kind import AnyKind
 
-KINDS: dict[str, AnyKind] = {k.name: k for k in (icmp.KIND, tcp.KIND, http.KIND, inference.KIND, dns.KIND)}
+KINDS: dict[str, AnyKind] = {k.name: k for k in (icmp.KIND, tcp.KIND, http.KIND, inference.KIND, dns.KIND, trace.KIND)}
 
 
 # Every name a kind answers to: its own and its aliases (the CLI's names: ping for icmp, ttft for

@@ -233,4 +233,5 @@ KIND: Final = ProbeKind(
     policy_cost=lambda config: PolicyCost(packets=config.count),  # each attempt: SYN, ACK, FIN
     env_vars=None,
     privilege=None,
+    sub_points=None,
 )

@@ -157,6 +157,7 @@ def test_target_labels_and_round_trips() -> None:
         "http": "url",
         "inference": "url",
         "dns": "target",
+        "trace": "target",
     }
     trips = get_kind("inference").first_byte_round_trips
     assert trips is not None
