@@ -277,3 +277,29 @@ def load_agent_config(
 ) -> tuple[AgentConfig, list[Job]]:
     cfg = load(path, AgentConfig, BROKER_ENV, environ)
     return cfg, build_jobs(cfg, str(path))
+
+
+# What a reload (SIGHUP) changes while the agent runs. Everything else is tied to what the agent
+# set up at start (its identity and labels on every message, the broker sessions, the spool file,
+# the controller's key, the publisher's pace, the supervisor) and needs a restart: a reload that
+# changes any of it is refused whole, naming those keys.
+RELOADABLE_KEYS: Final = (
+    "jobs",
+    "policy",
+    "log",
+    "agent.max_concurrent_probes",
+    "agent.shutdown_grace_s",
+    "agent.latitude",
+    "agent.longitude",
+)
+
+
+def job_changes(old: list[Job], new: list[Job]) -> list[str]:
+    """What a reload does to the jobs, by name (pure): ``+name (kind, N targets)`` added,
+    ``-name`` removed, ``~name`` changed (kind, targets, interval, options or labels)."""
+    before = {j.name: j for j in old}
+    after = {j.name: j for j in new}
+    out = [f"+{j.name} ({j.kind.name}, {len(j.targets)} target(s))" for j in new if j.name not in before]
+    out += [f"-{j.name}" for j in old if j.name not in after]
+    out += [f"~{j.name}" for j in new if j.name in before and before[j.name] != j]
+    return out

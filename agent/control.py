@@ -457,6 +457,42 @@ class Control:
             task = asyncio.create_task(sched.run(stop, 0.0), name="central-scheduler")
             self._central = (sched, stop, task)
 
+    async def reload(self, cfg: AgentConfig, local_jobs: list[Job], *, policy_changed: bool) -> None:
+        """The agent's file was reloaded (SIGHUP) with ``cfg`` (only keys that may change live
+        differ). The central documents in force are checked again as a restart would check them:
+        with the file's new jobs (``build_jobs`` over both) and, when the policy changed, against
+        it. When they no longer pass, the file wins: the central jobs stop and the documents are
+        dropped, with the reason in the log and the status (``config_error``); the controller
+        publishes them again (or corrected) to bring them back."""
+        self.cfg = cfg
+        self.local_jobs = local_jobs
+        if not self.docs:
+            return
+        central_cfgs = [j for topic in sorted(self.docs) for j in self.docs[topic][1]]
+        problem: str | None = None
+        try:
+            build_jobs(msgspec.structs.replace(cfg, jobs=[*cfg.jobs, *central_cfgs]), "central config")
+        except ConfigError as err:
+            problem = str(err)
+        if problem is None and policy_changed:
+            problem = await self.policy.central_refusal(self.central_jobs, self.central_jobs)
+        if problem is None:
+            return
+        for timer in self._expiry.values():
+            timer.cancel()
+        self._expiry.clear()
+        await self._stop_central()
+        dropped = sorted(t.rsplit("/", 1)[-1] for t in self.docs)
+        self.docs, self.central_jobs = {}, []
+        self.config_error = f"after the agent's file was reloaded: {problem}; central jobs stopped"
+        log.warning(
+            "central configuration (%s) no longer applies after the reload: %s; its jobs stopped",
+            ", ".join(dropped),
+            problem,
+        )
+        if self.on_status_change is not None:
+            self.on_status_change()
+
     async def _stop_central(self) -> None:
         if self._central is None:
             return

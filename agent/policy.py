@@ -265,14 +265,20 @@ class TargetPolicy:
     the connections of both."""
 
     def __init__(self, cfg: PolicyConfig, resolve: Resolver = system_resolve) -> None:
-        self.cfg = cfg
         self.resolve = resolve
-        self._allow = [ipaddress.ip_network(c, strict=False) for c in cfg.allow_cidrs]
-        self._deny = [ipaddress.ip_network(c, strict=False) for c in cfg.deny_cidrs]
-        self._hosts = {h.lower().rstrip(".") for h in cfg.allow_hosts}
+        self.update(cfg)
         self._recent: dict[str, deque[float]] = {}  # address -> monotonic times of admitted requests
         self._tokens: deque[tuple[float, int]] = deque()  # (monotonic, tokens charged)
         self.active = 0
+
+    def update(self, cfg: PolicyConfig) -> None:
+        """Take new rules (a reload of the agent's file). What was admitted stays counted (requests
+        per target in the last minute, tokens in the last hour, requests running), and every
+        :meth:`address_check` made before applies the new rules from its next connection on."""
+        self.cfg = cfg
+        self._allow = [ipaddress.ip_network(c, strict=False) for c in cfg.allow_cidrs]
+        self._deny = [ipaddress.ip_network(c, strict=False) for c in cfg.deny_cidrs]
+        self._hosts = {h.lower().rstrip(".") for h in cfg.allow_hosts}
 
     def tokens_used_last_hour(self, now: float | None = None) -> int:
         now = time.monotonic() if now is None else now

@@ -150,6 +150,23 @@ class Scheduler:
         self._timer_at_ns: int | None = None  # the slot the timer is set for
         self._stopping = False
 
+    def successor(
+        self, jobs: list[Job], ctx: ProbeContext, max_concurrent: int, agent_at: tuple[float, float] | None
+    ) -> Scheduler:
+        """A scheduler for ``jobs`` that carries on from this one once it has stopped (a reload):
+        the same sequence (an agent never reuses a number) and its counters (produced, skipped
+        slots, overloaded runs, clock steps, the overload hold and warning pace) continue."""
+        nxt = Scheduler(self.agent_id, jobs, ctx, self.emit, max_concurrent, agent_at)
+        nxt._seq = self._seq
+        nxt.produced = self.produced
+        nxt.skipped_slots = self.skipped_slots
+        nxt.overloaded_runs = self.overloaded_runs
+        nxt.clock_steps = self.clock_steps
+        nxt._last_overload_s = self._last_overload_s
+        nxt._overload_warn = self._overload_warn
+        nxt._skip_warn = self._skip_warn
+        return nxt
+
     # ------------------------------------------------------------ health
 
     @property

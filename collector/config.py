@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Final, Literal
 from urllib.parse import urlsplit
 
 import msgspec
@@ -261,6 +261,12 @@ class CollectorConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, k
         spool_dir = spool.parent if spool is not None else ""
         text = template.format(state_dir=default_state_dir(environ), spool_dir=spool_dir, name=self.name)
         return Path(text).expanduser()
+
+
+# What a reload (SIGHUP) changes while the collector runs; a reload that changes any other key is
+# refused whole, naming it (the broker session and subscription, InfluxDB, the spool and the
+# supervisor are set up at start: restart the collector for those).
+RELOADABLE_KEYS: Final = ("limits", "log", "health_interval_s")
 
 
 def load_collector_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> CollectorConfig:

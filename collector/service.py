@@ -74,12 +74,13 @@ from typing import Any, ParamSpec, TypeVar
 import aiomqtt
 
 from edgeprobe.backoff import Backoff
-from edgeprobe.collector.config import CollectorConfig, collector_client_id
+from edgeprobe.collector.config import RELOADABLE_KEYS, CollectorConfig, collector_client_id
 from edgeprobe.collector.conflicts import ConflictMemory, line_conflict
 from edgeprobe.collector.decode import REASONS, EnvelopeMeta, decode_health, decode_message
 from edgeprobe.collector.influx import InfluxWriter, WriteError, make_writer
 from edgeprobe.collector.lineproto import HEALTH_MEASUREMENT, encode_batch, encode_point
 from edgeprobe.collector.spool import REASON_FIELD_TYPE_CONFLICT, DeadLetter, DeadLetters, Spool, SpoolError
+from edgeprobe.configfile import ConfigError, changed_keys, describe_changes, needs_restart
 from edgeprobe.mqtt import SESSION_LOST, TAKEOVER_SUSPECTED, ack, run_session
 from edgeprobe.probes.kind import AnyKind
 from edgeprobe.probes.stats import percentile
@@ -282,6 +283,7 @@ class _Collector:
         self.dead_letters = dead_letters
         self.executor = executor
         self.rlog = RateLimitedLog(log, config.limits.log_interval_s)
+        self.reconfigured = asyncio.Event()  # set (and replaced) by each applied reload
         # The batch being written, split by bisection: (rows, seq through which the spool may be
         # cleared once these rows are written or dead-lettered).
         self.pending: deque[tuple[list[tuple[int, str]], int]] = deque()
@@ -365,9 +367,7 @@ class _Collector:
 
     def _process_health(self, topic: str, payload: bytes) -> list[str]:
         cfg = self.config
-        health = decode_health(
-            topic, payload, prefix=cfg.broker.topic_prefix, max_bytes=cfg.limits.max_message_bytes
-        )
+        health = decode_health(topic, payload, prefix=cfg.broker.topic_prefix, max_bytes=cfg.limits.max_message_bytes)
         if health.reject is not None:
             self._reject(topic, health.reject.reason, health.reject.detail, "health message")
             return []
@@ -594,14 +594,50 @@ class _Collector:
         except SpoolError as err:
             self.rlog.warning("health", "could not spool the collector's health point: %s", err)
 
-    async def health_loop(self, interval_s: float) -> None:
+    async def health_loop(self) -> None:
+        """A health point every ``health_interval_s`` (null: none), read again after a reload."""
         while True:
-            await asyncio.sleep(interval_s)
-            await self.add_health_point()
+            changed, interval_s = self.reconfigured, self.config.health_interval_s
+            if interval_s is None:
+                await changed.wait()
+                continue
+            await _sleep_unless(changed, interval_s)
+            if not changed.is_set():
+                await self.add_health_point()
 
-    async def summary_loop(self, interval_s: float) -> None:
-        """One INFO line every ``interval_s`` (monotonic): messages and observations in, points
-        written in the interval, the spool backlog and the age of the last successful write."""
+    async def reload(self, source: str, loader: Callable[[], CollectorConfig]) -> None:
+        """Re-read the config (SIGHUP). Applied when only :data:`RELOADABLE_KEYS` changed: the
+        message size limit, the log rate limit and the shutdown flush from the next message or
+        stop on, the summary and health intervals from now. Otherwise refused with one ERROR line
+        naming the file, the keys and why; the configuration in force stays."""
+        try:
+            new = await asyncio.to_thread(loader)
+        except ConfigError as err:
+            log.error("reload refused: %s; the configuration in force stays", err)
+            return
+        changed = changed_keys(self.config, new)
+        restart = needs_restart(changed, RELOADABLE_KEYS)
+        if restart:
+            log.error(
+                "reload refused: %s: %s cannot change while the collector runs (restart it for that); "
+                "the configuration in force stays",
+                source,
+                ", ".join(restart),
+            )
+            return
+        if not changed:
+            log.info("reload: %s: nothing changed", source)
+            return
+        old, self.config = self.config, new
+        self.rlog._interval_s = new.limits.log_interval_s
+        woken, self.reconfigured = self.reconfigured, asyncio.Event()
+        woken.set()
+        log.info("reload: %s: applied: %s", source, describe_changes(old, new, changed))
+
+    async def summary_loop(self) -> None:
+        """One INFO line every ``log.summary_interval_s`` (monotonic; 0: none; read again after a
+        reload): messages and observations in, points written since the last line, the spool
+        backlog and the age of the last successful write."""
         st = self.stats
 
         def totals() -> tuple[int, int, int]:
@@ -609,7 +645,14 @@ class _Collector:
 
         last, t0 = totals(), time.monotonic()
         while True:
-            await asyncio.sleep(interval_s)
+            changed, interval_s = self.reconfigured, self.config.log.summary_interval_s
+            if interval_s <= 0:
+                await changed.wait()
+                last, t0 = totals(), time.monotonic()  # it was off: a fresh interval
+                continue
+            await _sleep_unless(changed, interval_s)
+            if changed.is_set():
+                continue
             now, t1 = totals(), time.monotonic()
             messages, observations, written = (n - p for n, p in zip(now, last, strict=True))
             wrote = self.last_write_monotonic
@@ -820,8 +863,12 @@ async def run_collector(
     stats: CollectorStats | None = None,
     kinds: Mapping[str, AnyKind] | None = None,
     on_ready: Callable[[], None] | None = None,
+    reload: tuple[str, Callable[[], CollectorConfig]] | None = None,
 ) -> CollectorStats:
     """Run until ``stop`` is set (or SIGTERM/SIGINT when ``stop`` is None); returns the counters.
+
+    ``reload``: (the file's name, a loader of its validated config): SIGHUP (when the collector
+    owns the signals) re-reads it (:meth:`_Collector.reload`).
 
     ``on_ready``, when given, is called once, at the first successful subscription (the spool is
     open by then).
@@ -837,15 +884,28 @@ async def run_collector(
     own_signals = stop is None
     stop = stop if stop is not None else asyncio.Event()
     loop = asyncio.get_running_loop()
+    reload_requested = asyncio.Event()
     if own_signals:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        if reload is not None:
+            loop.add_signal_handler(signal.SIGHUP, reload_requested.set)
     try:
-        return await _run(config, stop, stats if stats is not None else CollectorStats(), kinds, on_ready)
+        return await _run(
+            config,
+            stop,
+            stats if stats is not None else CollectorStats(),
+            kinds,
+            on_ready,
+            (reload, reload_requested) if reload is not None else None,
+        )
     finally:
         if own_signals:
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
+
+
+_Reload = tuple[tuple[str, Callable[[], CollectorConfig]], asyncio.Event]
 
 
 async def _run(
@@ -854,13 +914,14 @@ async def _run(
     stats: CollectorStats,
     kinds: Mapping[str, AnyKind],
     on_ready: Callable[[], None] | None = None,
+    reload: _Reload | None = None,
 ) -> CollectorStats:
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="collector-spool")
     spool = Spool(config.spool_path(), synchronous=config.spool.synchronous)
     try:
         await asyncio.get_running_loop().run_in_executor(executor, spool.open)
         try:
-            await _serve(config, stop, stats, kinds, spool, executor, on_ready)
+            await _serve(config, stop, stats, kinds, spool, executor, on_ready, reload)
         finally:
             await asyncio.get_running_loop().run_in_executor(executor, spool.close)
     finally:
@@ -877,6 +938,7 @@ async def _serve(
     spool: Spool,
     executor: ThreadPoolExecutor,
     on_ready: Callable[[], None] | None = None,
+    reload: _Reload | None = None,
 ) -> None:
     col = _Collector(config, stats, kinds, spool, DeadLetters(config.dead_letter_path()), executor)
     col.on_ready = on_ready
@@ -903,39 +965,40 @@ async def _serve(
         flusher = asyncio.create_task(
             sup.run("flusher", lambda: col.flush_loop(writer), stop=col.stopping), name="collector-flush"
         )
-        tasks = {consumer, flusher}
-        health: asyncio.Task[None] | None = None
-        interval_s = config.health_interval_s
-        if interval_s is not None:
-            health = asyncio.create_task(
-                sup.run("health", lambda: col.health_loop(interval_s)), name="collector-health"
-            )
-            tasks.add(health)
-        summary: asyncio.Task[None] | None = None
-        summary_s = config.log.summary_interval_s
-        if summary_s > 0:
-            summary = asyncio.create_task(
-                sup.run("summary", lambda: col.summary_loop(summary_s)), name="collector-summary"
-            )
-            tasks.add(summary)
+        # The health and summary loops run always: a reload may switch them on or off.
+        health = asyncio.create_task(sup.run("health", col.health_loop), name="collector-health")
+        summary = asyncio.create_task(sup.run("summary", col.summary_loop), name="collector-summary")
+        tasks = {consumer, flusher, health, summary}
+        if reload is not None:
+            (source, loader), requested = reload
+
+            async def reload_loop() -> None:
+                while True:
+                    await requested.wait()
+                    requested.clear()
+                    try:
+                        await col.reload(source, loader)
+                    except Exception:  # a bug here must not end the collector: say so, keep running
+                        log.exception("reload of %s failed part-way; restart the collector to be sure", source)
+
+            tasks.add(asyncio.create_task(reload_loop(), name="collector-reload"))
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             if consumer not in done:  # a task the supervisor gave up on: surface it
                 consumer.cancel()
                 for task in done:
                     task.result()
-            if summary is not None:
-                summary.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await summary
-            if health is not None:
-                health.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await health
+            summary.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await summary
+            health.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await health
+            if col.config.health_interval_s is not None:
                 await col.add_health_point()
             col.stopping.set()
             col.wake.set()
-            await asyncio.wait({flusher}, timeout=config.limits.shutdown_flush_s)
+            await asyncio.wait({flusher}, timeout=col.config.limits.shutdown_flush_s)
             if not flusher.done():
                 flusher.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -944,7 +1007,7 @@ async def _serve(
                 log.warning(
                     "stopping: %d lines not written within %.1f s stay in the spool %s for the next start",
                     spool.depth,
-                    config.limits.shutdown_flush_s,
+                    col.config.limits.shutdown_flush_s,
                     spool,
                 )
             consumer.result()

@@ -675,7 +675,9 @@ def agent() -> None:
     "subscribed. Removed when the agent stops. For supervisors and scripts that wait for the agent.",
 )
 def agent_run(config_path: str, log_level: str, ready_file: str | None) -> None:
-    """Run the agent: probe on schedule, publish to MQTT. Stops cleanly on SIGTERM/SIGINT."""
+    """Run the agent: probe on schedule, publish to MQTT. Stops cleanly on SIGTERM/SIGINT;
+    SIGHUP reloads the config file (validated first: a bad one is refused and logged, the
+    running configuration stays)."""
     from edgeprobe.agent.config import load_agent_config
     from edgeprobe.agent.daemon import run_agent
     from edgeprobe.agent.spool import SpoolError
@@ -684,7 +686,8 @@ def agent_run(config_path: str, log_level: str, ready_file: str | None) -> None:
     cfg, jobs = _load_or_exit(load_agent_config, config_path)
     setup_logging(log_level)
     try:
-        asyncio.run(run_agent(cfg, jobs, on_ready=_ready_file(ready_file)))
+        reload = (config_path, lambda: load_agent_config(config_path))  # on SIGHUP
+        asyncio.run(run_agent(cfg, jobs, on_ready=_ready_file(ready_file), reload=reload))
     except SpoolError as err:
         click.echo(f"edgeprobe: spool error: {err}", err=True)
         sys.exit(EXIT_USAGE)
@@ -756,7 +759,8 @@ def collector() -> None:
     "that wait for the collector.",
 )
 def collector_run(config_path: str, log_level: str, ready_file: str | None) -> None:
-    """Run the collector. Stops cleanly on SIGTERM/SIGINT."""
+    """Run the collector. Stops cleanly on SIGTERM/SIGINT; SIGHUP reloads limits.*, log.* and
+    health_interval_s from the config file (any other change is refused and logged)."""
     from edgeprobe.collector.config import load_collector_config
     from edgeprobe.collector.service import run_collector
     from edgeprobe.collector.spool import SpoolError as CollectorSpoolError
@@ -765,7 +769,8 @@ def collector_run(config_path: str, log_level: str, ready_file: str | None) -> N
     cfg = _load_or_exit(load_collector_config, config_path)
     setup_logging(log_level)
     try:
-        asyncio.run(run_collector(cfg, on_ready=_ready_file(ready_file)))
+        reload = (config_path, lambda: load_collector_config(config_path))  # on SIGHUP
+        asyncio.run(run_collector(cfg, on_ready=_ready_file(ready_file), reload=reload))
     except CollectorSpoolError as err:  # can't open the spool (in use, unwritable, corrupt)
         click.echo(f"edgeprobe: collector spool error: {err}", err=True)
         sys.exit(EXIT_FAILED)

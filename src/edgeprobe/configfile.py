@@ -17,6 +17,8 @@ from typing import Annotated, Any, Final, TypeVar
 import msgspec
 import yaml
 
+from edgeprobe.termtext import term_safe
+
 T = TypeVar("T")
 
 
@@ -246,3 +248,52 @@ def load(
     if env_map:
         apply_env(data, env_map, os.environ if environ is None else environ)
     return convert(data, typ, str(path))
+
+
+def changed_keys(old: msgspec.Struct, new: msgspec.Struct, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two configs of one type (pure), e.g.
+    ``["broker.url", "jobs", "log.summary_interval_s"]``: a nested struct is compared key by key,
+    anything else (lists, mappings, scalars) as a whole. A :class:`Secret` compares by its value
+    (never shown). For a reload (SIGHUP): what changed, and whether all of it can change live."""
+    keys: list[str] = []
+    for name in type(old).__struct_fields__:
+        a, b = getattr(old, name), getattr(new, name)
+        key = _join(prefix, name)
+        if isinstance(a, msgspec.Struct) and type(a) is type(b):
+            keys.extend(changed_keys(a, b, key))
+        elif _plain(a) != _plain(b):
+            keys.append(key)
+    return keys
+
+
+def _plain(value: Any) -> Any:
+    return value.reveal() if isinstance(value, Secret) else value
+
+
+def needs_restart(changed: list[str], live: tuple[str, ...]) -> list[str]:
+    """Those of ``changed`` (dotted keys) that are not in ``live`` nor under one of its keys (pure)."""
+    return [k for k in changed if not any(k == p or k.startswith(p + ".") or k.startswith(p + "[") for p in live)]
+
+
+def value_at(config: msgspec.Struct, dotted: str) -> Any:
+    """The value of a dotted key of :func:`changed_keys` (no list indexes) in ``config``."""
+    value: Any = config
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def describe_changes(old: msgspec.Struct, new: msgspec.Struct, keys: list[str], max_chars: int = 80) -> str:
+    """``"limits.max_message_bytes 1048576 → 4096, health_interval_s null → 0.5"`` for a log line:
+    each value clipped, terminal-safe, a :class:`Secret` never shown (pure)."""
+
+    def shown(value: Any) -> str:
+        if isinstance(value, Secret):
+            return "***"
+        if value is None:
+            return "null"
+        if isinstance(value, float):
+            return f"{value:g}"
+        return term_safe(value if isinstance(value, str) else repr(value), max_chars)
+
+    return ", ".join(f"{k} {shown(value_at(old, k))} → {shown(value_at(new, k))}" for k in keys)
