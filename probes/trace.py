@@ -668,7 +668,8 @@ def render(obs: Observation) -> list[str]:
     lines += [hop_line(h) for h in hops_of(f)]
     if f.get("hop_addresses") is None:
         return lines
-    summary = "reached in " + f"{f['hop_count']} hops" if f.get("reached") else "target not reached"
+    count = f.get("hop_count")
+    summary = f"reached in {count} hop{'s' * (count != 1)}" if f.get("reached") else "target not reached"
     summary += f", {f.get('silent_hops', 0)} silent"
     if f.get("largest_step_ttl") is not None:
         summary += f"; largest RTT step +{num(f.get('largest_step_ms'))} ms at hop {f['largest_step_ttl']}"
@@ -707,3 +708,38 @@ KIND: Final = ProbeKind(
     privilege=None,  # raw sockets; agents report no such permission yet (a run says permission_denied)
     sub_points=hop_points,
 )
+
+
+def mtr_rows(observations: Sequence[Observation]) -> list[dict[str, Any]]:
+    """mtr's report over several runs of one trace (pure): per TTL the addresses seen (most frequent
+    first), probes sent, loss, and last / avg / best / worst / stdev of the RTTs in ms."""
+    rows: dict[int, dict[str, Any]] = {}
+    for obs in observations:
+        for hop in hops_of(obs.fields):
+            row = rows.setdefault(hop["ttl"], {"ttl": hop["ttl"], "counts": {}, "rtts": [], "sent": 0, "last": None})
+            for address in hop["addresses"]:
+                row["counts"][address] = row["counts"].get(address, 0) + 1
+            got = [r for r in hop["rtts_ms"] if r is not None]
+            row["sent"] += len(hop["rtts_ms"])
+            row["rtts"] += got
+            if got:
+                row["last"] = got[-1]
+    out = []
+    for ttl in sorted(rows):
+        row = rows[ttl]
+        rtts: list[float] = row["rtts"]
+        mean = sum(rtts) / len(rtts) if rtts else None
+        out.append(
+            {
+                "ttl": ttl,
+                "addresses": [a for a, _ in sorted(row["counts"].items(), key=lambda kv: -kv[1])],
+                "sent": row["sent"],
+                "loss_ratio": round(1 - len(rtts) / row["sent"], 6) if row["sent"] else None,
+                "last_ms": row["last"],
+                "avg_ms": None if mean is None else round(mean, 6),
+                "best_ms": min(rtts) if rtts else None,
+                "worst_ms": max(rtts) if rtts else None,
+                "stdev_ms": None if mean is None else round((sum((r - mean) ** 2 for r in rtts) / len(rtts)) ** 0.5, 6),
+            }
+        )
+    return out

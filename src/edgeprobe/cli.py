@@ -406,6 +406,110 @@ def dns_query(
     _finish(_run_adhoc("dns", name, options, as_json))
 
 
+@main.command("trace")
+@click.argument("target")
+@click.option(
+    "-M", "--method", type=click.Choice(["icmp", "udp", "tcp"]), default=_dv("trace", "method"), show_default=True,
+    help="Probe packets: ICMP echo, UDP, or TCP SYN (for paths that drop ICMP).",
+)  # fmt: skip
+@click.option("-p", "--port", type=int, help="udp/tcp destination port (default 33434 / 80).")
+@click.option("-q", "--queries", type=int, default=_dv("trace", "queries"), show_default=True, help="Probes per hop.")
+@click.option("-m", "--max-hops", "max_hops", type=int, default=_dv("trace", "max_hops"), show_default=True)
+@click.option("-f", "--first-ttl", "first_ttl", type=int, default=_dv("trace", "first_ttl"), show_default=True)
+@click.option(
+    "-w", "--timeout", "timeout_s", type=float, default=_dv("trace", "timeout_s"), show_default=True,
+    help="Seconds to wait for each probe.",
+)  # fmt: skip
+@click.option("-N", "--in-flight", "in_flight", type=int, default=_dv("trace", "in_flight"), show_default=True)
+@click.option("--gap-limit", type=int, default=_dv("trace", "gap_limit"), show_default=True)
+@click.option("--classic", is_flag=True, help="Classic traceroute: the flow changes per probe (ECMP may mix paths).")
+@click.option("--asn-file", type=click.Path(dir_okay=False), help="pyasn ipasn file: each hop's AS.")
+@click.option("--ixp-file", "ixp_files", multiple=True, type=click.Path(dir_okay=False), help="PeeringDB JSON export.")
+@click.option("-4", "family", flag_value="ipv4", help="IPv4 only.")
+@click.option("-6", "family", flag_value="ipv6", help="IPv6 only.")
+@click.option("-c", "--cycles", type=int, default=1, show_default=True, help="Repeat; >1 shows a live mtr-style table.")
+@json_option
+def trace_cmd(
+    target: str, classic: bool, ixp_files: tuple[str, ...], cycles: int, as_json: bool, **options: Any
+) -> None:
+    """The path hop by hop, like traceroute -n (one line per hop: TTL, address, AS/IXP, RTTs, loss).
+
+    Every probe keeps the flow that load balancers hash (Paris traceroute). Needs CAP_NET_RAW.
+    --cycles N runs N traces and shows an mtr-style table that fills in as they come; --json gives
+    one object per trace with "hops" as a list of objects."""
+    if classic:
+        options["paris"] = False
+    options["ixp_files"] = list(ixp_files) or None
+    if cycles < 1:
+        raise click.BadParameter("must be at least 1", param_hint="--cycles")
+    _finish(_run_trace(target, options, cycles, as_json))
+
+
+def _run_trace(target: str, options: dict[str, Any], cycles: int, as_json: bool) -> int:
+    from edgeprobe import render
+    from edgeprobe.probes import trace
+    from edgeprobe.probes.text import num
+
+    kind = KINDS["trace"]
+    config = _adhoc_config("trace", "trace", target, options)
+    if config is None:
+        return EXIT_USAGE
+    done: list[Observation] = []
+
+    def table() -> Any:
+        from rich.table import Table
+        from rich.text import Text
+
+        grid = Table(title=Text(f"edgeprobe trace {target}: {len(done)} of {cycles} cycles"), title_justify="left")
+        for name in ("ttl", "host", "loss%", "snt", "last", "avg", "best", "wrst", "stdev"):
+            grid.add_column(name, justify="left" if name == "host" else "right")
+        for row in trace.mtr_rows(done):
+            hosts = Text(term_safe(" ".join(row["addresses"]) or "???"))
+            loss = "-" if row["loss_ratio"] is None else f"{100 * row['loss_ratio']:.1f}"
+            cells = [num(row[k], 3) for k in ("last_ms", "avg_ms", "best_ms", "worst_ms", "stdev_ms")]
+            grid.add_row(str(row["ttl"]), hosts, loss, str(row["sent"]), *cells)
+        return grid
+
+    async def go() -> bool:
+        async with ProbeContext() as ctx:
+            with _Interrupt(ctx) as interrupt:
+                live = None
+                if cycles > 1 and not as_json:
+                    from rich.console import Console
+                    from rich.live import Live
+
+                    live = Live(table(), console=Console(), auto_refresh=False)
+                    live.start()
+                try:
+                    for i in range(cycles):
+                        if interrupt.interrupted:
+                            break
+                        obs = await run_probe(kind, target, config, ctx, seq=i)
+                        done.append(obs)
+                        if as_json:
+                            _show_json(obs, {"hops": trace.hops_of(obs.fields)}, "trace")
+                        elif live is not None:
+                            live.update(table(), refresh=True)
+                finally:
+                    if live is not None:
+                        live.stop()
+                return interrupt.interrupted
+
+    try:
+        asyncio.run(go())
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        return EXIT_INTERRUPTED
+    if not as_json and cycles == 1 and done:
+        for line in render.render(done[0], "trace"):
+            click.echo(line, err=line.startswith("edgeprobe "))
+    elif not as_json:
+        for obs in done:
+            err = render.error_line(obs, "trace")
+            if err:
+                click.echo(err, err=True)
+    return EXIT_OK if done and all(o.outcome == Outcome.OK for o in done) else EXIT_FAILED
+
+
 def _run_ttft(url: str, options: dict[str, Any], count: int, interval_s: float, as_json: bool) -> int:
     import os
 
