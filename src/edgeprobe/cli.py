@@ -1548,6 +1548,42 @@ def _init(role: str, out_path: str | None, force: bool) -> int:
     return EXIT_OK
 
 
+@main.command("watch")
+@_fleet_options
+@where_option
+@click.option("--duration", "duration_s", type=click.FloatRange(min=0, min_open=True), help="Stop after S seconds.")
+@click.option("-n", "--count", "max_observations", type=click.IntRange(min=1), help="Stop after N observations.")
+@click.option(
+    "--once",
+    is_flag=True,
+    help="Print the table once, when it stops, instead of redrawing it (the default when stdout is not a terminal).",
+)
+def watch_cmd(
+    fleet_config: str | None,
+    broker_url: str | None,
+    where: tuple[str, ...],
+    duration_s: float | None,
+    max_observations: int | None,
+    once: bool,
+) -> None:
+    """The live table of `edgeprobe demo` for any running fleet: every agent's observations as the
+    broker delivers them (read-only: it subscribes and publishes nothing). Stops at Ctrl-C,
+    --duration or --count. Broker options as for the fleet commands."""
+    from rich.console import Console
+
+    from edgeprobe.watch import run_watch
+
+    ff = _fleet_broker(fleet_config, broker_url)
+    sel = _where(where)
+    console = Console()
+    live = console.is_terminal and not once
+    if not console.is_terminal:
+        console = Console(width=160)  # piped: wide enough for the table
+    logging.basicConfig(level=logging.WARNING, format="edgeprobe watch: %(message)s", stream=sys.stderr)
+    run = run_watch(ff.broker, console, where=sel, duration_s=duration_s, max_observations=max_observations, live=live)
+    sys.exit(asyncio.run(run))
+
+
 @main.group("init")
 def init_group() -> None:
     """Write a commented sample config: every option, its default and why."""

@@ -19,26 +19,18 @@ import json
 import logging
 import signal
 import time
-from collections import deque
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 from rich.console import Console, Group
 from rich.live import Live
-from rich.table import Table
-from rich.text import Text
 
 from edgeprobe.agent.config import AgentConfig, build_jobs
 from edgeprobe.agent.daemon import run_agent
 from edgeprobe.configfile import convert
-from edgeprobe.probes.kind import Figure
-from edgeprobe.probes.registry import KINDS
+from edgeprobe.livetable import View
 from edgeprobe.responder import ResponderSettings, serve_responder
-from edgeprobe.schema import Observation
-
-SPARK = "▁▂▃▄▅▆▇█"
 
 # Two local responders standing in for an edge and a core inference site. Their time to first
 # token is the server's own (queue + prefill stand-in): loopback adds no distance.
@@ -48,83 +40,9 @@ RESPONDERS = {
 }
 
 
-def figure_value(figure: Figure | None, fields: dict[str, Any]) -> Any:
-    """The value of a kind's ``headline`` or ``jitter`` figure in ``fields`` (None: the kind has none)."""
-    return fields.get(figure.field) if figure is not None else None
-
-
-def legend() -> str:
-    """What the latency and jitter columns show for each kind, from the kinds' own figures."""
-    latency = ", ".join(f"{k.name} {k.headline.label}" for k in KINDS.values() if k.headline is not None)
-    jitter: dict[str, list[str]] = {}  # label -> kinds, in registry order
-    for k in KINDS.values():
-        if k.jitter is not None:
-            jitter.setdefault(k.jitter.label, []).append(k.name)
-    return f"latency: {latency}; jitter: " + ", ".join(f"{label} ({'/'.join(ks)})" for label, ks in jitter.items())
-
-
-def sparkline(values: list[float | None]) -> str:
-    """One character per value, scaled between the series' min and max; '·' for a missing value."""
-    present = [v for v in values if v is not None]
-    if not present:
-        return "·" * len(values)
-    lo, hi = min(present), max(present)
-    span = hi - lo or 1.0
-    return "".join("·" if v is None else SPARK[min(7, int((v - lo) / span * 7.999))] for v in values)
-
-
-@dataclass
-class Row:
-    kind: str
-    target: str
-    count: int = 0
-    failures: int = 0
-    last: Observation | None = None
-    history: deque[float | None] = field(default_factory=lambda: deque(maxlen=30))
-
-
-@dataclass
-class View:
-    rows: dict[tuple[str, str], Row] = field(default_factory=dict)
-    started_at: float = field(default_factory=time.monotonic)
-
-    def add(self, obs: Observation) -> None:
-        shown = f"{obs.labels['tier']}: {obs.target}" if "tier" in obs.labels else obs.target
-        row = self.rows.setdefault((obs.kind, shown), Row(obs.kind, shown))
-        row.count += 1
-        row.failures += obs.outcome != "ok"
-        row.last = obs
-        kind = KINDS.get(obs.kind)
-        value = figure_value(kind.headline if kind is not None else None, obs.fields)
-        row.history.append(float(value) if isinstance(value, int | float) else None)
-
-    def render(self, header: str, written: int | None) -> Group:
-        table = Table(expand=False)
-        for col in ("kind", "target", "n", "fail", "outcome", "latency ms", "loss", "jitter ms", "last 30"):
-            table.add_column(
-                col, justify="right" if col in ("n", "fail", "latency ms", "loss", "jitter ms") else "left"
-            )
-        for (kind, target), row in sorted(self.rows.items()):
-            f = row.last.fields if row.last else {}
-            k = KINDS.get(kind)
-            lat = figure_value(k.headline if k is not None else None, f)
-            loss = f.get("loss_ratio")
-            jit = figure_value(k.jitter if k is not None else None, f)
-            outcome = row.last.outcome if row.last else "-"
-            table.add_row(
-                kind,
-                target,
-                str(row.count),
-                str(row.failures),
-                Text(outcome, style="green" if outcome == "ok" else "red"),
-                "-" if not isinstance(lat, int | float) else f"{lat:.3f}",
-                "-" if not isinstance(loss, int | float) else f"{100 * loss:.0f}%",
-                "-" if not isinstance(jit, int | float) else f"{jit:.3f}",
-                sparkline(list(row.history)),
-            )
-        seen = sum(r.count for r in self.rows.values())
-        footer = f"{seen} observations produced, {'?' if written is None else written} in InfluxDB.  {legend()}"
-        return Group(Text(header), table, Text(footer, style="dim"))
+def screen(view: View, header: str, written: int | None) -> Group:
+    """The live table (:mod:`edgeprobe.livetable`) with what reached InfluxDB below it."""
+    return view.render(header, f"{view.seen} observations produced, {'?' if written is None else written} in InfluxDB.")
 
 
 async def _http_target() -> tuple[web.AppRunner, int]:
@@ -218,9 +136,7 @@ def grafana_steps(keep_dir: Path, influx_url: str, influx_config: Path, influxd:
     ]
 
 
-async def run_demo(
-    duration_s: float | None, interval_s: float, console: Console, keep_dir: Path | None = None
-) -> int:
+async def run_demo(duration_s: float | None, interval_s: float, console: Console, keep_dir: Path | None = None) -> int:
     from edgeprobe.collector.config import CollectorConfig
     from edgeprobe.collector.service import run_collector
     from edgeprobe.localstack import InfluxServer, MosquittoServer
@@ -280,19 +196,19 @@ async def run_demo(
         written: int | None = None
         deadline = None if duration_s is None else loop.time() + duration_s
         try:
-            with Live(view.render(header, written), console=console, refresh_per_second=4) as live:
+            with Live(screen(view, header, written), console=console, refresh_per_second=4) as live:
                 while not stop.is_set() and (deadline is None or loop.time() < deadline):
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), 1.0)
                     written = await asyncio.to_thread(count_points, influx, database, started_ns)
-                    live.update(view.render(header, written))
+                    live.update(screen(view, header, written))
                 agent_stop.set()
                 await agent_task
                 await asyncio.sleep(2.0)  # let the collector write the last batch
                 collector_stop.set()
                 await collector_task
                 written = await asyncio.to_thread(count_points, influx, database, started_ns)
-                live.update(view.render(header, written))
+                live.update(screen(view, header, written))
         finally:
             agent_stop.set()
             collector_stop.set()
@@ -301,7 +217,7 @@ async def run_demo(
                     task.cancel()
             await asyncio.gather(agent_task, collector_task, return_exceptions=True)
             await runner.cleanup()
-    produced = sum(r.count for r in view.rows.values())
+    produced = view.seen
     console.print(f"\nstopped: {produced} observations produced, {written} written to InfluxDB; nothing left running.")
     if keep_dir is not None:
         from edgeprobe.localstack import find_binary

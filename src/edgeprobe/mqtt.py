@@ -124,12 +124,20 @@ def make_client(
     clean_session: bool,
     will: aiomqtt.Will | None = None,
     manual_ack: bool = False,
+    max_queued_incoming: int = 0,
 ) -> aiomqtt.Client:
     """An (unconnected) client for ``broker``; ``broker.client_id`` wins over ``default_client_id``.
 
     ``manual_ack``: paho does not acknowledge QoS 1 messages when they arrive; the caller sends
-    each PUBACK with :func:`ack` (RuntimeError when this aiomqtt/paho can't do that)."""
-    client = aiomqtt.Client(**broker.client_kwargs(default_client_id), clean_session=clean_session, will=will)
+    each PUBACK with :func:`ack` (RuntimeError when this aiomqtt/paho can't do that).
+    ``max_queued_incoming``: received messages waiting to be read at most; more are dropped (and
+    logged by aiomqtt). 0: no limit."""
+    client = aiomqtt.Client(
+        **broker.client_kwargs(default_client_id),
+        clean_session=clean_session,
+        will=will,
+        max_queued_incoming_messages=max_queued_incoming,
+    )
     if manual_ack:
         # aiomqtt 2.x has no option for it: this reaches into its (stable since 2.0) ``_client``.
         paho = getattr(client, "_client", None)
@@ -193,6 +201,7 @@ async def run_session(
     rng: random.Random | None = None,
     on_session_event: Callable[[str, str], None] | None = None,
     expect_session: bool = False,
+    max_queued_incoming: int = 0,
 ) -> Exception | None:
     """Hold an MQTT session until ``session`` returns, reconnecting after retryable errors.
 
@@ -219,6 +228,7 @@ async def run_session(
     and :data:`TAKEOVER_SUSPECTED` when :data:`FLAP_COUNT` connections in a row were lost within
     :data:`FLAP_S` of connecting. ``expect_session``: the broker should already hold this client's
     persistent session at the first connection too (it had one before this process started).
+    ``max_queued_incoming``: as for :func:`make_client`.
     """
     loop = asyncio.get_running_loop()
     backoff = Backoff(broker.reconnect_min_s, broker.reconnect_max_s, rng)
@@ -248,6 +258,7 @@ async def run_session(
                     clean_session=clean_session,
                     will=will() if will is not None else None,
                     manual_ack=manual_ack,
+                    max_queued_incoming=max_queued_incoming,
                 )
                 present = _watch_session_present(client)
                 async with client:
