@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -46,20 +45,6 @@ OTHER: Final = "(other)"
 
 class ReplayBusyError(Exception):
     """Another replay holds the file."""
-
-
-def shown(value: object, max_chars: int = MAX_NAME_CHARS) -> str:
-    """Text safe for a terminal: every control, non-ASCII and DEL character as a ``\\uXXXX``-style
-    escape (``json`` string escapes), clipped to ``max_chars`` (``...`` marks a clipped text)."""
-    text = value if isinstance(value, str) else str(value)
-    clipped = len(text) > max_chars
-    out = json.dumps(text[:max_chars], ensure_ascii=True)[1:-1].replace("\x7f", "\\u007f")
-    return out + "..." if clipped else out
-
-
-def safe_json(obj: object) -> str:
-    """JSON with nothing a terminal acts on: ASCII only, DEL escaped too."""
-    return json.dumps(obj, ensure_ascii=True).replace("\x7f", "\\u007f")
 
 
 @dataclass(slots=True)

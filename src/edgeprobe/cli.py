@@ -930,25 +930,23 @@ def _dead_letter_path_or_exit(config_path: str) -> Any:
 @json_option
 def collector_dead_letters_ls(config_path: str, as_json: bool) -> None:
     """Count the dead letters by reason, measurement and field, with the oldest and newest of each."""
-    from edgeprobe.collector.deadletters import shown, summarize
+    from edgeprobe.collector.deadletters import summarize
 
     _, path = _dead_letter_path_or_exit(config_path)
     try:
         summary = summarize(path)
     except OSError as err:
-        click.echo(f"edgeprobe: {shown(path, 4096)}: {shown(err.strerror or err, 4096)}", err=True)
+        click.echo(f"edgeprobe: {term_safe(path, 4096)}: {term_safe(err.strerror or err, 4096)}", err=True)
         sys.exit(EXIT_FAILED)
     if as_json:
-        from edgeprobe.collector.deadletters import safe_json
-
-        click.echo(safe_json(summary.as_dict()))
+        click.echo(json_safe(json.dumps(summary.as_dict(), ensure_ascii=False)))
         return
     info = summary.as_dict()
     if not summary.exists:
-        click.echo(f"{shown(path, 4096)}: no dead letters (no file yet)")
+        click.echo(f"{term_safe(path, 4096)}: no dead letters (no file yet)")
         return
     click.echo(
-        f"{shown(path, 4096)}: {summary.records} dead letter(s), {summary.bytes} bytes"
+        f"{term_safe(path, 4096)}: {summary.records} dead letter(s), {summary.bytes} bytes"
         f"{f', {summary.unreadable} unreadable line(s)' if summary.unreadable else ''}; "
         f"oldest {info['oldest'] or '-'}, newest {info['newest'] or '-'}"
     )
@@ -957,8 +955,8 @@ def collector_dead_letters_ls(config_path: str, as_json: bool) -> None:
     for group in summary.sorted_groups():
         g = group.as_dict()
         click.echo(
-            f"  {group.count:>8}  {shown(group.reason, 20):<20} {shown(group.measurement or '-', 60):<24} "
-            f"{shown(group.field or '-', 60):<20} {g['oldest'] or '-'} / {g['newest'] or '-'}"
+            f"  {group.count:>8}  {term_safe(group.reason, 20):<20} {term_safe(group.measurement or '-', 60):<24} "
+            f"{term_safe(group.field or '-', 60):<20} {g['oldest'] or '-'} / {g['newest'] or '-'}"
         )
 
 
@@ -974,7 +972,7 @@ def collector_dead_letters_ls(config_path: str, as_json: bool) -> None:
 def collector_dead_letters_replay(config_path: str, reason: str | None, dry_run: bool, as_json: bool) -> None:
     """Write the dead letters to InfluxDB again (after the schema was fixed) and remove the ones it
     takes from the file. Idempotent; lines refused again stay. Safe while the collector runs."""
-    from edgeprobe.collector.deadletters import ReplayBusyError, replay, safe_json, shown
+    from edgeprobe.collector.deadletters import ReplayBusyError, replay
     from edgeprobe.collector.influx import WriteError, make_writer
 
     cfg, path = _dead_letter_path_or_exit(config_path)
@@ -994,23 +992,23 @@ def collector_dead_letters_replay(config_path: str, reason: str | None, dry_run:
     try:
         result = asyncio.run(run())
     except (OSError, ReplayBusyError) as err:
-        click.echo(f"edgeprobe: {shown(path, 4096)}: {shown(err, 4096)}", err=True)
+        click.echo(f"edgeprobe: {term_safe(path, 4096)}: {term_safe(err, 4096)}", err=True)
         sys.exit(EXIT_FAILED)
     except WriteError as err:
-        click.echo(f"edgeprobe: {shown(err.message, 4096)}", err=True)
+        click.echo(f"edgeprobe: {term_safe(err.message, 4096)}", err=True)
         sys.exit(EXIT_FAILED)
     if as_json:
-        click.echo(safe_json(result.as_dict()))
+        click.echo(json_safe(json.dumps(result.as_dict(), ensure_ascii=False)))
     elif dry_run:
-        click.echo(f"{shown(path, 4096)}: would replay {result.selected} dead letter(s) (dry run: nothing written)")
+        click.echo(f"{term_safe(path, 4096)}: would replay {result.selected} dead letter(s) (dry run: nothing written)")
     else:
         click.echo(
-            f"{shown(path, 4096)}: replayed {result.selected} dead letter(s): {result.written} written and removed "
+            f"{term_safe(path, 4096)}: replayed {result.selected} dead letter(s): {result.written} written and removed "
             f"from the file ({result.removed} record(s)), {result.refused} refused again (kept), "
             f"{result.writes} write request(s)"
         )
     if result.error is not None:
-        click.echo(f"edgeprobe: replay stopped early: {shown(result.error, 4096)}", err=True)
+        click.echo(f"edgeprobe: replay stopped early: {term_safe(result.error, 4096)}", err=True)
         sys.exit(EXIT_FAILED)
 
 
