@@ -27,6 +27,8 @@ usage: ./run.sh test [pytest args...]   lint, type-check and run the tests
        ./run.sh bench [args...]         accuracy benchmarks vs ping/curl/fping in a netns lab (root)
        ./run.sh bench perf [--quick] [--only LIST] [--profile]
                                         performance benchmarks (collector, agent, fleet, sharing)
+       ./run.sh bench trace [--queries N] [--runs N]
+                                        the trace probe vs traceroute on a routed netns lab (root)
 EOF
 }
 
@@ -96,6 +98,8 @@ ensure_system_packages() {
     have fping || missing+=(fping)      # used by the benchmarks
     have openssl || missing+=(openssl)  # test certificates for MQTT over TLS
     have unbound || [ -x /usr/sbin/unbound ] || missing+=(unbound)  # a local DNS server for the dns probe's tests
+    have traceroute || [ -x /usr/sbin/traceroute ] || missing+=(traceroute)  # the trace probe's reference (lab tests)
+    have iptables || [ -x /usr/sbin/iptables ] || missing+=(iptables)  # the trace lab's silent router
     if [ ${#missing[@]} -gt 0 ]; then
         apt_install "${missing[@]}"
         local -a services=()
@@ -170,6 +174,10 @@ cmd_bench() {
     if [ "${1:-}" = perf ]; then
         shift
         cmd_bench_perf "$@"
+    fi
+    if [ "${1:-}" = trace ]; then  # ./run.sh bench trace [--queries N] [--runs N]: tests/benchmarks/bench_trace.py
+        shift
+        exec "$VENV/bin/python" -m tests.benchmarks.bench_trace "$@"
     fi
     # Prints a table per benchmark; figures go to bench-results/truth.json (--out to change).
     exec "$VENV/bin/python" -m tests.benchmarks.truth "$@"

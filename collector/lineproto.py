@@ -24,6 +24,9 @@ One observation is one point::
   out: InfluxDB fields are scalars; the summary fields (``rtt_p95_ms`` …) describe the series.
   NaN and ±Inf can't be stored by InfluxDB and are left out and counted (``nonfinite_field``);
   integers outside int64 likewise (``int_out_of_range``).
+* **more points** (``kind.sub_points``, :func:`encode_sub_points`): the trace kind writes one
+  ``edgeprobe_trace_hop`` point per hop besides its ``edgeprobe_trace`` point, with the same
+  timestamp and tags plus the hop's ``ttl``.
 * **timestamp**: ``started_at_ns`` in nanoseconds: a redelivered observation (MQTT QoS 1 is
   at-least-once) lands on the same series and time and overwrites itself.
 
@@ -327,6 +330,37 @@ def encode_point(
     return Encoded(line, tuple(omitted))
 
 
+def encode_sub_points(
+    obs: Observation, kind: AnyKind, *, agent: str, site: str, agent_labels: Mapping[str, str] | None = None
+) -> list[Encoded]:
+    """The points an observation makes besides its own (``kind.sub_points``: the trace's
+    ``edgeprobe_trace_hop``), at its timestamp, with its core tags, the kind's tag fields, the
+    sub-point's own tags and the labels."""
+    if kind.sub_points is None:
+        return []
+    tags: dict[str, str] = {"agent": agent, "site": site, "target": obs.target, "outcome": obs.outcome}
+    if obs.job is not None:
+        tags["job"] = obs.job
+    for name in kind.tag_fields:
+        text = _tag_text(obs.fields.get(name))
+        if text is not None and name not in RESERVED_TAG_KEYS:
+            tags[name] = text
+    labels = dict(agent_labels or {})
+    labels.update(obs.labels)
+    out = []
+    for sub in kind.sub_points(obs.fields):
+        enc = encode_point(
+            f"{kind.measurement}_{sub.suffix}",
+            tags={**tags, **sub.tags},
+            fields=sub.fields,
+            timestamp_ns=obs.started_at_ns,
+            labels=labels,
+        )
+        if enc is not None:
+            out.append(enc)
+    return out
+
+
 @dataclass(slots=True)
 class Batch:
     lines: list[str] = field(default_factory=list)
@@ -352,6 +386,10 @@ def encode_batch(
         if kind is None:
             batch.omitted[OMIT_UNKNOWN_KIND] += 1
             continue
+        if kind.sub_points is not None:  # the trace's hops: their own points, before the run's
+            for extra in encode_sub_points(obs, kind, agent=agent, site=site, agent_labels=agent_labels):
+                batch.lines.append(extra.line)
+                batch.omitted.update(extra.omitted)
         enc = encode_observation(
             obs,
             agent=agent,

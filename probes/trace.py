@@ -52,7 +52,7 @@ MEMORY_MAX_ENTRIES: Final = 10_000
 class TraceConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     method: Literal["icmp", "udp", "tcp"] = "icmp"
     port: Annotated[int, msgspec.Meta(ge=1, le=65535)] | None = None  # udp/tcp; None: 33434 / 80
-    queries: Annotated[int, msgspec.Meta(ge=1, le=10)] = 3  # probes per TTL
+    queries: Annotated[int, msgspec.Meta(ge=1, le=32)] = 3  # probes per TTL
     max_hops: Annotated[int, msgspec.Meta(ge=1, le=64)] = 30
     first_ttl: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
     timeout_s: Annotated[float, msgspec.Meta(gt=0, le=30)] = 2.0  # per probe, from its send
