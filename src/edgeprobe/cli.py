@@ -17,6 +17,7 @@ import click
 
 from edgeprobe import __version__
 from edgeprobe.configfile import ConfigError, convert
+from edgeprobe.lab.command import lab_group
 from edgeprobe.probes.context import ProbeContext
 from edgeprobe.probes.handler import run_probe
 from edgeprobe.probes.outcome import Outcome
@@ -1028,6 +1029,9 @@ def demo(duration_s: float | None, interval_s: float, keep_dir: str | None) -> N
     from edgeprobe.demo import main as demo_main
 
     sys.exit(demo_main(duration_s, interval_s, keep_dir))
+
+
+main.add_command(lab_group)  # edgeprobe lab up/down/exec/ls (src/edgeprobe/lab/command.py)
 
 
 # ---------------------------------------------------------------------- the fleet (agent/fleet.py)

@@ -11,23 +11,27 @@ leaves them. Neighbours are static (no ARP/ND on the link), IPv6 addresses skip 
 link namespace has no addresses at all: it only carries frames between ``ra`` and ``rb``.
 
 The link is either the kernel's ``netem`` (a bridge in the link namespace with a netem qdisc on
-each port's egress) when the kernel has it, or the userspace emulator of :mod:`linkemu`
+each port's egress) when the kernel has it, or the product's userspace emulator
+(:mod:`edgeprobe.lab.linkemu`)
 (``AF_PACKET`` sockets with kernel receive timestamps, a timerfd and a heap), which also logs
 each frame's true holding time. ``EDGEPROBE_LAB_LINK=userspace|netem`` forces one.
 
 Needs root. Everything created is removed by :meth:`Lab.destroy` (namespaces, and with them the
 devices; every process still inside them is killed by pid); :func:`sweep_stale` removes what a
 crashed run left behind (namespaces whose creating process is gone).
+
+The namespace plumbing (``ip``, emptying and deleting namespaces, the netem check) and the link
+emulator are the product's (:mod:`edgeprobe.lab`); this module keeps only the tests' two-host lab.
+Its names are ``eplab-<pid>-…`` (digits after the prefix); ``edgeprobe lab`` names its labs with a
+letter first, so neither ever sweeps the other's.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -37,29 +41,21 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .linkemu import Direction
-from .wait import wait_for
+from edgeprobe.lab import linkemu
+from edgeprobe.lab.linkemu import Direction
+from edgeprobe.lab.netns import LabError, delete_ns, namespaces
+from edgeprobe.lab.netns import ip as _ip
+from edgeprobe.lab.netns import netem_available as _netem_available
 
 PREFIX = "eplab-"
 A4, B4 = "10.77.0.1", "10.77.0.2"
 A6, B6 = "fd77::1", "fd77::2"
 MAC_A, MAC_B = "02:00:00:77:00:01", "02:00:00:77:00:02"
-LINKEMU = Path(__file__).resolve().with_name("linkemu.py")
+LINKEMU = Path(linkemu.__file__)
 ROOT = Path(__file__).resolve().parents[2]
 NEEDS_ROOT = "needs root for network namespaces"
 
 _counter = 0
-
-
-class LabError(RuntimeError):
-    pass
-
-
-def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
-    if check and proc.returncode != 0:
-        raise LabError(f"ip {' '.join(args)}: {proc.stderr.strip() or proc.returncode}")
-    return proc
 
 
 def lab_problem() -> str | None:
@@ -71,29 +67,8 @@ def lab_problem() -> str | None:
     return None
 
 
-def namespaces() -> list[str]:
-    out = _ip("netns", "list", check=False).stdout
-    return [line.split()[0] for line in out.splitlines() if line.strip()]
-
-
-def _kill_inside(ns: str) -> None:
-    """SIGKILL every process inside the lab namespace ``ns`` (ours by construction), until none is
-    left or 2 s have passed (best effort: the namespace is deleted either way)."""
-
-    def none_left() -> bool:
-        pids = [int(p) for p in _ip("netns", "pids", ns, check=False).stdout.split() if p.isdigit()]
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        return not pids
-
-    with contextlib.suppress(AssertionError):
-        wait_for(none_left, 2.0, f"no process left in namespace {ns}", interval_s=0.05)
-
-
 def _delete_ns(ns: str) -> None:
-    _kill_inside(ns)
-    _ip("netns", "delete", ns, check=False)
+    delete_ns(ns)
 
 
 def sweep_stale(prefix: str = PREFIX) -> list[str]:
@@ -103,33 +78,16 @@ def sweep_stale(prefix: str = PREFIX) -> list[str]:
         if not ns.startswith(prefix):
             continue
         pid = ns[len(prefix) :].split("-", 1)[0]
-        if pid.isdigit() and Path(f"/proc/{pid}").exists():
-            continue
+        if not pid.isdigit() or Path(f"/proc/{pid}").exists():
+            continue  # not a test lab (`edgeprobe lab` names start with a letter), or its creator lives
         _delete_ns(ns)
         swept.append(ns)
     return swept
 
 
-@functools.cache
 def netem_available() -> bool:
-    """Whether the kernel has the netem qdisc (tried on a veth in a throw-away namespace)."""
-    if shutil.which("tc") is None:
-        return False
-    global _counter
-    _counter += 1
-    ns = f"{PREFIX}{os.getpid()}-{_counter}-probe"
-    try:
-        _ip("netns", "add", ns)
-        _ip("-n", ns, "link", "add", "d0", "type", "veth", "peer", "name", "d1")
-        proc = subprocess.run(
-            ["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", "d0", "root", "netem", "delay", "1ms"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-        return proc.returncode == 0
-    finally:
-        _delete_ns(ns)
+    """Whether the kernel has the netem qdisc (the product's check, in a namespace of ours)."""
+    return _netem_available(f"{PREFIX}{os.getpid()}-0-probe")
 
 
 @dataclass(frozen=True, slots=True)
