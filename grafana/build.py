@@ -1402,11 +1402,135 @@ def physics() -> Json:
     )
 
 
+# ----- 5. Path (trace) --------------------------------------------------------------------------
+
+F_TRACE = (F_SITE, F_AGENT, F_TARGET)
+
+
+def path() -> Json:
+    """The trace kind's measurements: edgeprobe_trace (one point per run) and edgeprobe_trace_hop
+    (one point per hop per run, tagged ttl)."""
+    items: list[tuple[Json, int, int]] = [
+        (
+            table(
+                "Latest hops",
+                "For the chosen agent and target, per hop (TTL): the address that answered in the last run "
+                "that heard it, its smallest RTT in that run, loss over the time range, AS and IXP (from the "
+                "agent's local ipasn / PeeringDB files, when configured). A hop silent in every run shows no "
+                "address. Choose one agent and one target: with several, their hops are merged by TTL.",
+                [
+                    target(
+                        'SELECT last("address") AS "address", last("rtt_min_ms") AS "rtt min", '
+                        'mean("loss_ratio") AS "loss", last("asn") AS "AS", last("ixp") AS "IXP" '
+                        f'FROM "edgeprobe_trace_hop" WHERE {where(*F_TRACE)} GROUP BY "ttl"',
+                        fmt="table",
+                    )
+                ],
+                "ms",
+                RTT_STEPS,
+                overrides=[
+                    override("loss", ("unit", "percentunit"), ("decimals", 0)),
+                    override("AS", ("unit", "none"), ("decimals", 0)),
+                ],
+                transformations=[organize(exclude=("Time",))],
+                sort_by=[{"displayName": "ttl", "desc": False}],
+            ),
+            24,
+            9,
+        ),
+        (
+            timeseries(
+                "Hop count",
+                "The TTL at which the target answered (hop_count), per agent → target; a gap is a run that "
+                "did not reach the target (its last hops were silent).",
+                [
+                    target(
+                        f'SELECT last("hop_count") FROM "edgeprobe_trace" WHERE {where(*F_TRACE)} '
+                        'GROUP BY time($__interval), "agent", "target" fill(none)',
+                        alias=PATH,
+                    )
+                ],
+                "none",
+            ),
+            12,
+            8,
+        ),
+        (
+            timeseries(
+                "Distinct paths per interval",
+                "How many different paths (path_id: the ordered responding addresses, silent hops as *) the "
+                "runs of each interval took: 1 is a stable path, 2 or more a path change (or per-packet load "
+                "balancing) within the interval. Each run after a change also carries path_changed = true.",
+                [
+                    target(
+                        'SELECT count(distinct("path_id")) FROM "edgeprobe_trace" '
+                        f'WHERE {where(*F_TRACE)} GROUP BY time($__interval), "agent", "target" fill(none)',
+                        alias=PATH,
+                    )
+                ],
+                "none",
+                steps((GREEN, None), (YELLOW, 2)),
+                draw="bars",
+                fill=60,
+            ),
+            12,
+            8,
+        ),
+        (
+            timeseries(
+                "RTT at each hop",
+                "Median of each hop's smallest RTT (rtt_min_ms) per TTL for the chosen agent and target: "
+                "where the lines step up is where the milliseconds are added. Routers answer traceroute "
+                "from their slow path, so an intermediate hop may look slower than the ones after it.",
+                [
+                    target(
+                        f'SELECT median("rtt_min_ms") FROM "edgeprobe_trace_hop" WHERE {where(*F_TRACE)} '
+                        'GROUP BY time($__interval), "ttl" fill(none)',
+                        alias="hop $tag_ttl",
+                    )
+                ],
+                "ms",
+                RTT_STEPS,
+            ),
+            12,
+            8,
+        ),
+        (
+            timeseries(
+                "Largest RTT step",
+                "Per agent → target, the largest increase of the smallest RTT from one responding hop to the "
+                "next (largest_step_ms) in each run, and the last responding hop's RTT (last_hop_rtt_ms).",
+                [
+                    target(
+                        'SELECT max("largest_step_ms") AS "largest step", mean("last_hop_rtt_ms") AS "last hop" '
+                        f'FROM "edgeprobe_trace" WHERE {where(*F_TRACE)} '
+                        'GROUP BY time($__interval), "agent", "target" fill(none)',
+                        alias=f"{PATH}: $col",
+                    )
+                ],
+                "ms",
+                RTT_STEPS,
+            ),
+            12,
+            8,
+        ),
+    ]
+    return dashboard(
+        "edgeprobe-path",
+        "edgeprobe · Path",
+        "The path to each target hop by hop (the trace kind): latest hops, hop count, path changes and "
+        "where along the path the RTT is added.",
+        [var_site(), var_agent(), var_target('"edgeprobe_trace"')],
+        items,
+    )
+
+
 DASHBOARDS = {
     "edgeprobe-fleet.json": fleet,
     "edgeprobe-latency.json": latency,
     "edgeprobe-inference.json": inference,
     "edgeprobe-physics.json": physics,
+    "edgeprobe-path.json": path,
 }
 
 

@@ -60,6 +60,7 @@ INFERENCE_PHYSICS_FIELDS = ("floor_ttft_ms",)
 # Tags edgeprobe writes besides the kinds' tag_fields; "tier" is the job label the docs use for
 # edge/core endpoints; "source" and "collector" tag edgeprobe_health.
 KNOWN_TAGS = {"agent", "site", "target", "outcome", "job", "tier", "source", "collector"}
+SUB_POINT_TAGS = {"ttl"}  # the trace's edgeprobe_trace_hop points (ProbeKind.sub_points)
 HEALTH = "edgeprobe_health"
 
 # InfluxQL that InfluxDB 3.x does not run (docs-v2 influxql-v3-reference/feature-support).
@@ -154,6 +155,12 @@ def known_schema() -> dict[str, set[str]]:
         if kind.name == "inference":
             names |= set(INFERENCE_PHYSICS_FIELDS)
         schema[kind.measurement] = names | set(kind.tag_fields)
+        if kind.sub_points is not None:  # more points per observation (the trace's hops): from a sample run
+            from tests.unit.probes.test_trace import filled as sample_trace
+
+            for sub in kind.sub_points(msgspec.to_builtins(sample_trace())):
+                more = set(sub.fields) | set(sub.tags) | SUB_POINT_TAGS | KNOWN_TAGS | set(kind.tag_fields)
+                schema.setdefault(f"{kind.measurement}_{sub.suffix}", set()).update(more)
     collector_fields = health_fields(CollectorStats(), [1.0], [1], time.time_ns(), 1.0)
     schema[HEALTH] = set(AgentHealth.__struct_fields__) | set(collector_fields) | KNOWN_TAGS
     return schema
@@ -275,7 +282,7 @@ def test_provisioned_variant_names_the_fixed_uid_only() -> None:
 
 def test_dashboards_parse_and_uids_are_unique() -> None:
     dash = dashboards()
-    assert len(dash) == 4
+    assert len(dash) == 5
     uids = [d["uid"] for d in dash.values()]
     assert len(set(uids)) == len(uids), uids
     assert all(re.fullmatch(r"[A-Za-z0-9_-]{1,40}", u) for u in uids), uids
@@ -512,6 +519,16 @@ def agent_config(
             "options": {"resolvers": [urls["dns"]], "transport": "tcp", "rtype": "AAAA", "timeout_s": 0.5},
         },
     ]
+    if "trace" in KINDS:  # loopback is one hop away (raw sockets: the tests run as root)
+        jobs.append(
+            {
+                "name": "trace",
+                "kind": "trace",
+                "targets": ["127.0.0.1", "127.0.0.2"],
+                "interval_s": 2.0,
+                "options": {"queries": 2, "max_hops": 3, "timeout_s": 0.3},
+            }
+        )
     if "inference" in KINDS:
         opts = {"model": "edgeprobe-responder", "max_tokens": 6, "timeout_s": 0.5, "first_token_timeout_s": 0.4}
         for tier in ("edge", "core"):
@@ -803,6 +820,15 @@ def test_panels_show_what_they_say(filled: Filled) -> None:
     for outcome, rcode in (("ok", "NXDOMAIN"), ("dns_error", "REFUSED")):  # NXDOMAIN is an answer, REFUSED is not
         q = f'SELECT count("seq") FROM "edgeprobe_dns" WHERE "outcome" = \'{outcome}\' AND "rcodes" = \'{rcode}\''
         assert _count(filled.influx, filled.db, q) > 0, q
+    if "trace" in KINDS:
+        path = "edgeprobe-path.json"
+        hops = panel_rows(filled, path, "Latest hops")
+        assert [r["ttl"] for r in hops] == ["1"] and hops[0]["address"] in ("127.0.0.1", "127.0.0.2"), hops
+        assert all(r["loss"] == 0.0 and 0 < r["rtt min"] < 50 for r in hops), hops
+        counts = [r["last"] for r in panel_rows(filled, path, "Hop count") if r["last"] is not None]
+        assert counts and set(counts) == {1}, counts
+        distinct = [r["count"] for r in panel_rows(filled, path, "Distinct paths per interval") if r["count"]]
+        assert distinct and set(distinct) == {1}, distinct  # loopback never changes its path
     tiers = panel_rows(filled, inference, "Edge vs core per PoP (time range)")
     assert {(r["site"], r["tier"]) for r in tiers} == {(a[1], t) for a in AGENTS for t in ("edge", "core")}
     print("\nTTFT p50 by site and tier (responders: edge 30 ms, core 90 ms to first token):")
