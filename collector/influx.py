@@ -119,6 +119,18 @@ class InfluxWriter(Protocol):
     ) -> None: ...
 
 
+def auth_headers(config: InfluxConfig) -> dict[str, str]:
+    """The Authorization header for ``config`` (a token, or HTTP Basic), shared by every reader and
+    writer of the v1 API (the collector's writes, ``edgeprobe advise``'s queries)."""
+    if config.token is not None:
+        return {"Authorization": f"Token {config.token.reveal()}"}
+    if config.username is not None:
+        password = config.password.reveal() if config.password is not None else ""
+        creds = base64.b64encode(f"{config.username}:{password}".encode()).decode("ascii")
+        return {"Authorization": f"Basic {creds}"}
+    return {}
+
+
 def _quote_ident(name: str) -> str:
     return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
@@ -130,15 +142,7 @@ class V1Writer:
         self._session: aiohttp.ClientSession | None = None
 
     def _headers(self) -> dict[str, str]:
-        cfg = self._config
-        headers = {"Content-Type": "text/plain; charset=utf-8"}
-        if cfg.token is not None:
-            headers["Authorization"] = f"Token {cfg.token.reveal()}"
-        elif cfg.username is not None:
-            password = cfg.password.reveal() if cfg.password is not None else ""
-            creds = base64.b64encode(f"{cfg.username}:{password}".encode()).decode("ascii")
-            headers["Authorization"] = f"Basic {creds}"
-        return headers
+        return {"Content-Type": "text/plain; charset=utf-8", **auth_headers(self._config)}
 
     async def __aenter__(self) -> Self:
         self._session = aiohttp.ClientSession(

@@ -1824,5 +1824,132 @@ def dashboards_export(directory: str, force: bool) -> None:
     _finish(_export_dashboards(directory, force))
 
 
+@main.command("advise")
+@click.option(
+    "-c",
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    help="The collector's config file: its influx settings (default: EDGEPROBE_INFLUX_* and the defaults).",
+)
+@click.option("--influx-url", help="InfluxDB URL (overrides the config and EDGEPROBE_INFLUX_URL).")
+@click.option("--database", help="Database (api v2: bucket) to read (overrides the config and the environment).")
+@click.option("--since", default="24h", show_default=True, help="Window: 30m, 24h, 7d …")
+@click.option(
+    "--where",
+    "where",
+    multiple=True,
+    metavar="TAG=VALUE",
+    help="Only points with this tag value (or TAG!=VALUE); repeatable.",
+)
+@click.option(
+    "--min-samples",
+    type=click.IntRange(1, 1_000_000),
+    default=20,
+    show_default=True,
+    help="Successful samples a PoP × endpoint pair needs to be ranked.",
+)
+@click.option(
+    "--max-points",
+    type=click.IntRange(1, 10_000_000),
+    default=20_000,
+    show_default=True,
+    help="Newest points read per series.",
+)
+@click.option(
+    "--candidates",
+    "candidates_path",
+    type=click.Path(dir_okay=False),
+    help="What-if: YAML with the PoPs' coordinates and candidate sites.",
+)
+@click.option(
+    "--weights",
+    "weights_path",
+    type=click.Path(dir_okay=False),
+    help="YAML mapping PoP -> users or requests (default: equal).",
+)
+@click.option(
+    "--k",
+    "k",
+    type=click.IntRange(1, 100),
+    default=1,
+    show_default=True,
+    help="With --candidates: choose this many sites.",
+)
+@click.option(
+    "--html",
+    "html_path",
+    type=click.Path(dir_okay=False),
+    help="Also write the report as one self-contained HTML file.",
+)
+@json_option
+def advise_cmd(
+    config_path: str | None,
+    influx_url: str | None,
+    database: str | None,
+    since: str,
+    where: tuple[str, ...],
+    min_samples: int,
+    max_points: int,
+    candidates_path: str | None,
+    weights_path: str | None,
+    k: int,
+    html_path: str | None,
+    as_json: bool,
+) -> None:
+    """Where should inference live? Per PoP × endpoint TTFT, network vs server, what-if placements.
+
+    Reads edgeprobe_inference (and icmp/tcp) from InfluxDB with the collector's settings.
+    Exit 0: a report; 1: no usable data or InfluxDB failed; 2: bad usage or config.
+    """
+    from edgeprobe.advise.html import render_html
+    from edgeprobe.advise.influxql import AdviseError
+    from edgeprobe.advise.report import to_json
+    from edgeprobe.advise.run import advise, influx_settings
+    from edgeprobe.advise.whatif import load_candidates, load_weights
+
+    try:
+        influx = influx_settings(config_path, influx_url, database)
+        candidates = load_candidates(candidates_path) if candidates_path else None
+        weights = load_weights(weights_path) if weights_path else None
+    except ConfigError as err:
+        click.echo(f"edgeprobe advise: config error: {err}", err=True)
+        sys.exit(EXIT_USAGE)
+    if weights is not None and candidates is None:
+        click.echo("edgeprobe advise: --weights needs --candidates (the sites to weigh)", err=True)
+        sys.exit(EXIT_USAGE)
+    try:
+        report = advise(
+            influx,
+            since=since,
+            where=list(where),
+            min_samples=min_samples,
+            max_points_per_series=max_points,
+            candidates=candidates,
+            weights=weights,
+            k=k,
+        )
+    except AdviseError as err:
+        click.echo(term_safe(f"edgeprobe advise: {err}"), err=True)
+        sys.exit(EXIT_USAGE if str(err).startswith(("--since", "--where")) else EXIT_FAILED)
+    if html_path:
+        try:
+            with open(html_path, "w", encoding="utf-8") as fh:
+                fh.write(render_html(report))
+        except OSError as err:
+            click.echo(term_safe(f"edgeprobe advise: cannot write {html_path}: {err.strerror or err}"), err=True)
+            sys.exit(EXIT_FAILED)
+    if as_json:
+        click.echo(to_json(report).decode())
+    else:
+        from rich.console import Console
+
+        from edgeprobe.advise.table import render
+
+        render(report, Console(soft_wrap=False))
+        if html_path:
+            click.echo(f"wrote {term_safe(html_path)}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
