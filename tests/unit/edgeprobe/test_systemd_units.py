@@ -75,11 +75,15 @@ def units() -> dict[str, dict[str, dict[str, list[str]]]]:
 
 
 def test_three_units_each_a_service(units: dict[str, dict[str, dict[str, list[str]]]]) -> None:
-    assert set(units) == set(SYSTEMD_UNITS) == {
-        "edgeprobe-agent.service",
-        "edgeprobe-collector.service",
-        "edgeprobe-responder.service",
-    }
+    assert (
+        set(units)
+        == set(SYSTEMD_UNITS)
+        == {
+            "edgeprobe-agent.service",
+            "edgeprobe-collector.service",
+            "edgeprobe-responder.service",
+        }
+    )
     for name, unit in units.items():
         assert set(unit) == {"Unit", "Service", "Install"}, name
         assert one(unit["Unit"], "Description"), name
@@ -95,7 +99,9 @@ def test_sandboxing_and_user(units: dict[str, dict[str, dict[str, list[str]]]], 
     families = set(one(service, "RestrictAddressFamilies").split())
     assert families <= {"AF_INET", "AF_INET6", "AF_UNIX", "AF_NETLINK"}, families
     assert "ReadWritePaths" not in service, "StateDirectory= is the only writable place"
-    assert "ExecReload" not in service, "the daemons have no reload signal"
+    # The config is a credential copied at start: a SIGHUP would re-read the old copy (see the
+    # drop-in in docs/deployment.md, checked below).
+    assert "ExecReload" not in service
     assert "WatchdogSec" not in service and "NotifyAccess" not in service, "no sd_notify"
     exec_start = one(service, "ExecStart").split()
     assert exec_start[0] == EXE
@@ -187,3 +193,45 @@ def test_systemd_analyze_verify(tmp_path: Path) -> None:
         pytest.skip(f"systemd-analyze verify cannot run here: {proc.stderr.strip()[:300]}")
     # Unknown keys, bad values and unsupported settings are warnings on stderr, not a failed exit.
     assert proc.returncode == 0 and proc.stderr.strip() == "", proc.stderr
+
+
+def test_the_reload_drop_in_of_the_deployment_guide_verifies(tmp_path: Path) -> None:
+    """docs/deployment.md's drop-in for `systemctl reload` (a fixed user reading the file itself,
+    ExecReload sending SIGHUP), applied to the shipped agent unit, passes `systemd-analyze verify`."""
+    guide = (Path(__file__).parents[3] / "docs" / "deployment.md").read_text(encoding="utf-8")
+    section = guide.split("### Reloading a changed config", 1)[1]
+    drop_in = section.split("```ini\n", 1)[1].split("```", 1)[0]
+    assert "ExecReload=/bin/kill -HUP $MAINPID" in drop_in and "LoadCredential=\n" in drop_in
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed (Debian package systemd)")
+    exe = tmp_path / "bin" / "edgeprobe"
+    exe.parent.mkdir()
+    exe.write_text("#!/bin/sh\n")
+    exe.chmod(0o755)
+    units = tmp_path / "units"
+    (units / "edgeprobe-agent.service.d").mkdir(parents=True)
+    (units / "edgeprobe-agent.service").write_text(systemd_units(str(exe))["edgeprobe-agent.service"])
+    (units / "edgeprobe-agent.service.d" / "reload.conf").write_text(drop_in.replace(EXE, str(exe)))
+    proc = subprocess.run(
+        [analyze, "verify", "--man=no", "edgeprobe-agent.service"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=units,
+        env={"SYSTEMD_UNIT_PATH": f"{units}:", "PATH": "/usr/bin:/bin"},
+    )
+    if proc.returncode != 0 and "Failed to " in proc.stderr and "edgeprobe-" not in proc.stderr:
+        pytest.skip(f"systemd-analyze verify cannot run here: {proc.stderr.strip()[:300]}")
+    assert proc.returncode == 0 and proc.stderr.strip() == "", proc.stderr
+    # and it is the drop-in that was read: a bad key in it is reported
+    (units / "edgeprobe-agent.service.d" / "reload.conf").write_text(drop_in.replace(EXE, str(exe)) + "Bogus=1\n")
+    bad = subprocess.run(
+        [analyze, "verify", "--man=no", "edgeprobe-agent.service"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=units,
+        env={"SYSTEMD_UNIT_PATH": f"{units}:", "PATH": "/usr/bin:/bin"},
+    )
+    assert "reload.conf" in bad.stderr and "Bogus" in bad.stderr, bad.stderr
