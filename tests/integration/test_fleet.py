@@ -718,6 +718,20 @@ async def test_attack_too_many_packets(fleet: Fleet, a1: Running) -> None:
     await refused(fleet, a1, sign(cmd, "cmd", load_private_key(fleet.key_file)), cmd.request_id, "too_many_packets")
 
 
+async def test_an_adhoc_trace_is_charged_every_probe_it_may_send(fleet: Fleet, a1: Running) -> None:
+    """The trace kind under the target policy: max_hops × queries packets against
+    policy.max_packets_per_request (10 here): 3 × 3 runs (loopback is one hop), 30 × 3 is refused."""
+    key = load_private_key(fleet.key_file)
+    cmd = command("a1", "127.0.0.1", kind="trace", max_hops=3, queries=3, timeout_s=0.5)
+    reply = await ask(fleet, "a1", sign(cmd, "cmd", key), cmd.request_id)
+    assert reply is not None and reply.status == "ok" and reply.observation is not None, reply
+    obs = reply.observation
+    assert obs.kind == "trace" and obs.outcome == "ok", obs
+    assert obs.fields["reached"] is True and obs.fields["hop_count"] == 1 and obs.fields["hop_addresses"] == "127.0.0.1"
+    cmd = command("a1", "127.0.0.1", kind="trace", max_hops=30)
+    await refused(fleet, a1, sign(cmd, "cmd", key), cmd.request_id, "too_many_packets")
+
+
 async def test_attack_inference_budget_exhaustion(fleet: Fleet, a1: Running) -> None:
     """Budget 40 tokens/hour, 16 per request: two run (against a closed port), the third is refused."""
     key = load_private_key(fleet.key_file)
