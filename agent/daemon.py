@@ -1,4 +1,5 @@
-"""The agent daemon: scheduler → spool → publisher, with a clean shutdown."""
+"""The agent daemon: scheduler → spool → publisher, with a clean shutdown, and a reload of its
+config file on SIGHUP (:func:`run_agent`'s ``reload``)."""
 
 from __future__ import annotations
 

@@ -56,6 +56,10 @@ between the write and the spool delete, overwrites itself.
 On ``stop``: stop taking messages, take and acknowledge what already arrived, add a last health
 point, flush for at most ``limits.shutdown_flush_s``; what is left stays in the spool for the
 next start, which drains it first.
+
+On SIGHUP (``run_collector``'s ``reload``): the file is read and validated again; ``limits.*``,
+``log.*`` and ``health_interval_s`` apply at once (:meth:`_Collector.reload`), any other change is
+refused with one line naming the key(s).
 """
 
 from __future__ import annotations
