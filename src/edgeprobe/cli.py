@@ -1903,7 +1903,7 @@ def advise_cmd(
     Exit 0: a report; 1: no usable data or InfluxDB failed; 2: bad usage or config.
     """
     from edgeprobe.advise.html import render_html
-    from edgeprobe.advise.influxql import AdviseError
+    from edgeprobe.advise.influxql import AdviseError, UsageError
     from edgeprobe.advise.report import to_json
     from edgeprobe.advise.run import advise, influx_settings
     from edgeprobe.advise.whatif import load_candidates, load_weights
@@ -1931,7 +1931,7 @@ def advise_cmd(
         )
     except AdviseError as err:
         click.echo(term_safe(f"edgeprobe advise: {err}"), err=True)
-        sys.exit(EXIT_USAGE if str(err).startswith(("--since", "--where")) else EXIT_FAILED)
+        sys.exit(EXIT_USAGE if isinstance(err, UsageError) else EXIT_FAILED)
     if html_path:
         try:
             with open(html_path, "w", encoding="utf-8") as fh:

@@ -45,9 +45,13 @@ class AdviseError(Exception):
     """A problem the user can act on, phrased as one line."""
 
 
+class UsageError(AdviseError):
+    """A bad option value (``--since``, ``--where``): the command line, not the data."""
+
+
 def check_since(since: str) -> str:
     if not SINCE_RE.match(since):
-        raise AdviseError(f"--since: expected a duration such as 30m, 24h or 7d, got {since!r}")
+        raise UsageError(f"--since: expected a duration such as 30m, 24h or 7d, got {since!r}")
     return since
 
 
@@ -57,7 +61,7 @@ def parse_where(items: Sequence[str]) -> list[tuple[str, str, str]]:
     for item in items:
         m = WHERE_RE.match(item)
         if m is None:
-            raise AdviseError(
+            raise UsageError(
                 f"--where: expected TAG=VALUE or TAG!=VALUE (a tag name of letters, digits, _), got {item!r}"
             )
         out.append((m.group("key"), m.group("op"), m.group("value")))

@@ -26,9 +26,15 @@ def _columns(table: Table, names: tuple[str, ...], left: tuple[str, ...], wide_m
         )
 
 
-def ms(s: Stat | float | None, digits: int = 1) -> str:
+def ms(s: Stat | float | None, digits: int = 1, n: int | None = None) -> str:
+    """A value; with ``n`` (the pair's samples), a Stat resting on fewer shows its own count."""
     v = s.value if isinstance(s, Stat) else s
-    return "–" if v is None else f"{v:.{digits}f}"
+    if v is None:
+        return "–"
+    text = f"{v:.{digits}f}"
+    if isinstance(s, Stat) and n is not None and s.samples != n:
+        text += f" (n={s.samples})"
+    return text
 
 
 def pct(v: float | None) -> str:
@@ -46,7 +52,10 @@ def render(report: Report, console: Console) -> None:
         )
     )
 
-    t = Table(title="Per PoP × endpoint (ms; n = successful samples)", title_justify="left")
+    t = Table(
+        title="Per PoP × endpoint (ms; n = successful samples; a figure resting on fewer shows its own n)",
+        title_justify="left",
+    )
     _columns(
         t,
         (
@@ -79,14 +88,14 @@ def render(report: Report, console: Console) -> None:
             _t(p.endpoint + (f" [{p.tier}]" if p.tier else "")),
             str(p.samples),
             pct(p.success_ratio),
-            ms(p.ttft_p50_ms),
-            ms(p.ttft_p95_ms),
-            ms(p.setup_p50_ms),
-            ms(p.net_rtt_p50_ms, 2),
-            ms(p.server_p50_ms),
-            ms(p.itl_p95_ms),
-            ms(p.floor_rtt_ms, 2),
-            "–" if p.inflation_ratio.value is None else f"{p.inflation_ratio.value:.2f}",
+            ms(p.ttft_p50_ms, 1, p.samples),
+            ms(p.ttft_p95_ms, 1, p.samples),
+            ms(p.setup_p50_ms, 1, p.samples),
+            ms(p.net_rtt_p50_ms, 2, p.samples),
+            ms(p.server_p50_ms, 1, p.samples),
+            ms(p.itl_p95_ms, 1, p.samples),
+            ms(p.floor_rtt_ms, 2, p.samples),
+            ms(p.inflation_ratio, 2, p.samples),
             vs,
         )
     console.print(t)
@@ -101,11 +110,11 @@ def render(report: Report, console: Console) -> None:
             _t(p.pop),
             _t(p.endpoint),
             str(p.samples),
-            ms(p.ttft_p50_ms),
-            ms(p.network_p50_ms),
+            ms(p.ttft_p50_ms, 1, p.samples),
+            ms(p.network_p50_ms, 1, p.samples),
             pct(p.network_share_ratio.value),
-            ms(p.floor_ttft_ms),
-            ms(p.server_p50_ms),
+            ms(p.floor_ttft_ms, 1, p.samples),
+            ms(p.server_p50_ms, 1, p.samples),
         )
     console.print(n)
 

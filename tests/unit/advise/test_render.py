@@ -27,7 +27,12 @@ HOSTILE = "https://x.example/<script>alert(1)</script>\x1b]0;pwn\x07\u202e"
 def report(tmp_path_factory: pytest.TempPathFactory) -> Report:
     hostile = [
         InferenceSample(
-            site="evil\x1b[2J", target=HOSTILE, outcome="ok", ttft_ms=50.0 + i, setup_ms=5.0, net_rtt_ms=2.0
+            site="evil\x1b[2J",
+            target=HOSTILE,
+            outcome="ok",
+            ttft_ms=50.0 + i,
+            setup_ms=5.0,
+            net_rtt_ms=2.0 if i < 10 else None,  # measured on 10 of the 25
         )
         for i in range(25)
     ]
@@ -103,6 +108,7 @@ def test_table_is_terminal_safe_and_marks_unranked(report: Report) -> None:
     assert "\\x1b]0;pwn" in text
     assert "too few samples (8)" in text
     assert "PREDICTED" in text and "best" in text
+    assert "2.00 (n=10)" in text  # a figure resting on fewer samples than its pair shows its own count
 
 
 def test_html_is_self_contained_and_escaped(report: Report) -> None:
