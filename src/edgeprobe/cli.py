@@ -16,6 +16,7 @@ from typing import Any
 import click
 
 from edgeprobe import __version__
+from edgeprobe.advise import model as advise_model  # the advisor's defaults (light: no I/O, no rich)
 from edgeprobe.configfile import ConfigError, convert
 from edgeprobe.lab.command import lab_group
 from edgeprobe.probes.context import ProbeContext
@@ -1834,7 +1835,7 @@ def dashboards_export(directory: str, force: bool) -> None:
 )
 @click.option("--influx-url", help="InfluxDB URL (overrides the config and EDGEPROBE_INFLUX_URL).")
 @click.option("--database", help="Database (api v2: bucket) to read (overrides the config and the environment).")
-@click.option("--since", default="24h", show_default=True, help="Window: 30m, 24h, 7d …")
+@click.option("--since", default=advise_model.DEFAULT_SINCE, show_default=True, help="Window: 30m, 24h, 7d …")
 @click.option(
     "--where",
     "where",
@@ -1845,14 +1846,14 @@ def dashboards_export(directory: str, force: bool) -> None:
 @click.option(
     "--min-samples",
     type=click.IntRange(1, 1_000_000),
-    default=20,
+    default=advise_model.DEFAULT_MIN_SAMPLES,
     show_default=True,
     help="Successful samples a PoP × endpoint pair needs to be ranked.",
 )
 @click.option(
     "--max-points",
     type=click.IntRange(1, 10_000_000),
-    default=20_000,
+    default=advise_model.DEFAULT_MAX_POINTS_PER_SERIES,
     show_default=True,
     help="Newest points read per series.",
 )
@@ -1872,7 +1873,7 @@ def dashboards_export(directory: str, force: bool) -> None:
     "--k",
     "k",
     type=click.IntRange(1, 100),
-    default=1,
+    default=advise_model.DEFAULT_K,
     show_default=True,
     help="With --candidates: choose this many sites.",
 )
