@@ -8,7 +8,8 @@ TTLs in a row nothing more is sent. Every probe of a trace keeps the fields load
 (Paris traceroute, :mod:`edgeprobe.probes.tracepkt`), so ECMP routers send them all one way;
 ``paris=false`` gives classic traceroute for comparison.
 
-I/O: packets are crafted with scapy (imported on first use) and sent on an ``IPPROTO_RAW``
+I/O: packets are crafted with scapy (imported on first use; one packet per trace, the probes
+are patched copies of it: :class:`~edgeprobe.probes.tracepkt.ProbeTemplate`) and sent on an ``IPPROTO_RAW``
 socket; replies come in on raw ICMP (and for ``tcp`` raw TCP) sockets shared by every trace of a
 :class:`ProbeContext`, read with ``loop.add_reader``, matched by the flow and identity quoted in
 them. RTT: the kernel's receive timestamp minus the wall clock just before ``sendto`` (as the
@@ -317,6 +318,7 @@ class _Probe:
 @dataclass(eq=False)
 class _Trace:
     flow: tracepkt.Flow
+    template: tracepkt.ProbeTemplate  # scapy builds one packet per trace; the probes are patched copies
     probes: dict[int, _Probe] = field(default_factory=dict)  # by identity
 
 
@@ -374,7 +376,7 @@ class TraceSocket:
         key = _flow_key(flow.method, flow.dst, flow.sport)
         if key in self._traces:
             raise ProbeFailure(Outcome.ERROR, "flow identity already in use")  # random ports collided
-        trace = _Trace(flow)
+        trace = _Trace(flow, tracepkt.ProbeTemplate(flow))
         self._traces[key] = trace
         return trace
 
@@ -390,7 +392,7 @@ class TraceSocket:
                 probe.done.set_result(None)
 
     def send(self, trace: _Trace, identity: int, ttl: int, query: int, timeout_s: float) -> _Probe:
-        packet = tracepkt.build_probe(trace.flow, identity, ttl)
+        packet = trace.template.probe(identity, ttl)
         probe = _Probe(ttl=ttl, query=query, done=self._loop.create_future())
         trace.probes[identity] = probe
         probe.sent_perf_ns = time.perf_counter_ns()

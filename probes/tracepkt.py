@@ -139,6 +139,70 @@ def build_probe(flow: Flow, identity: int, ttl: int) -> bytes:
     return bytes(ip / tcp)
 
 
+def _ones_sum(*words: int) -> int:
+    total = 0
+    for w in words:
+        total = ones_add(total, w & 0xFFFF)
+    return total
+
+
+def _update(checksum: int, changes: list[tuple[int, int]]) -> int:
+    """RFC 1624 incremental update of ``checksum`` for 16-bit words changed (old, new)."""
+    total = ~checksum & 0xFFFF
+    for old, new in changes:
+        total = _ones_sum(total, ~old & 0xFFFF, new)
+    return ~total & 0xFFFF
+
+
+class ProbeTemplate:
+    """Probes of one flow made from one packet scapy built (pure): each probe is that packet with
+    its TTL, identity and the words that follow from them patched in, the checksums kept right
+    incrementally (RFC 1624). Gives the same bytes as :func:`build_probe` at a fraction of its
+    cost (scapy builds a packet in about 0.3–0.8 ms)."""
+
+    def __init__(self, flow: Flow) -> None:
+        self.flow = flow
+        self._packet = build_probe(flow, 1, 1)
+        self._l4 = 40 if flow.ipv6 else (self._packet[0] & 0x0F) * 4
+        self._base = probe_fields(flow, 1)
+
+    def probe(self, identity: int, ttl: int) -> bytes:
+        f = probe_fields(self.flow, identity)
+        p = bytearray(self._packet)
+        t = self._l4
+        if self.flow.ipv6:
+            p[7] = ttl
+        else:
+            p[8] = ttl
+            struct.pack_into("!H", p, 4, identity)
+            struct.pack_into("!H", p, 10, 0)
+            struct.pack_into("!H", p, 10, internet_checksum(bytes(p[:t])))
+        method = self.flow.method
+        if method == "icmp":
+            old_seq, old_word = struct.unpack_from("!HH", p, t + 6)
+            word = (~f["seq"] & 0xFFFF) if self.flow.paris else 0
+            struct.pack_into("!HH", p, t + 6, f["seq"], word)
+            (csum,) = struct.unpack_from("!H", p, t + 2)
+            struct.pack_into("!H", p, t + 2, _update(csum, [(old_seq, f["seq"]), (old_word, word)]))
+        elif method == "udp":
+            old_dport, _, old_csum, old_word = struct.unpack_from("!HHHH", p, t + 2)
+            # checksum = ~S; S' = S - old_dport + dport - old_word + word; want ~S' = wanted.
+            word = _ones_sum(~f["checksum"], old_csum, old_dport, ~f["dport"], old_word)
+            word = 0 if word == 0xFFFF else word
+            struct.pack_into("!H", p, t + 2, f["dport"])
+            struct.pack_into("!H", p, t + 6, f["checksum"])
+            struct.pack_into("!H", p, t + 8, word)
+        else:
+            old_sport, _, old_hi, old_lo = struct.unpack_from("!HHHH", p, t)
+            hi, lo = f["seq"] >> 16, f["seq"] & 0xFFFF
+            struct.pack_into("!H", p, t, f["sport"])
+            struct.pack_into("!I", p, t + 4, f["seq"])
+            (csum,) = struct.unpack_from("!H", p, t + 16)
+            changes = [(old_sport, f["sport"]), (old_hi, hi), (old_lo, lo)]
+            struct.pack_into("!H", p, t + 16, _update(csum, changes))
+        return bytes(p)
+
+
 # ---------------------------------------------------------------- replies
 
 

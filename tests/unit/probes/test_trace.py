@@ -87,6 +87,23 @@ def test_paris_keeps_what_balancers_hash_and_classic_does_not(dst: str, src: str
         assert len(hashed(method, False)) == 39, method  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("method", ["icmp", "udp", "tcp"])
+@pytest.mark.parametrize("paris", [True, False])
+@pytest.mark.parametrize("dst,src", [("10.91.7.2", "10.91.1.2"), ("2001:db8::2", "2001:db8::1")])
+def test_the_template_makes_the_bytes_scapy_makes(method: tracepkt.Method, paris: bool, dst: str, src: str) -> None:
+    """The probes the trace sends (patched copies of one scapy packet) equal scapy's own, byte for byte."""
+    rnd = random.Random(f"{method}{paris}{dst}")
+    for sport in (33000, rnd.randrange(33000, 61000)):
+        f = tracepkt.Flow(
+            method=method, src=src, dst=dst, sport=sport, dport=80 if method == "tcp" else 33434, paris=paris
+        )
+        template = tracepkt.ProbeTemplate(f)
+        for identity, ttl in [(1, 1), (tracepkt.MAX_IDENTITY, 64)] + [
+            (rnd.randrange(1, tracepkt.MAX_IDENTITY + 1), rnd.randrange(1, 65)) for _ in range(25)
+        ]:
+            assert template.probe(identity, ttl) == tracepkt.build_probe(f, identity, ttl), (identity, ttl)
+
+
 def test_udp_identity_is_the_checksum() -> None:
     for identity in (1, 2, 0x1234, tracepkt.MAX_IDENTITY):
         packet = tracepkt.build_probe(flow("udp"), identity, 3)
