@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
+import msgspec
 import pytest
+from aiohttp import web
 
 from edgeprobe.advise import influxql
 from edgeprobe.advise.influxql import AdviseError
+from edgeprobe.collector.config import InfluxConfig
+from edgeprobe.configfile import Secret
 
 ANSWERS = json.loads((Path(__file__).parent / "data" / "influx16_answers.json").read_text())
 
@@ -92,3 +97,67 @@ def test_statement_errors_become_one_line() -> None:
 def test_not_a_result(answer: object) -> None:
     with pytest.raises(AdviseError, match="not a query result"):
         influxql.parse_inference(answer)
+
+
+# ----- the HTTP call, against a stand-in server on loopback ------------------------------------------
+
+
+async def _serve(handler: Any) -> tuple[web.AppRunner, str]:
+    app = web.Application()
+    app.router.add_post("/query", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    return runner, f"http://127.0.0.1:{port}"
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "needle"),
+    [
+        (401, b'{"error":"authorization failed"}', "HTTP 401: authorization failed (check the credentials)"),
+        (500, b'{"error":"boom"}', "HTTP 500: boom"),
+        (200, b"<html>not influx</html>", "not JSON"),
+        (200, json.dumps(ANSWERS["missing_database"]).encode(), "database 'edgeprobe' not found"),
+    ],
+)
+async def test_http_failures_are_one_line(status: int, body: bytes, needle: str) -> None:
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(status=status, body=body)
+
+    runner, url = await _serve(handler)
+    try:
+        with pytest.raises(AdviseError) as err:
+            await influxql.query(InfluxConfig(url=url), "SELECT 1")
+    finally:
+        await runner.cleanup()
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+async def test_request_carries_database_epoch_and_credentials_never_shown() -> None:
+    seen: dict[str, Any] = {}
+
+    async def handler(request: web.Request) -> web.Response:
+        seen.update(
+            query=dict(request.query), form=dict(await request.post()), auth=request.headers.get("Authorization")
+        )
+        return web.Response(status=401, body=b'{"error":"authorization failed"}')
+
+    runner, url = await _serve(handler)
+    cfg = msgspec.convert(
+        {"api": "v2", "url": url, "org": "o", "bucket": "b1", "token": "s3cr3t"}, InfluxConfig, dec_hook=_secret
+    )
+    try:
+        with pytest.raises(AdviseError) as err:
+            await influxql.query(cfg, 'SELECT "ttft_ms" FROM "edgeprobe_inference"')
+    finally:
+        await runner.cleanup()
+    assert seen["query"] == {"db": "b1", "epoch": "ns"}  # v2: the bucket through the v1-compatible /query
+    assert seen["form"] == {"q": 'SELECT "ttft_ms" FROM "edgeprobe_inference"'}
+    assert seen["auth"] == "Token s3cr3t"
+    assert "s3cr3t" not in str(err.value)
+
+
+def _secret(typ: type, obj: Any) -> Any:
+    return Secret(obj)
