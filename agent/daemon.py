@@ -259,6 +259,8 @@ async def run_agent(
             def start_summary(interval_s: float, until: asyncio.Event) -> asyncio.Task[None] | None:
                 if interval_s <= 0:
                     return None
+                if halt.is_set():  # a reload that finished while the agent was stopping
+                    until.set()
                 return asyncio.create_task(
                     supervised(
                         "summary",
