@@ -76,3 +76,43 @@ async def test_a_reload_that_tightens_the_policy_stops_the_central_job_it_refuse
         await clear(fleet, topic)
     seqs = [o.seq for o in seen]
     assert sorted(seqs) == list(range(len(seqs))), "one sequence for file and central jobs, none repeated"
+
+
+async def test_a_reload_whose_file_jobs_break_the_policy_is_refused(
+    fleet: Fleet, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With ``policy.apply_to_file_jobs``, a reloaded file whose jobs the (new) policy refuses is
+    refused whole, as it would be at start: one ERROR line, and the jobs in force go on."""
+    sock, port = listener()
+    raw: dict[str, Any] = fleet.agent_cfg("a3", jobs=[tcp_job("own", [f"127.0.0.1:{port}"], interval_s=0.6)])
+    raw["policy"] = {"allow_cidrs": ["127.0.0.0/8"], "apply_to_file_jobs": True}
+    files = {"now": raw}
+
+    def loader() -> tuple[AgentConfig, list[Job]]:
+        cfg = convert(files["now"], AgentConfig, "agent.yaml")
+        return cfg, build_jobs(cfg, "agent.yaml")
+
+    cfg, jobs = loader()
+    seen: list[Observation] = []
+    stop = asyncio.Event()
+    started: asyncio.Future[AgentHandles] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(
+        run_agent(cfg, jobs, stop=stop, started=started, tap=seen.append, reload=("agent.yaml", loader))
+    )
+    try:
+        handles = await asyncio.wait_for(started, 10)
+        assert handles.request_reload is not None
+        await wait_until(lambda: len(seen) >= 1, 10, "the file job running")
+        files["now"] = {**raw, "policy": {"apply_to_file_jobs": True}}  # loopback no longer allowed
+        with caplog.at_level("ERROR", logger="edgeprobe.agent"):
+            handles.request_reload()
+            await wait_until(lambda: "reload refused" in caplog.text, 10, "the refusal")
+        refused = "agent.yaml: policy.apply_to_file_jobs: the file's jobs break this agent's policy: "
+        assert refused + f"job 'own' (tcp) target '127.0.0.1:{port}': policy_loopback" in caplog.text
+        n = len(seen)
+        await wait_until(lambda: len(seen) >= n + 2, 10, "the file job still running")
+        assert all(o.outcome == "ok" for o in seen[n:]), "its connections are still allowed"
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 20)
+        sock.close()
