@@ -10,7 +10,7 @@ the size before parsing, the topic, JSON, the schema version and shape, that the
 topic's site and agent, then each observation's kind, values and timestamps): a bad message or
 observation is counted by reason and shown below the table, never fatal. Bounded: a message up to
 :data:`MAX_MESSAGE_BYTES`, at most :data:`MAX_QUEUED` messages waiting to be read (beyond that the
-client drops them), at most :data:`edgeprobe.livetable.MAX_ROWS` rows. Every cell is
+client drops them; counted below the table), at most :data:`edgeprobe.livetable.MAX_ROWS` rows. Every cell is
 terminal-safe (:mod:`edgeprobe.livetable`).
 """
 
@@ -39,7 +39,7 @@ from edgeprobe.termtext import term_safe
 log = logging.getLogger("edgeprobe.watch")
 
 MAX_MESSAGE_BYTES: Final = 1024 * 1024  # the collector's default limits.max_message_bytes
-MAX_QUEUED: Final = 10_000  # messages received and not yet read; more are dropped
+MAX_QUEUED: Final = 256  # messages received and not yet read (≤ 256 MiB); more are dropped and counted
 
 
 @dataclass
@@ -49,6 +49,7 @@ class WatchStats:
     filtered: int = 0  # observations of agents that --where left out
     agents: set[str] = field(default_factory=set)
     skipped: Counter[str] = field(default_factory=Counter)  # by the collector's reject reason
+    dropped: int = 0  # messages the client dropped: more than MAX_QUEUED waiting to be read
 
     def footer(self, dropped_rows: int) -> str:
         """One line under the table (pure): what was seen and what was skipped, and why."""
@@ -60,6 +61,8 @@ class WatchStats:
             text += f"; skipped {sum(self.skipped.values())} invalid ({reasons})"
         if dropped_rows:
             text += f"; {dropped_rows} beyond the row limit not shown"
+        if self.dropped:
+            text += f"; {self.dropped} message(s) dropped (they came faster than they could be read)"
         return text + "."
 
 
@@ -146,17 +149,31 @@ async def watch(
             raise BrokerUnreachable(term_safe(f"broker {broker.url}: {err}", 500))
         log.warning("%s", term_safe(line, 500))
 
-    await run_session(
-        msgspec.structs.replace(broker, client_id=None),  # never someone else's session
-        f"edgeprobe-watch-{uuid.uuid4().hex[:12]}",
-        session,
-        stop=stop,
-        name="watch",
-        log=log,
-        clean_session=True,
-        report=report,
-        max_queued_incoming=MAX_QUEUED,
-    )
+    class CountDrops(logging.Filter):
+        """aiomqtt's warning for each message beyond MAX_QUEUED: counted, not printed over the table."""
+
+        def filter(self, record: logging.LogRecord) -> bool:
+            if record.getMessage().startswith("Message queue is full"):
+                stats.dropped += 1
+                return False
+            return True
+
+    mqtt_log, drops = logging.getLogger("mqtt"), CountDrops()
+    mqtt_log.addFilter(drops)
+    try:
+        await run_session(
+            msgspec.structs.replace(broker, client_id=None),  # never someone else's session
+            f"edgeprobe-watch-{uuid.uuid4().hex[:12]}",
+            session,
+            stop=stop,
+            name="watch",
+            log=log,
+            clean_session=True,
+            report=report,
+            max_queued_incoming=MAX_QUEUED,
+        )
+    finally:
+        mqtt_log.removeFilter(drops)
 
 
 async def run_watch(

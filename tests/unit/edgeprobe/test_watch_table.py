@@ -49,6 +49,11 @@ def test_take_validates_like_the_collector_and_counts_what_it_skips() -> None:
     )
     take(view, stats, "edgeprobe", topic, envelope([golden("icmp")]), where={"site": "pop2"})
     assert stats.filtered == 1 and stats.observations == 1
+    stats.dropped = 2
+    assert stats.footer(3).endswith(
+        "; 1 of other agents (--where); skipped 4 invalid (bad_json 1, too_large 1, topic_mismatch 1, unknown_kind 1); "
+        "3 beyond the row limit not shown; 2 message(s) dropped (they came faster than they could be read)."
+    )
 
 
 def test_every_cell_is_terminal_safe_and_rows_are_bounded() -> None:
