@@ -1025,11 +1025,26 @@ def collector_dead_letters_replay(config_path: str, reason: str | None, dry_run:
     "--keep", "keep_dir", metavar="DIR",
     help="Keep mosquitto's and InfluxDB's data in DIR, on the same ports every run; print how to see it in Grafana.",
 )  # fmt: skip
-def demo(duration_s: float | None, interval_s: float, keep_dir: str | None) -> None:
-    """Run the whole pipeline locally (mosquitto, InfluxDB, collector, agent) with a live view."""
-    from edgeprobe.demo import main as demo_main
+@click.option(
+    "--summary-json", "summary_json", metavar="FILE", type=click.Path(dir_okay=False),
+    help="WAN lab demo: write the per-PoP summary (distances, RTTs, TTFTs, ratios) to FILE as JSON.",
+)  # fmt: skip
+@click.option("--loopback", is_flag=True, help="The loopback demo even as root (no WAN lab).")
+@click.option("--lab-name", default="demo", show_default=True, hidden=True, help="The WAN lab's name (tests).")
+def demo(
+    duration_s: float | None,
+    interval_s: float,
+    keep_dir: str | None,
+    summary_json: str | None,
+    loopback: bool,
+    lab_name: str,
+) -> None:
+    """Run the whole pipeline locally with a live view: as root on a WAN lab of network namespaces
+    (PoPs in New York, Chicago, Frankfurt; edge, regional and central inference endpoints at real
+    distances), else on loopback (mosquitto, InfluxDB, collector, agent)."""
+    from edgeprobe.labdemo import main as demo_main
 
-    sys.exit(demo_main(duration_s, interval_s, keep_dir))
+    sys.exit(demo_main(duration_s, interval_s, keep_dir, summary_json, lab_name, loopback=loopback))
 
 
 main.add_command(lab_group)  # edgeprobe lab up/down/exec/ls (src/edgeprobe/lab/command.py)

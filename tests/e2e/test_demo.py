@@ -33,7 +33,10 @@ def children_of(pid: int) -> list[int]:
 
 def run_demo(args: list[str], stop_with: signal.Signals | None) -> tuple[int, str, list[int]]:
     exe = str(Path(sys.executable).with_name("edgeprobe"))
-    proc = subprocess.Popen([exe, "demo", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # --loopback: the loopback demo also as root (as root, `edgeprobe demo` builds the WAN lab)
+    proc = subprocess.Popen(
+        [exe, "demo", "--loopback", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     seen_children: set[int] = set()
     deadline = time.monotonic() + 12
     while time.monotonic() < deadline and proc.poll() is None:
