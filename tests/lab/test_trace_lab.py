@@ -30,6 +30,7 @@ from tests.support.tracelab import (
     sweep,
     traceroute_problem,
     traceroute_rtts,
+    v6,
 )
 
 pytestmark = pytest.mark.lab
@@ -48,14 +49,14 @@ def tlab() -> Iterator[TraceLab]:
         yield made
 
 
-def ours(lab: TraceLab, config: dict[str, Any], *, runs: int = 1) -> list[dict[str, Any]]:
-    proc = lab.python("c", "-m", "tests.support.tracerun", SERVER, json.dumps(config), "--runs", str(runs))
+def ours(lab: TraceLab, config: dict[str, Any], *, runs: int = 1, to: str = SERVER) -> list[dict[str, Any]]:
+    proc = lab.python("c", "-m", "tests.support.tracerun", to, json.dumps(config), "--runs", str(runs))
     assert proc.returncode == 0, proc.stderr[-2000:]
     return [json.loads(line) for line in proc.stdout.splitlines()]
 
 
-def traceroute(lab: TraceLab, *args: str) -> str:
-    proc = lab.run("c", ["traceroute", "-n", *args, SERVER])
+def traceroute(lab: TraceLab, *args: str, to: str = SERVER) -> str:
+    proc = lab.run("c", ["traceroute", "-n", *args, to])
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 
@@ -70,14 +71,17 @@ def hop_addresses(per_query: list[list[str | None]]) -> list[str | None]:
     return out
 
 
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
 @pytest.mark.parametrize("method", ["icmp", "udp", "tcp"])
-def test_the_hop_list_equals_traceroute_s(tlab: TraceLab, method: str) -> None:
+def test_the_hop_list_equals_traceroute_s(tlab: TraceLab, method: str, family: str) -> None:
     tlab.set_ecmp(False)
-    theirs = hop_addresses(parse_traceroute(traceroute(tlab, FLAG[method], "-w", "1")))
-    (run,) = ours(tlab, {"method": method, "timeout_s": 0.5})
+    six = family == "ipv6"
+    to = v6(SERVER) if six else SERVER
+    theirs = hop_addresses(parse_traceroute(traceroute(tlab, FLAG[method], *(["-6"] if six else []), "-w", "1", to=to)))
+    (run,) = ours(tlab, {"method": method, "timeout_s": 0.5}, to=to)
     assert run["outcome"] == "ok", run["reason"]
     mine = [h["address"] for h in run["hops"]]
-    assert mine == theirs == EXPECTED
+    assert mine == theirs == [v6(a) if six and a else a for a in EXPECTED]
     assert run["reached"] and run["hop_count"] == 5 and run["silent_hops"] == 1
     assert run["hops"][2]["loss_ratio"] == 1.0 and run["hops"][2]["rtts_ms"] == [None] * 3
     assert run["largest_step_ttl"] == 4 and run["largest_step_ms"] > 2 * DELAY_MS * 0.8
@@ -109,7 +113,7 @@ def test_paris_keeps_one_path_per_flow_where_classic_mixes(tlab: TraceLab) -> No
     try:
         for method in ("udp", "tcp"):
             # Only hops 1 and 2 matter here (max_hops 2): nothing waits on the silent hop.
-            paris = ours(tlab, {"method": method, "queries": 6, "max_hops": 2, "timeout_s": 0.5}, runs=4)
+            paris = ours(tlab, {"method": method, "queries": 6, "max_hops": 2, "timeout_s": 0.5}, runs=3)
             assert all(len(run["hops"][1]["addresses"]) == 1 for run in paris), method
             assert all(run["multipath_hops"] == 0 for run in paris)
             classic = ours(
@@ -169,3 +173,21 @@ def test_without_cap_net_raw_one_line_error() -> None:
         "edgeprobe trace 127.0.0.1: permission_denied: trace needs raw sockets: CAP_NET_RAW (root, or the "
         "service's AmbientCapabilities=CAP_NET_RAW: edgeprobe init systemd)"
     ]
+
+
+def test_the_cli(tlab: TraceLab) -> None:
+    """edgeprobe trace: --json with hops as objects, -c N the mtr-style table (the traceroute-like
+    lines are render's: tests/unit/probes/test_trace.py)."""
+    tlab.set_ecmp(False)
+    edgeprobe = str(ROOT / ".venv" / "bin" / "edgeprobe")
+    proc = tlab.run("c", [edgeprobe, "trace", SERVER, "-w", "0.5", "-q", "2", "--json"])
+    assert proc.returncode == 0, proc.stderr
+    (obj,) = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [h["address"] for h in obj["hops"]] == EXPECTED and obj["target"] == SERVER
+    assert obj["hops"][2] == {
+        "ttl": 3, "address": None, "addresses": [], "rtts_ms": [None, None], "loss_ratio": 1.0, "rtt_min_ms": None,
+        "rtt_avg_ms": None, "rtt_max_ms": None, "quoted_ttl": None, "icmp": None, "mpls": [], "asn": None, "ixp": None,
+    }  # fmt: skip
+    proc = tlab.run("c", [edgeprobe, "trace", SERVER, "-w", "0.3", "-q", "1", "-c", "2"])
+    assert proc.returncode == 0, proc.stderr
+    assert "2 of 2 cycles" in proc.stdout and "???" in proc.stdout and SERVER in proc.stdout
