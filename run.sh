@@ -100,6 +100,7 @@ ensure_system_packages() {
     have unbound || [ -x /usr/sbin/unbound ] || missing+=(unbound)  # a local DNS server for the dns probe's tests
     have traceroute || [ -x /usr/sbin/traceroute ] || missing+=(traceroute)  # the trace probe's reference (lab tests)
     have iptables || [ -x /usr/sbin/iptables ] || missing+=(iptables)  # the trace lab's silent router
+    have ip || [ -x /usr/sbin/ip ] || [ -x /sbin/ip ] || missing+=(iproute2)  # network namespaces: edgeprobe lab, the demo
     if [ ${#missing[@]} -gt 0 ]; then
         apt_install "${missing[@]}"
         local -a services=()
