@@ -42,6 +42,7 @@ from edgeprobe.schema import (
     NAME_RE,
     SUPPORTED_VERSIONS,
     AgentHealth,
+    Envelope,
     Observation,
     RawEnvelope,
     parse_agent_topic,
@@ -132,6 +133,8 @@ class _Head(msgspec.Struct):
     v: int
 
 
+_ENVELOPE: Final = msgspec.json.Decoder(Envelope)
+_RAW_ENVELOPE: Final = msgspec.json.Decoder(RawEnvelope)
 
 
 def _printable(text: str) -> str:
@@ -209,6 +212,13 @@ def decode_observation(
         except _JSON_ERRORS:
             pass
         return Reject(BAD_OBSERVATION, _short(str(err) or type(err).__name__), _short_id(oid), index)
+    return check_observation(obs, kinds, index, now_ns=now_ns)
+
+
+def check_observation(
+    obs: Observation, kinds: Mapping[str, AnyKind], index: int = 0, *, now_ns: int | None = None
+) -> Observation | Reject:
+    """An observation of the v1 shape, validated and with its fields normalised, or a reject."""
     oid = _short_id(obs.id)
     kind = kinds.get(obs.kind)
     if kind is None:
@@ -278,15 +288,22 @@ def decode_message(
     if names is None:
         return _whole(BAD_TOPIC, f"not an observation topic: {topic[:100]!r}")
     topic_site, topic_agent = names
-    head = _head(payload)
-    if isinstance(head, Reject):
-        return _whole_reject(head)
+    # Parsed once: the common case (every observation of the v1 shape) decodes in one pass; only
+    # what fails is parsed again, to classify it (whole message, then each observation alone).
+    env: Envelope | RawEnvelope
     try:
-        env = msgspec.json.decode(payload, type=RawEnvelope)
-    except msgspec.ValidationError as err:  # JSON, but not of the envelope's shape
-        return _whole(BAD_ENVELOPE, str(err))
-    except _JSON_ERRORS as err:  # _head skipped over it: invalid UTF-8, or too deep
-        return _whole(BAD_JSON, str(err) or type(err).__name__)
+        env = _ENVELOPE.decode(payload)
+    except _JSON_ERRORS:
+        try:
+            env = _RAW_ENVELOPE.decode(payload)
+        except msgspec.ValidationError as err:  # JSON, but not of the envelope's shape
+            head = _head(payload)
+            return _whole_reject(head) if isinstance(head, Reject) else _whole(BAD_ENVELOPE, str(err))
+        except _JSON_ERRORS as err:
+            head = _head(payload)  # broken JSON, or (skipped by _head) invalid UTF-8 or too deep
+            return _whole_reject(head) if isinstance(head, Reject) else _whole(BAD_JSON, str(err) or type(err).__name__)
+    if env.v not in SUPPORTED_VERSIONS:
+        return _whole(UNSUPPORTED_VERSION, f"unsupported schema version {env.v}")
     bad_sender = _check_sender(env.agent, env.site, topic_site, topic_agent)
     if bad_sender is not None:
         return _whole_reject(bad_sender)
@@ -303,8 +320,12 @@ def decode_message(
         bad_batch=not batch_ok,
     )
     out = Decoded(meta=meta, total_observations=len(env.observations))
-    for i, raw in enumerate(env.observations):
-        res = decode_observation(raw, kinds, i, now_ns=now)
+    results = (
+        [check_observation(obs, kinds, i, now_ns=now) for i, obs in enumerate(env.observations)]
+        if isinstance(env, Envelope)
+        else [decode_observation(raw, kinds, i, now_ns=now) for i, raw in enumerate(env.observations)]
+    )
+    for res in results:
         if isinstance(res, Reject):
             out.rejects.append(res)
         else:
