@@ -361,6 +361,132 @@ def encode_sub_points(
     return out
 
 
+# ---- the fast path: one plan per kind, made once ------------------------------------------------
+#
+# encode_batch first tries _encode_common, which writes the same bytes as encode_observation for the
+# common observation (nothing left out) with a plan made once per kind (measurement text, tag fields,
+# the "key=" text of each result field); anything it does not handle exactly like the general
+# path (a value or key that would be left out and counted, a label that clashes, a series key near
+# the limit) makes it return None, and encode_observation writes that observation.
+# tests/unit/collector/test_lineproto_fast.py checks both give identical lines.
+
+_PHYSICS_KEYS: Final = ("distance_km", "floor_rtt_ms", "inflation_ratio", "floor_ttft_ms")
+_FIELD_CLASH_KEYS: Final = frozenset(BASE_FIELD_KEYS) | RESERVED_TAG_KEYS
+_SKIP: Final = ""  # a result key that is a tag field: not a field
+_GENERAL: Final = "\0"  # a result key the general path must handle (left out and counted)
+
+
+@dataclass(slots=True)
+class _Plan:
+    measurement: str  # as line protocol
+    tag_fields: tuple[str, ...]
+    tag_field_set: frozenset[str]
+    common: bool  # False: every observation of this kind takes the general path
+    prefixes: dict[str, str] = field(default_factory=dict)  # result key -> "key=", _SKIP or _GENERAL
+
+    def prefix(self, key: str) -> str:
+        text = self.prefixes.get(key)
+        if text is None:
+            if key in self.tag_field_set:
+                text = _SKIP
+            elif key in _FIELD_CLASH_KEYS or not tag_key_ok(key):
+                text = _GENERAL
+            else:
+                text = _key_text(key) + "="
+            if len(self.prefixes) < 4096:  # result keys come from the kind's struct: a few dozen
+                self.prefixes[key] = text
+        return text
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(measurement: str, tag_fields: tuple[str, ...]) -> _Plan:
+    common = all(name not in RESERVED_TAG_KEYS and tag_key_ok(name) for name in tag_fields)
+    return _Plan(escape_measurement(measurement), tag_fields, frozenset(tag_fields), common)
+
+
+def _float_text(value: Any) -> str | None:
+    number = float(value)
+    return repr(number) if number - number == 0.0 else None  # NaN and ±Inf: the general path
+
+
+def _encode_common(
+    obs: Observation, plan: _Plan, agent: str, site: str, agent_labels: Mapping[str, str] | None
+) -> str | None:
+    """The line of an observation that leaves nothing out, as encode_observation writes it; else None."""
+    result: dict[str, Any] = obs.fields
+    parts = ["id=" + escape_field_string(obs.id), f"seq={obs.seq}i"]
+    text = _float_text(obs.duration_ms)
+    if text is None:
+        return None
+    parts.append("duration_ms=" + text)
+    if obs.sched_lag_ms is not None:
+        text = _float_text(obs.sched_lag_ms)
+        if text is None:
+            return None
+        parts.append("sched_lag_ms=" + text)
+    if obs.overloaded is not None:
+        parts.append("overloaded=true" if obs.overloaded else "overloaded=false")
+    for key in _PHYSICS_KEYS:
+        value = getattr(obs, key)
+        if value is not None:
+            text = _float_text(value)
+            if text is None:
+                return None
+            parts.append(f"{key}={text}")
+    if obs.reason is not None:
+        if type(obs.reason) is not str:
+            return None
+        parts.append("reason=" + escape_field_string(obs.reason))
+    known = plan.prefixes
+    for key, value in result.items():
+        prefix = known.get(key)
+        if prefix is None:
+            prefix = plan.prefix(key)
+        if prefix is _SKIP:
+            continue
+        if prefix is _GENERAL:
+            return None
+        kind = type(value)
+        if kind is float:
+            if value - value != 0.0:
+                return None
+            parts.append(prefix + repr(value))
+        elif kind is int:
+            if not INT64_MIN <= value <= INT64_MAX:
+                return None
+            parts.append(f"{prefix}{value}i")
+        elif kind is str:
+            parts.append(prefix + escape_field_string(value))
+        elif kind is bool:
+            parts.append(prefix + ("true" if value else "false"))
+        elif value is None or kind is list or kind is dict or kind is tuple:
+            continue
+        else:
+            return None
+
+    tags: dict[str, str] = {"agent": agent, "site": site, "target": obs.target, "outcome": obs.outcome}
+    if obs.job is not None:
+        tags["job"] = obs.job
+    for name in plan.tag_fields:
+        tag = _tag_text(result.get(name))
+        if tag is not None:
+            tags[name] = tag
+    if agent_labels or obs.labels:
+        labels = dict(agent_labels or {})
+        labels.update(obs.labels)
+        for key, value in labels.items():
+            # Conservative: any key that might clash (with a field present or not) takes the general path.
+            if key in _FIELD_CLASH_KEYS or key in tags or key in plan.tag_field_set or key in result:
+                return None
+            if not tag_key_ok(key):
+                return None
+            tags[key] = value
+    key_text = plan.measurement + "," + ",".join(f"{_key_text(k)}={escape_tag_value(tags[k])}" for k in sorted(tags))
+    if len(key_text) * 4 > MAX_SERIES_KEY_BYTES and len(key_text.encode("utf-8")) > MAX_SERIES_KEY_BYTES:
+        return None
+    return f"{key_text} {','.join(parts)} {obs.started_at_ns}"
+
+
 @dataclass(slots=True)
 class Batch:
     lines: list[str] = field(default_factory=list)
@@ -390,6 +516,12 @@ def encode_batch(
             for extra in encode_sub_points(obs, kind, agent=agent, site=site, agent_labels=agent_labels):
                 batch.lines.append(extra.line)
                 batch.omitted.update(extra.omitted)
+        plan = _plan(kind.measurement, tuple(kind.tag_fields))
+        if plan.common:
+            line = _encode_common(obs, plan, agent, site, agent_labels)
+            if line is not None:
+                batch.lines.append(line)
+                continue
         enc = encode_observation(
             obs,
             agent=agent,
