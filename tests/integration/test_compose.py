@@ -507,7 +507,7 @@ def check_agreement(c: dict[str, Any]) -> None:
     (provider,) = yaml.safe_load(PROVIDER.read_text())["providers"]
     dash_dir = host_path_for(graf, provider["options"]["path"])
     assert dash_dir == REPO / "grafana" / "dashboards"
-    assert len(list(dash_dir.glob("*.json"))) == 4
+    assert len(list(dash_dir.glob("*.json"))) == 5
     for path in dash_dir.glob("*.json"):
         # Provisioning substitutes no ${DS_...} input: every panel, query and variable names the
         # provisioned datasource by its uid (grafana/import/ is the variant for Grafana's Import).

@@ -112,9 +112,9 @@ def test_the_wheel_holds_the_data_files(built: Built) -> None:
     ):
         assert required in names, required
     dashboards = [n for n in names if re.fullmatch(r"edgeprobe/grafana/dashboards/[^/]+\.json", n)]
-    assert len(dashboards) == 4, dashboards
+    assert len(dashboards) == 5, dashboards
     imports = [n for n in names if re.fullmatch(r"edgeprobe/grafana/import/[^/]+\.json", n)]
-    assert len(imports) == 4, imports
+    assert len(imports) == 5, imports
     with zipfile.ZipFile(built.wheel) as zf:
         for name in (
             "examples/agent.yaml",

@@ -106,8 +106,8 @@ def test_init_out_into_a_missing_directory_or_onto_a_directory(tmp_path: Path) -
 
 def test_export_writes_the_shipped_files_byte_for_byte(tmp_path: Path) -> None:
     shipped = shipped_grafana_files()
-    assert len([p for p in shipped if p.startswith("dashboards/")]) == 4
-    assert len([p for p in shipped if p.startswith("import/")]) == 4
+    assert len([p for p in shipped if p.startswith("dashboards/")]) == 5
+    assert len([p for p in shipped if p.startswith("import/")]) == 5
     assert {"provisioning/datasources/edgeprobe.yaml", "provisioning/dashboards/edgeprobe.yaml"} <= set(shipped)
     root = tmp_path / "grafana-files"  # need not exist yet
     result = run("dashboards", "export", str(root))
