@@ -213,6 +213,9 @@ class CollectorConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, k
     log: LogConfig = LogConfig()  # the one-line summary every log.summary_interval_s
     # The collector's own health point (measurement edgeprobe_health, source=collector); null: off.
     health_interval_s: Annotated[float, msgspec.Meta(gt=0, le=86400)] | None = 10.0
+    # Processes that decode messages and encode their lines (edgeprobe.collector.ingest); null: one
+    # per core; 0 or 1: none, the consumer does it itself.
+    workers: Annotated[int, msgspec.Meta(ge=0, le=64)] | None = None
 
     def __post_init__(self) -> None:
         if not NAME_RE.match(self.name):

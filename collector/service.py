@@ -70,8 +70,8 @@ import logging
 import signal
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar
 
@@ -80,9 +80,10 @@ import aiomqtt
 from edgeprobe.backoff import Backoff
 from edgeprobe.collector.config import RELOADABLE_KEYS, CollectorConfig, collector_client_id
 from edgeprobe.collector.conflicts import ConflictMemory, line_conflict
-from edgeprobe.collector.decode import REASONS, EnvelopeMeta, decode_health, decode_message
+from edgeprobe.collector.decode import REASONS, EnvelopeMeta, decode_health
 from edgeprobe.collector.influx import InfluxWriter, WriteError, make_writer
-from edgeprobe.collector.lineproto import HEALTH_MEASUREMENT, encode_batch, encode_point
+from edgeprobe.collector.ingest import ObsResult, process_chunk, process_obs, split, start_pool, worker_count
+from edgeprobe.collector.lineproto import HEALTH_MEASUREMENT, encode_point
 from edgeprobe.collector.spool import REASON_FIELD_TYPE_CONFLICT, DeadLetter, DeadLetters, Spool, SpoolError
 from edgeprobe.configfile import ConfigError, changed_keys, describe_changes, needs_restart
 from edgeprobe.mqtt import SESSION_LOST, TAKEOVER_SUSPECTED, ack, run_session
@@ -101,6 +102,12 @@ INTERNAL_ERROR = "internal_error"  # a rejected-counter key: processing a messag
 MAX_GROUP_MESSAGES = 1000  # messages taken (and committed) together at most
 CONFIRM_TIMEOUT_S = 10.0  # a confirmation (…/ack) the broker has not acknowledged by then ends the session
 RECENT_WRITES = 1024  # write latencies and batch sizes kept for one health point at most
+# A write waits until its oldest line is this old (or the batch is full): at a few hundred messages
+# a second that is ~20 writes a second instead of one per message, for 50 ms of added delay.
+WRITE_LINGER_S = 0.05
+# Groups carrying less than this much payload are decoded in the consumer: handing them to a
+# worker process would cost more than the work.
+INLINE_MAX_BYTES = 16 * 1024
 
 
 @dataclass
@@ -303,6 +310,9 @@ class _Collector:
         self.on_ready: Callable[[], None] | None = None  # called once, at the first subscription
         self.supervisor: Supervisor | None = None  # restarts crashed tasks; counted in the health point
         self._to_confirm: dict[tuple[str, str], list[str]] = {}  # (site, agent) -> batch ids of this group
+        self.pool: ProcessPoolExecutor | None = None  # decode + encode workers (edgeprobe.collector.ingest)
+        self.workers = 0
+        spool.row_lines = min(spool.row_lines, config.influx.batch_max_lines)  # a batch holds whole rows
         stats.spool_durable = spool.durable
         self._update_gauges()
 
@@ -345,29 +355,65 @@ class _Collector:
             )
 
     def _process_obs(self, topic: str, payload: bytes) -> list[str]:
-        stats, cfg = self.stats, self.config
-        decoded = decode_message(
-            topic,
-            payload,
-            prefix=cfg.broker.topic_prefix,
-            max_bytes=cfg.limits.max_message_bytes,
-            kinds=self.kinds,
+        cfg = self.config
+        result = process_obs(
+            topic, payload, prefix=cfg.broker.topic_prefix, max_bytes=cfg.limits.max_message_bytes, kinds=self.kinds
         )
-        stats.received_observations += decoded.total_observations
-        for rej in decoded.rejects:
+        return self._apply_obs(topic, result)
+
+    def _apply_obs(self, topic: str, result: ObsResult) -> list[str]:
+        """Count, log and note (batch id) what one observation message made; its lines."""
+        stats = self.stats
+        if result.error is not None:  # raised in a worker process (a bug): as process() does inline
+            stats.rejected[INTERNAL_ERROR] += 1
+            if self.rlog.allow(INTERNAL_ERROR):
+                log.error("internal error while processing a message on %r:\n%s", topic[:200], result.error)
+            return []
+        stats.received_observations += result.total_observations
+        for rej in result.rejects:
             what = "message" if rej.observation_id is None and rej.index is None else "observation"
             self._reject(topic, rej.reason, rej.detail, what, f" {rej.observation_id}" if rej.observation_id else "")
-        meta = decoded.meta
+        meta = result.meta
         if meta is not None:
             self._note_batch(meta)
-        if meta is None or not decoded.observations:
+        if meta is None or not result.lines:
             return []
-        batch = encode_batch(
-            decoded.observations, agent=meta.agent, site=meta.site, kinds=self.kinds, agent_labels=meta.labels
+        stats.accepted_observations += len(result.lines)
+        self._omitted(result.omitted, meta.site, meta.agent)
+        return result.lines
+
+    async def _lines_of(self, messages: Sequence[aiomqtt.Message]) -> list[str]:
+        """The lines a group of messages makes, in arrival order; observation messages are decoded
+        and encoded by the worker processes when there are any (the event loop stays free for the
+        flusher and the broker meanwhile), health messages here."""
+        items = [(m.topic.value, _payload_bytes(m.payload)) for m in messages]
+        pool = self.pool
+        health = self._is_health
+        obs = [item for item in items if not health(item[0])]
+        if pool is None or not obs or sum(len(payload) for _, payload in obs) < INLINE_MAX_BYTES:
+            return [line for topic, payload in items for line in self.process(topic, payload)]
+        cfg = self.config
+        loop = asyncio.get_running_loop()
+        parts = split(obs, self.workers)
+        done = await asyncio.gather(
+            *(
+                loop.run_in_executor(pool, process_chunk, part, cfg.broker.topic_prefix, cfg.limits.max_message_bytes)
+                for part in parts
+            )
         )
-        stats.accepted_observations += len(batch.lines)
-        self._omitted(batch.omitted, meta.site, meta.agent)
-        return batch.lines
+        results = iter([r for part in done for r in part])
+        lines: list[str] = []
+        for topic, payload in items:
+            if health(topic):
+                lines.extend(self.process(topic, payload))
+            else:
+                self.stats.received_messages += 1
+                lines.extend(self._apply_obs(topic, next(results)))
+        return lines
+
+    def _is_health(self, topic: str) -> bool:
+        names = parse_agent_topic(self.config.broker.topic_prefix, topic)
+        return names is not None and names[2] == "health"
 
     def _process_health(self, topic: str, payload: bytes) -> list[str]:
         cfg = self.config
@@ -400,8 +446,7 @@ class _Collector:
             raise
         self.stats.spooled_lines += len(lines)
         self._update_gauges()
-        if self.spool.depth >= self.config.influx.batch_max_lines:
-            self.wake.set()
+        self.wake.set()  # the flusher writes at once when no write is in flight (autocorking)
 
     def spool_full(self) -> bool:
         return self.spool.bytes >= self.config.spool.max_bytes
@@ -445,10 +490,8 @@ class _Collector:
     async def take(self, client: aiomqtt.Client, messages: Sequence[aiomqtt.Message]) -> None:
         """Spool a group of messages in one commit, confirm them to their agents (``…/ack``), then
         acknowledge them to the broker in arrival order."""
-        lines: list[str] = []
         self._to_confirm = {}
-        for message in messages:
-            lines.extend(self.process(message.topic.value, _payload_bytes(message.payload)))
+        lines = await self._lines_of(messages)
         if lines:
             await self.spool_append(lines)
         confirm, self._to_confirm = self._to_confirm, {}
@@ -485,7 +528,6 @@ class _Collector:
 
     async def consume(self, stop: asyncio.Event) -> None:
         """Hold the MQTT session until ``stop`` is set, reconnecting as needed."""
-        broker = self.config.broker
 
         async def session(client: aiomqtt.Client) -> None:
             await self._session(client, stop)
@@ -497,6 +539,25 @@ class _Collector:
                 "could take this collector's persistent session over",
                 client_id,
             )
+        # Worker processes decode and encode (registry kinds only: a test's own kinds stay inline).
+        self.workers = worker_count(self.config.workers) if self.kinds is _registry_kinds() else 0
+        if self.workers:
+            self.pool = await asyncio.get_running_loop().run_in_executor(None, start_pool, self.workers)
+        try:
+            await self._run_session(client_id, expect_session, session, stop)
+        finally:
+            if self.pool is not None:
+                self.pool.shutdown(wait=False, cancel_futures=True)
+                self.pool = None
+
+    async def _run_session(
+        self,
+        client_id: str,
+        expect_session: bool,
+        session: Callable[[aiomqtt.Client], Awaitable[None]],
+        stop: asyncio.Event,
+    ) -> None:
+        broker = self.config.broker
         await run_session(
             broker,
             client_id,
@@ -680,9 +741,13 @@ class _Collector:
         backoff = Backoff(influx.retry_min_s, influx.retry_max_s)
         while True:
             if not self.pending:
-                if self.spool.depth < influx.batch_max_lines and not self.stopping.is_set():
+                # Autocorking: nothing is in flight here, so what the spool holds is written (up to
+                # batch_max_lines) once its oldest line has lingered WRITE_LINGER_S; while a write is
+                # in flight, the next batch gathers.
+                if self.spool.depth == 0 and not self.stopping.is_set():
                     self.wake.clear()
                     await _sleep_unless(self.wake, influx.flush_interval_s)
+                await self._linger()
                 if self.spool.depth == 0:
                     if self.stopping.is_set():
                         return
@@ -718,9 +783,7 @@ class _Collector:
                     if len(chunk) == 1:
                         await self._dead_letter(chunk[0], through, err, backoff)
                     else:
-                        mid = len(chunk) // 2
-                        self.pending.appendleft((chunk[mid:], through))
-                        self.pending.appendleft((chunk[:mid], chunk[mid - 1][0]))
+                        self._halve(chunk, through)
                     continue
                 self.stats.write_retries += 1
                 if err.status == 404:
@@ -729,9 +792,7 @@ class _Collector:
                     # Maybe the batch is too large to be written in influx.timeout_s: halve it (in
                     # order) so a size-induced timeout can't repeat forever.
                     self.pending.popleft()
-                    mid = len(chunk) // 2
-                    self.pending.appendleft((chunk[mid:], through))
-                    self.pending.appendleft((chunk[:mid], chunk[mid - 1][0]))
+                    self._halve(chunk, through)
                 delay = backoff.next_delay_s()
                 self.rlog.warning(
                     "write", "writing %d lines failed: %s; retrying in %.1f s", len(chunk), err.message, delay
@@ -746,6 +807,24 @@ class _Collector:
             self.pending.popleft()
             await self._forget_through(through, backoff)
             backoff.reset()
+
+    async def _linger(self) -> None:
+        """Let a small batch wait until its oldest line is WRITE_LINGER_S old (not when stopping)."""
+        depth, oldest = self.spool.depth, self.spool.oldest_at_ns
+        if self.stopping.is_set() or oldest is None or not 0 < depth < self.config.influx.batch_max_lines:
+            return
+        wait_s = WRITE_LINGER_S - (time.time_ns() - oldest) / 1e9
+        if wait_s > 0:
+            await asyncio.sleep(min(wait_s, WRITE_LINGER_S))
+
+    def _halve(self, chunk: list[tuple[int, str]], through: int) -> None:
+        """Put ``chunk`` back as two halves, in order. A spool row holds several lines: the first
+        half may clear the spool only through the rows it holds whole (a row split between the
+        halves goes with the second), so no line still to write leaves the spool early."""
+        mid = len(chunk) // 2
+        first_through = chunk[mid - 1][0] if chunk[mid][0] != chunk[mid - 1][0] else chunk[mid][0] - 1
+        self.pending.appendleft((chunk[mid:], through))
+        self.pending.appendleft((chunk[:mid], first_through))
 
     async def _set_aside_conflicts(self, backoff: Backoff) -> bool:
         """Dead-letter the lines of the batch at hand that meet a remembered field type conflict,
@@ -848,6 +927,12 @@ def _check_granted(granted: Sequence[Any], topics: str | Sequence[str], qos: int
             raise aiomqtt.MqttError(f"the broker refused the subscription to {topic!r} ({code})")
         if value < qos:
             log.warning("the broker granted QoS %d for %r instead of %d", value, topic, qos)
+
+
+def _registry_kinds() -> Mapping[str, AnyKind]:
+    from edgeprobe.probes.registry import KINDS
+
+    return KINDS
 
 
 def _payload_bytes(payload: Any) -> bytes:

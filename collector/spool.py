@@ -9,7 +9,14 @@ forget, and the next start drains the spool first, oldest first.
 
 One table, ``lines(seq INTEGER PRIMARY KEY AUTOINCREMENT, received_at_ns, line)``: ``seq`` is
 the order of arrival and never reused, so "everything up to seq N is written" is one
-``DELETE … WHERE seq <= N``. A line written to InfluxDB whose deletion did not commit (a crash in
+``DELETE … WHERE seq <= N``. A row holds up to :data:`ROW_LINES` lines committed together: as
+``\\x1e`` + a JSON array of them (a line may hold any character, a newline in a string field
+included, so they are not joined by one); a row without that mark is one line (the layout of
+files written before rows held several, read as they are). Rows of many lines make a commit and
+a read cost per row, not per point. :attr:`Spool.depth` counts lines; a reader takes whole rows,
+so the flusher clears a row only once all its lines are written (see ``flush_loop``).
+
+A line written to InfluxDB whose deletion did not commit (a crash in
 between) is written again on restart; points are keyed by measurement, tags and timestamp, so it
 overwrites itself instead of duplicating.
 
@@ -47,6 +54,7 @@ import contextlib
 import fcntl
 import json
 import os
+import sqlite3
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -54,6 +62,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+import msgspec
 
 from edgeprobe.sqlqueue import (
     QueueLayout,
@@ -78,6 +88,7 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = 1
+ROW_LINES = 100  # lines stored together in one spool row at most (default)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +107,9 @@ class Spool(SqliteQueue[str]):
     OPEN_HINT = "set spool.path to a writable place, or to null for an in-memory spool"
     LOCKED_HINT = "each collector needs a spool.path of its own"
 
+    _lines = 0
+    row_lines = ROW_LINES  # lines one append puts in a row at most (the collector: <= influx.batch_max_lines)
+
     def open(self) -> Spool:
         """Create or open the file, take the lock, and load the depth of what a previous run left.
 
@@ -103,6 +117,15 @@ class Spool(SqliteQueue[str]):
         """
         self.open_queue()
         return self
+
+    def _load(self) -> None:
+        super()._load()
+        self._lines = self._count_lines(0, None)
+
+    @property
+    def depth(self) -> int:
+        """Lines waiting (as of the last commit)."""
+        return self._lines
 
     def _payload(self, raw: Any) -> str:
         return str(raw)
@@ -115,11 +138,62 @@ class Spool(SqliteQueue[str]):
         if not lines:
             return
         at_ns = time.time_ns() if received_at_ns is None else received_at_ns
-        self.append_rows([(at_ns, line) for line in lines])
+        step = max(1, self.row_lines)
+        self.append_rows([(at_ns, _row(lines[i : i + step])) for i in range(0, len(lines), step)])
+        self._lines += len(lines)
 
     def peek(self, limit: int) -> list[tuple[int, str]]:
-        """Up to ``limit`` of the oldest lines as ``(seq, line)``, oldest first."""
-        return [(row.seq, row.payload) for row in self.read_oldest(limit)]
+        """Up to ``limit`` of the oldest lines as ``(seq of their row, line)``, oldest first, in whole
+        rows (more than ``limit`` only when the first row alone holds more)."""
+        out: list[tuple[int, str]] = []
+        after = 0
+        while len(out) < limit:
+            rows = self.read_oldest(max(1, -(-(limit - len(out)) // self.row_lines)), after=after)
+            if not rows:
+                break
+            for row in rows:
+                lines = _row_lines(row.payload)
+                if out and len(out) + len(lines) > limit:
+                    return out
+                out.extend((row.seq, line) for line in lines)
+                after = row.seq
+        return out
+
+    def delete_through(self, seq: int) -> int:
+        """Remove every row up to and including ``seq``; returns how many lines they held."""
+        lines = self._count_lines(0, seq)
+        super().delete_through(seq)
+        self._lines -= lines
+        return lines
+
+    def _count_lines(self, after: int, through: int | None) -> int:
+        lay = self.LAYOUT
+        where = f"WHERE {lay.seq} > ?" + (f" AND {lay.seq} <= ?" if through is not None else "")
+        args = (after,) if through is None else (after, through)
+        try:
+            (count,) = self.conn.execute(
+                f"SELECT COALESCE(SUM(CASE WHEN substr({lay.payload}, 1, 1) = char(30)"
+                f" THEN json_array_length(substr({lay.payload}, 2)) ELSE 1 END), 0) FROM {lay.table} {where}",
+                args,
+            ).fetchone()
+        except sqlite3.Error as err:
+            raise self._translate("read", err) from err
+        return int(count)
+
+
+_ROW_MARK = "\x1e"  # a row of several lines: the mark, then a JSON array of them
+_encode_lines = msgspec.json.Encoder().encode
+_decode_lines = msgspec.json.Decoder(list[str]).decode
+
+
+def _row(lines: Sequence[str]) -> str:
+    if len(lines) == 1 and not lines[0].startswith(_ROW_MARK):
+        return lines[0]
+    return _ROW_MARK + _encode_lines(lines).decode("utf-8")
+
+
+def _row_lines(payload: str) -> list[str]:
+    return _decode_lines(payload[1:]) if payload.startswith(_ROW_MARK) else [payload]
 
 
 def rfc3339_ns(at_ns: int) -> str:
