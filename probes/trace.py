@@ -329,15 +329,39 @@ def _flow_key(method: str, dst: str, base_port: int) -> tuple[str, str, int]:
 class TraceSocket:
     """Raw sockets of one family shared by every trace of a :class:`ProbeContext`."""
 
-    def __init__(self, ipv6: bool, send: socket.socket, receivers: list[socket.socket]) -> None:
+    def __init__(self, ipv6: bool, send: socket.socket, icmp: socket.socket) -> None:
         self.ipv6 = ipv6
         self._send = send
-        self._receivers = receivers
+        self._icmp = icmp
+        # Every TCP segment of the host arrives on a raw TCP socket: it is open only while a tcp
+        # trace runs (opened by the first, closed with the last).
+        self._tcp: socket.socket | None = None
         self._traces: dict[tuple[str, str, int], _Trace] = {}
         self._loop = asyncio.get_running_loop()
         self._buf = bytearray(65600)
-        for sock in receivers:
-            self._loop.add_reader(sock.fileno(), self._on_readable, sock)
+        self._loop.add_reader(icmp.fileno(), self._on_readable, icmp)
+
+    @staticmethod
+    def _receiver(sock: socket.socket) -> socket.socket:
+        sock.setblocking(False)
+        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        return sock
+
+    def _tcp_needed(self, needed: bool) -> None:
+        if needed and self._tcp is None:
+            family = socket.AF_INET6 if self.ipv6 else socket.AF_INET
+            tcp = socket.socket(family, socket.SOCK_RAW, socket.IPPROTO_TCP)
+            try:
+                self._tcp = self._receiver(tcp)
+            except BaseException:
+                tcp.close()
+                raise
+            self._loop.add_reader(tcp.fileno(), self._on_readable, tcp)
+        elif not needed and self._tcp is not None:
+            self._loop.remove_reader(self._tcp.fileno())
+            self._tcp.close()
+            self._tcp = None
 
     @classmethod
     async def open(cls, *, ipv6: bool) -> TraceSocket:
@@ -358,15 +382,7 @@ class TraceSocket:
             else:
                 passed = sum(1 << t for t in (0, 3, 11))
                 icmp.setsockopt(SOL_RAW, ICMP_FILTER, struct.pack("=I", ~passed & 0xFFFFFFFF))
-            tcp = socket.socket(family, socket.SOCK_RAW, socket.IPPROTO_TCP)
-            opened.append(tcp)
-            for sock in (icmp, tcp):
-                sock.setblocking(False)
-                sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-            # Every TCP segment of the host arrives on the raw TCP socket too: it is read and
-            # dropped unparsed unless a tcp trace runs.
-            return cls(ipv6, send, [icmp, tcp])
+            return cls(ipv6, send, cls._receiver(icmp))
         except BaseException:
             for sock in opened:
                 sock.close()
@@ -377,6 +393,8 @@ class TraceSocket:
         if key in self._traces:
             raise ProbeFailure(Outcome.ERROR, "flow identity already in use")  # random ports collided
         trace = _Trace(flow, tracepkt.ProbeTemplate(flow))
+        if flow.method == "tcp":
+            self._tcp_needed(True)
         self._traces[key] = trace
         return trace
 
@@ -385,6 +403,8 @@ class TraceSocket:
 
     def unregister(self, trace: _Trace) -> None:
         self._traces.pop(_flow_key(trace.flow.method, trace.flow.dst, trace.flow.sport), None)
+        if trace.flow.method == "tcp" and not any(k[0] == "tcp" for k in self._traces):
+            self._tcp_needed(False)
         for probe in trace.probes.values():
             if probe.timer is not None:
                 probe.timer.cancel()
@@ -425,8 +445,6 @@ class TraceSocket:
             data = bytes(self._buf[:n])
             source = str(addr[0])
             if is_tcp:
-                if not any(k[0] == "tcp" for k in self._traces):
-                    continue
                 reply = tracepkt.parse_tcp(data, source=source) if self.ipv6 else tracepkt.parse_ipv4_tcp(data)
             elif self.ipv6:
                 reply = tracepkt.parse_icmp(data, ipv6=True, source=source.split("%")[0])
@@ -493,12 +511,12 @@ class TraceSocket:
         probe.done.set_result(None)
 
     async def aclose(self) -> None:
-        for sock in self._receivers:
-            self._loop.remove_reader(sock.fileno())
+        self._loop.remove_reader(self._icmp.fileno())
         for trace in list(self._traces.values()):
             self.unregister(trace)
-        for sock in (self._send, *self._receivers):
-            sock.close()
+        self._tcp_needed(False)
+        self._send.close()
+        self._icmp.close()
 
 
 PERMISSION_REASON: Final = (
