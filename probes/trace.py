@@ -15,6 +15,9 @@ socket; replies come in on raw ICMP (and for ``tcp`` raw TCP) sockets shared by 
 them. RTT: the kernel's receive timestamp minus the wall clock just before ``sendto`` (as the
 icmp kind). Needs CAP_NET_RAW: without it the run fails ``permission_denied`` in one line.
 
+A run whose target did not answer fails (``timeout``, or ``unreachable`` when a router said so)
+with every hop it measured kept (:func:`verdict`).
+
 The wire schema's fields are scalars or lists of numbers, so hops travel as parallel per-hop
 lists (``hop_*``, index = TTL - 1) and comma-separated texts (``hop_addresses``: ``*`` for a silent
 hop, ``|`` between several addresses answering at one TTL); :func:`hops_of` turns them back into
@@ -648,9 +651,25 @@ async def probe(target: str, config: TraceConfig, ctx: ProbeContext) -> TraceRes
         memory = await ctx.resource(MEMORY_KEY, _new_memory)
         before = memory.swap((target, config.method, port), result.path_id)
         result.path_changed = None if before is None else before != result.path_id
-    if not any(h.address for h in hops):
-        raise ProbeFailure(Outcome.TIMEOUT, f"no hop answered any of {result.sent} probes", partial=result)
+    failure = verdict(result, hops)
+    if failure is not None:
+        raise ProbeFailure(failure[0], failure[1], partial=result)
     return result
+
+
+def verdict(result: TraceResult, hops: Sequence[tracepath.Hop]) -> tuple[Outcome, str] | None:
+    """None when the target answered; else the failure (pure): ``unreachable`` when a router said
+    so (ICMP destination unreachable from an address that is not the target's), else ``timeout``.
+    The hops measured stay in the result either way."""
+    if result.reached:
+        return None
+    answered = [h for h in hops if h.address is not None]
+    if not answered:
+        return Outcome.TIMEOUT, f"no hop answered any of {result.sent} probes"
+    last = answered[-1]
+    if last.icmp is not None and last.icmp.split("/")[0] in ("1", "3"):  # ICMPv6 / ICMP unreachable
+        return Outcome.UNREACHABLE, f"hop {last.ttl} ({last.address}) answered destination unreachable ({last.icmp})"
+    return Outcome.TIMEOUT, f"target not reached: the last answer came from hop {last.ttl} ({last.address})"
 
 
 # ----- the human view (pure) ---------------------------------------------------------------------

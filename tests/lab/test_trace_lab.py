@@ -22,8 +22,10 @@ import pytest
 from tests.support.netlab import ROOT, lab_problem
 from tests.support.tracelab import (
     EXPECTED,
+    R1,
     R2A,
     R2B,
+    R4,
     SERVER,
     TraceLab,
     parse_traceroute,
@@ -191,3 +193,20 @@ def test_the_cli(tlab: TraceLab) -> None:
     proc = tlab.run("c", [edgeprobe, "trace", SERVER, "-w", "0.3", "-q", "1", "-c", "2"])
     assert proc.returncode == 0, proc.stderr
     assert "2 of 2 cycles" in proc.stdout and "???" in proc.stdout and SERVER in proc.stdout
+
+
+def test_a_target_behind_an_unreachable_route_fails_with_its_hops(tlab: TraceLab) -> None:
+    tlab.set_ecmp(False)
+    far = "10.91.9.1"
+    for role, route in (
+        ("r1", ["10.91.9.0/24", "via", R2A]),
+        ("r3", ["10.91.9.0/24", "via", R4]),
+        ("r4", ["unreachable", "10.91.9.0/24"]),
+    ):
+        proc = tlab.run(role, ["ip", "route", "replace", *route])
+        assert proc.returncode == 0, proc.stderr
+    (run,) = ours(tlab, {"method": "udp", "timeout_s": 0.5}, to=far)
+    assert run["outcome"] == "unreachable", run
+    assert run["reason"].startswith(f"hop 4 ({R4}) answered destination unreachable (3/")
+    assert [h["address"] for h in run["hops"]] == [R1, R2A, None, R4]
+    assert not run["reached"] and run["hop_count"] is None

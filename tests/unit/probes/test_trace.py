@@ -13,6 +13,7 @@ import msgspec
 import pytest
 
 from edgeprobe.probes import trace, tracepath, tracepkt
+from edgeprobe.probes.outcome import Outcome
 from edgeprobe.probes.registry import get_kind
 from edgeprobe.schema import Observation
 
@@ -168,6 +169,44 @@ def test_the_target_s_answers() -> None:
     assert rst is not None and rst.kind == "tcp" and rst.responder == "10.91.7.2"
     assert rst.ack == (struct.unpack_from("!I", tcp_probe, 24)[0] + 1) & 0xFFFFFFFF
     assert rst.sport == 80
+
+
+CAPTURE6 = json.loads((DATA / "trace_capture_v6.json").read_text())["packets"]
+
+
+def captured6(what: str) -> bytes:
+    found = [bytes.fromhex(p["hex"]) for p in CAPTURE6 if p["what"].startswith(what)]
+    assert found, what
+    return found[0]
+
+
+def test_ipv6_replies_captured_in_the_lab() -> None:
+    """ICMPv6 and raw TCP sockets deliver the message without the IPv6 header: strip its 40 bytes."""
+    for method, nh in (("icmp", 58), ("udp", 17), ("tcp", 6)):
+        probe = captured6(f"probe {method} hlim 1")
+        reply = tracepkt.parse_icmp(
+            captured6(f"time-exceeded from fd91:1::1 quoting nh {nh}")[40:], ipv6=True, source="fd91:1::1"
+        )
+        assert reply is not None and (reply.kind, reply.icmp_type, reply.icmp_code) == ("time_exceeded", 3, 0)
+        q = reply.quote
+        assert q is not None and (q.proto, q.src, q.dst, q.ttl) == (nh, "fd91:1::2", "fd91:7::2", 1)
+        if method == "udp":
+            assert (q.sport, q.dport, q.checksum) == struct.unpack_from("!HHxxH", probe, 40)
+        elif method == "tcp":
+            assert (q.sport, q.dport, q.seq) == struct.unpack_from("!HHI", probe, 40)
+        else:
+            assert (q.sport, q.seq) == struct.unpack_from("!HH", probe, 44)
+    echo = tracepkt.parse_icmp(captured6("echo-reply from fd91:7::2")[40:], ipv6=True, source="fd91:7::2")
+    assert echo is not None and (echo.ident, echo.seq) == struct.unpack_from("!HH", captured6("probe icmp hlim 5"), 44)
+    unreach = tracepkt.parse_icmp(captured6("dest-unreach from fd91:7::2")[40:], ipv6=True, source="fd91:7::2")
+    assert unreach is not None and (unreach.kind, unreach.icmp_type, unreach.icmp_code) == ("unreachable", 1, 4)
+    rst = tracepkt.parse_tcp(captured6("tcp RA from fd91:7::2")[40:], source="fd91:7::2")
+    tcp_probe = captured6("probe tcp hlim 5")
+    assert rst is not None and rst.ack == (struct.unpack_from("!I", tcp_probe, 44)[0] + 1) & 0xFFFFFFFF
+    paris = {
+        captured6(f"probe {m} hlim 1")[40:44] == captured6(f"probe {m} hlim 5")[40:44] for m in ("icmp", "udp", "tcp")
+    }
+    assert paris == {True}  # what balancers hash is the same at every hop limit
 
 
 def test_foreign_and_truncated_packets_are_turned_down() -> None:
@@ -378,6 +417,34 @@ def test_config_defaults_costs_and_aliases() -> None:
     with pytest.raises(msgspec.ValidationError, match="unknown field"):
         msgspec.convert({"hops": 3}, trace.TraceConfig)
     assert get_kind("traceroute") is trace.KIND and get_kind("mtr") is trace.KIND
+
+
+def test_a_target_not_reached_is_a_failure_with_its_hops() -> None:
+    reached = filled()
+    assert trace.verdict(reached, []) is None
+    partial = [
+        S(1, 0, "10.91.1.1", 0.1, icmp_type=11, icmp_code=0),
+        S(2, 0),
+        S(3, 0, "10.91.6.2", 5.0, icmp_type=3, icmp_code=1, final=True),  # a router: host unreachable
+    ]
+    hops = tracepath.aggregate(partial, queries=1, last_ttl=3)
+    result = trace.TraceResult(address="10.91.7.9", family="ipv4", method="icmp", port=None, paris=True, queries=1)
+    trace.fill(result, hops)
+    assert not result.reached and result.hop_count is None
+    assert trace.verdict(result, hops) == (
+        Outcome.UNREACHABLE,
+        "hop 3 (10.91.6.2) answered destination unreachable (3/1)",
+    )
+    hops = tracepath.aggregate(partial[:2], queries=1, last_ttl=6)
+    trace.fill(result, hops)
+    assert trace.verdict(result, hops) == (
+        Outcome.TIMEOUT,
+        "target not reached: the last answer came from hop 1 (10.91.1.1)",
+    )
+    hops = tracepath.aggregate([S(1, 0)], queries=1, last_ttl=1)
+    result.sent = 5
+    trace.fill(result, hops)
+    assert trace.verdict(result, hops) == (Outcome.TIMEOUT, "no hop answered any of 5 probes")
 
 
 def test_path_memory_marks_changes() -> None:
