@@ -51,7 +51,9 @@ def tlab() -> Iterator[TraceLab]:
         yield made
 
 
-def ours(lab: TraceLab, config: dict[str, Any], *, runs: int = 1, to: str = SERVER) -> list[dict[str, Any]]:
+def ours(
+    lab: TraceLab, config: dict[str, Any] | list[dict[str, Any]], *, runs: int = 1, to: str = SERVER
+) -> list[dict[str, Any]]:
     proc = lab.python("c", "-m", "tests.support.tracerun", to, json.dumps(config), "--runs", str(runs))
     assert proc.returncode == 0, proc.stderr[-2000:]
     return [json.loads(line) for line in proc.stdout.splitlines()]
@@ -73,17 +75,31 @@ def hop_addresses(per_query: list[list[str | None]]) -> list[str | None]:
     return out
 
 
+@pytest.fixture(scope="module")
+def side_by_side(tlab: TraceLab) -> dict[tuple[str, str], tuple[list[str | None], dict[str, Any]]]:
+    """(family, method) → (traceroute -n's hop list, our run): one process of ours per family."""
+    tlab.set_ecmp(False)
+    out = {}
+    for family in ("ipv4", "ipv6"):
+        six = family == "ipv6"
+        to = v6(SERVER) if six else SERVER
+        configs = [{"method": m, "timeout_s": 0.5} for m in FLAG]
+        runs = ours(tlab, configs, to=to)
+        for method, run in zip(FLAG, runs, strict=True):
+            theirs = traceroute(tlab, FLAG[method], *(["-6"] if six else []), "-w", "0.5", to=to)
+            out[(family, method)] = (hop_addresses(parse_traceroute(theirs)), run)
+    return out
+
+
 @pytest.mark.parametrize("family", ["ipv4", "ipv6"])
 @pytest.mark.parametrize("method", ["icmp", "udp", "tcp"])
-def test_the_hop_list_equals_traceroute_s(tlab: TraceLab, method: str, family: str) -> None:
-    tlab.set_ecmp(False)
-    six = family == "ipv6"
-    to = v6(SERVER) if six else SERVER
-    theirs = hop_addresses(parse_traceroute(traceroute(tlab, FLAG[method], *(["-6"] if six else []), "-w", "1", to=to)))
-    (run,) = ours(tlab, {"method": method, "timeout_s": 0.5}, to=to)
+def test_the_hop_list_equals_traceroute_s(
+    side_by_side: dict[tuple[str, str], tuple[list[str | None], dict[str, Any]]], method: str, family: str
+) -> None:
+    theirs, run = side_by_side[(family, method)]
     assert run["outcome"] == "ok", run["reason"]
     mine = [h["address"] for h in run["hops"]]
-    assert mine == theirs == [v6(a) if six and a else a for a in EXPECTED]
+    assert mine == theirs == [v6(a) if family == "ipv6" and a else a for a in EXPECTED]
     assert run["reached"] and run["hop_count"] == 5 and run["silent_hops"] == 1
     assert run["hops"][2]["loss_ratio"] == 1.0 and run["hops"][2]["rtts_ms"] == [None] * 3
     assert run["largest_step_ttl"] == 4 and run["largest_step_ms"] > 2 * DELAY_MS * 0.8
