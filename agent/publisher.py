@@ -136,6 +136,15 @@ def icmp_permitted() -> bool:
     return False
 
 
+def raw_permitted() -> bool:
+    """Whether this process may open raw IPv4 sockets (CAP_NET_RAW: the trace kind); sends nothing."""
+    try:
+        socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW).close()
+    except OSError:
+        return False
+    return True
+
+
 class TokenBucket:
     """``rate_per_s`` tokens a second, at most ``burst`` saved up; starts full (pure given ``now``)."""
 
@@ -219,6 +228,7 @@ class Publisher:
         # the status to be republished now rather than at the next status_interval_s.
         self.status_extra: Callable[[], dict[str, Any]] | None = None
         self.icmp_permitted = icmp_permitted()
+        self.raw_permitted = raw_permitted()
         # Restarts of the agent's crashed tasks (daemon.py: its edgeprobe.supervise.Supervisor).
         self.task_restarts: Callable[[], int] | None = None
         self._status_due = False
@@ -252,6 +262,7 @@ class Publisher:
             at_ns=now_ns,
             heartbeat_at_ns=now_ns,
             icmp_permitted=self.icmp_permitted,
+            raw_permitted=self.raw_permitted,
             version=VERSION,
             kinds=self.kinds,
             job_kinds=self.job_kinds(),

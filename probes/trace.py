@@ -43,7 +43,7 @@ import msgspec
 from edgeprobe.probes import netio, tracepath, tracepkt
 from edgeprobe.probes.context import ProbeContext
 from edgeprobe.probes.icmp import check_target, parse_ancillary, round_trip_ns
-from edgeprobe.probes.kind import Figure, PolicyCost, ProbeKind, SubPoint
+from edgeprobe.probes.kind import Figure, PolicyCost, Privilege, ProbeKind, SubPoint
 from edgeprobe.probes.outcome import Outcome, ProbeFailure
 from edgeprobe.probes.text import num
 from edgeprobe.schema import Observation
@@ -744,7 +744,8 @@ KIND: Final = ProbeKind(
     first_byte_round_trips=None,
     policy_cost=policy_cost,
     env_vars=None,
-    privilege=None,  # raw sockets; agents report no such permission yet (a run says permission_denied)
+    # Status.raw_permitted: the agent could open a raw IP socket (CAP_NET_RAW) when it started.
+    privilege=Privilege(status_field="raw_permitted", missing_note="no raw socket"),
     sub_points=hop_points,
 )
 

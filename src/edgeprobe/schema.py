@@ -117,6 +117,7 @@ class Status(msgspec.Struct, kw_only=True, omit_defaults=True):
     # The fleet (agent/control.py); additive to v1.
     heartbeat_at_ns: int | None = None  # wall clock of this status message (same as at_ns when online)
     icmp_permitted: bool | None = None  # the agent may open an ICMP socket (dgram or raw), IPv4
+    raw_permitted: bool | None = None  # additive: the agent may open raw IP sockets (the trace kind)
     accepts_commands: bool | None = None
     accepts_config: bool | None = None
     refused: int | None = None  # commands/configs refused since start

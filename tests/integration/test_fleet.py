@@ -730,6 +730,8 @@ async def test_an_adhoc_trace_is_charged_every_probe_it_may_send(fleet: Fleet, a
     assert obs.fields["reached"] is True and obs.fields["hop_count"] == 1 and obs.fields["hop_addresses"] == "127.0.0.1"
     cmd = command("a1", "127.0.0.1", kind="trace", max_hops=30)
     await refused(fleet, a1, sign(cmd, "cmd", key), cmd.request_id, "too_many_packets")
+    status = (await statuses(fleet))["a1"]
+    assert status.raw_permitted is (os.geteuid() == 0) and "trace" in status.kinds  # fleet ls: trace(no raw socket)
 
 
 async def test_attack_inference_budget_exhaustion(fleet: Fleet, a1: Running) -> None:
