@@ -14,7 +14,9 @@ Topology (namespaces ``epD-<pid>-<n>-<role>``; addresses exist only inside them)
 * Routers and the server answer without ICMP rate limits (``icmp_ratelimit=0``), so many queries
   per hop all get answers.
 
-The hop list from c to s: 10.91.1.1, 10.91.2.2 (or 10.91.3.2), *, 10.91.6.2, 10.91.7.2. Needs root.
+The hop list from c to s: 10.91.1.1, 10.91.2.2 (or 10.91.3.2), *, 10.91.6.2, 10.91.7.2. Every
+address has an IPv6 twin (10.91.X.Y → fd91:X::Y, :func:`v6`) with the same routes and the same
+silent router (``ip6tables``). Needs root.
 """
 
 from __future__ import annotations
@@ -46,6 +48,16 @@ R2A_FAR, R2B_FAR = "10.91.4.1", "10.91.5.1"
 MAC_R3, MAC_R4 = "02:00:00:91:06:01", "02:00:00:91:06:02"
 EXPECTED = [R1, R2A, None, R4, SERVER]  # hop addresses c -> s without ECMP (None: silent)
 _counter = 0
+
+
+def v6(text: str) -> str:
+    """The lab's IPv6 twin of an IPv4 address, prefix or word: 10.91.X.Y → fd91:X::Y (/24 → /64)."""
+    if not text.startswith("10.91."):
+        return text
+    address, _, length = text.partition("/")
+    _, _, x, y = address.split(".")
+    twin = f"fd91:{x}::{y}" if y != "0" else f"fd91:{x}::"
+    return twin + ("/64" if length else "")
 
 
 def sweep() -> list[str]:
@@ -81,10 +93,19 @@ class TraceLab:
 
     def _addr(self, role: str, dev: str, cidr: str) -> None:
         _ip("-n", self.ns[role], "addr", "add", cidr, "dev", dev)
+        _ip("-n", self.ns[role], "addr", "add", v6(cidr), "dev", dev, "nodad")
         _ip("-n", self.ns[role], "link", "set", dev, "up")
 
     def _route(self, role: str, *args: str) -> None:
+        """The IPv4 route and its IPv6 twin (fd91:X::Y for 10.91.X.Y; a /22 becomes its four /64s)."""
         _ip("-n", self.ns[role], "route", "replace", *args)
+        nets = (
+            [args[0]]
+            if args[0] == "default" or not args[0].endswith("/22")
+            else [f"10.91.{int(args[0].split('.')[2]) + i}.0/24" for i in range(4)]
+        )
+        for net in nets:
+            _ip("-n", self.ns[role], "-6", "route", "replace", *(v6(a) for a in (net, *args[1:])))
 
     def _build(self) -> None:
         for ns in self.ns.values():
@@ -118,19 +139,24 @@ class TraceLab:
         for dev in ("ra", "rb"):
             _ip("-n", self.ns["l"], "link", "set", dev, "promisc", "on")
             _ip("-n", self.ns["l"], "link", "set", dev, "up")
-        _ip("-n", self.ns["r3"], "neigh", "replace", R4, "lladdr", MAC_R4, "dev", "e1", "nud", "permanent")
-        _ip("-n", self.ns["r4"], "neigh", "replace", R3, "lladdr", MAC_R3, "dev", "e0", "nud", "permanent")
+        for a, b in ((R4, R3), (v6(R4), v6(R3))):
+            _ip("-n", self.ns["r3"], "neigh", "replace", a, "lladdr", MAC_R4, "dev", "e1", "nud", "permanent")
+            _ip("-n", self.ns["r4"], "neigh", "replace", b, "lladdr", MAC_R3, "dev", "e0", "nud", "permanent")
         for role in ("c", "r1", "r2a", "r2b", "r3", "r4", "s"):
             for key, value in (
                 ("net.ipv4.icmp_ratelimit", "0"),
+                ("net.ipv6.icmp.ratelimit", "0"),
                 ("net.ipv4.conf.all.rp_filter", "0"),
                 ("net.ipv4.conf.default.rp_filter", "0"),
-                ("net.ipv6.conf.all.disable_ipv6", "1"),
+                ("net.ipv6.conf.all.accept_ra", "0"),
             ):
                 self.sysctl(role, key, value)
             if role not in ("c", "s"):
                 self.sysctl(role, "net.ipv4.ip_forward", "1")
+                self.sysctl(role, "net.ipv6.conf.all.forwarding", "1")
+        self.sysctl("l", "net.ipv6.conf.all.disable_ipv6", "1")
         self.sysctl("r1", "net.ipv4.fib_multipath_hash_policy", "1")
+        self.sysctl("r1", "net.ipv6.fib_multipath_hash_policy", "1")
         self._route("c", "default", "via", R1)
         self._route("r2a", "default", "via", "10.91.4.2")
         self._route("r2a", "10.91.1.0/24", "via", "10.91.2.1")
@@ -143,15 +169,22 @@ class TraceLab:
         self._route("r4", "default", "via", R3)
         self._route("s", "default", "via", "10.91.7.1")
         self.set_ecmp(False)
-        iptables = ["iptables", "-w", "-A", "OUTPUT", "-p", "icmp", "--icmp-type", "time-exceeded", "-j", "DROP"]
-        proc = self.run("r3", iptables)
-        if proc.returncode != 0:
-            raise LabError(f"iptables in r3: {proc.stderr.strip()}")
+        for rule in (
+            ["iptables", "-w", "-A", "OUTPUT", "-p", "icmp", "--icmp-type", "time-exceeded", "-j", "DROP"],
+            ["ip6tables", "-w", "-A", "OUTPUT", "-p", "icmpv6", "--icmpv6-type", "time-exceeded", "-j", "DROP"],
+        ):
+            proc = self.run("r3", rule)
+            if proc.returncode != 0:
+                raise LabError(f"{rule[0]} in r3: {proc.stderr.strip()}")
         for role, devs in (("r3", ["e1"]), ("l", ["ra", "rb"]), ("r4", ["e0"])):
             proc = self.run(role, [sys.executable, str(LINKEMU), "offload-off", *devs])
             if proc.returncode != 0:
                 raise LabError(f"offload-off in {role}: {proc.stderr.strip()}")
         self.set_delay(0.0)
+        for address in (SERVER, v6(SERVER)):  # neighbours resolved on every link before anything is measured
+            proc = self.run("c", ["ping", "-n", "-q", "-c", "1", "-W", "5", address])
+            if proc.returncode != 0:
+                raise LabError(f"ping {address} from c: {proc.stdout.strip()} {proc.stderr.strip()}")
 
     def sysctl(self, role: str, key: str, value: str) -> None:
         proc = self.run(role, ["sysctl", "-qw", f"{key}={value}"])
@@ -163,7 +196,6 @@ class TraceLab:
         self.ecmp = on
         hops = ["nexthop", "via", R2A, "nexthop", "via", R2B] if on else ["via", R2A]
         self._route("r1", "10.91.4.0/22", *hops)
-        _ip("-n", self.ns["r1"], "route", "flush", "cache", check=False)
 
     def route_via(self, which: str) -> None:
         """r1 sends everything beyond through r2a or r2b alone (a path change)."""
