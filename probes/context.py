@@ -17,7 +17,9 @@ without a second implementation of the probe: a kind that repeats (echoes, conne
 calls it with a :class:`Step` once it knows where it goes (``seq`` None) and once per reply or
 attempt, as each ends. ``request_stop()`` (the CLI's Ctrl-C) asks such a run to send nothing more
 and return what it measured so far, a normal result; :meth:`ProbeContext.pause` is how a probe
-waits between sends so that a stop ends the wait. Neither is set by the agent.
+waits between sends so that a stop ends the wait, and :meth:`ProbeContext.on_stop` how a run
+without a task of its own to wake (the ICMP engine sends from its socket's timer) hears of it.
+Neither is set by the agent.
 """
 
 from __future__ import annotations
@@ -55,6 +57,10 @@ class Step:
 ProgressHook: TypeAlias = Callable[[Step], None]
 
 
+def _nothing() -> None:
+    return None
+
+
 class ProbeContext:
     def __init__(self, *, check_address: AddressCheck | None = None, progress: ProgressHook | None = None) -> None:
         self._resources: dict[object, Closeable] = {}
@@ -63,6 +69,7 @@ class ProbeContext:
         self.check_address = check_address
         self.progress = progress
         self._stop = asyncio.Event()
+        self._on_stop: dict[object, Callable[[], None]] = {}
 
     def report(self, step: Step) -> None:
         """Hand ``step`` to the progress hook, if any."""
@@ -72,6 +79,24 @@ class ProbeContext:
     def request_stop(self) -> None:
         """Ask the runs using this context to send nothing more and return what they measured."""
         self._stop.set()
+        callbacks, self._on_stop = self._on_stop, {}
+        for callback in callbacks.values():
+            callback()
+
+    def on_stop(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` once when a stop is requested (at once when one was); returns what
+        takes it back. Cheaper than a task waiting on :meth:`stopped` for a run that has no task
+        of its own to wake (the ICMP engine)."""
+        if self._stop.is_set():
+            callback()
+            return _nothing
+        key = object()
+        self._on_stop[key] = callback
+
+        def take_back() -> None:
+            self._on_stop.pop(key, None)
+
+        return take_back
 
     @property
     def stop_requested(self) -> bool:

@@ -10,9 +10,18 @@ copies of foreign traffic), then raw.
 
 Demultiplexing: sequence numbers come from one pool per socket, so no two echoes in flight on a
 socket share one; a reply must also carry the socket's identifier, come from the address the
-echo went to and quote the random 8-byte token that starts each echo's payload. Anything else
-(other processes' pings, our own requests looped back, late replies to a reused number) is
-ignored.
+echo went to and quote the 8-byte token that starts each echo's payload (a per-socket counter
+from a random start: unique per echo on the socket). Anything else (other processes' pings, our
+own requests looped back, late replies to a reused number) is ignored. A raw socket also gets a
+kernel filter (classic BPF, :func:`reply_filter`) that drops echo replies with another
+identifier before they wake the agent: on a host where fping or other agents ping, their
+replies cost nothing here.
+
+The engine (:class:`EchoSocket`): a run hands its echoes to the socket, which sends each at its
+time and ends each at its reply, ICMP error or deadline, all from one reader and one loop timer
+over a :class:`Timeline` of sends and deadlines. There is no task, future, timer or thread hop
+per echo: a run's task wakes once, when its last echo ended. An address literal is not passed
+through ``getaddrinfo`` (a thread of the default executor each time).
 
 RTT: the kernel's receive timestamp (``SO_TIMESTAMPNS``, realtime clock) minus ``time.time_ns()``
 taken just before ``sendto``. It is checked against ``perf_counter`` (the fallback when there is
@@ -24,7 +33,9 @@ from __future__ import annotations
 import asyncio
 import errno
 import functools
+import heapq
 import ipaddress
+import itertools
 import os
 import re
 import secrets
@@ -32,9 +43,8 @@ import socket
 import struct
 import sys
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal
+from collections.abc import Callable, Sequence
+from typing import Annotated, Any, Generic, Literal, NamedTuple, TypeVar
 
 import msgspec
 
@@ -47,6 +57,7 @@ from edgeprobe.probes.text import num
 from edgeprobe.schema import Observation
 
 SocketKind = Literal["raw", "dgram"]
+T = TypeVar("T")
 
 
 class IcmpConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -118,6 +129,7 @@ _UNREACH_CODES = {
     | {5: "source address failed policy", 6: "reject route"},
 }
 _HEADER = struct.Struct("!BBHHH")  # type, code, checksum, identifier, sequence
+_STAMP = struct.Struct("!Q")
 TOKEN_BYTES = 8
 _FILLER = bytes((0x10 + i) & 0xFF for i in range(65536))  # like ping's 0x10, 0x11, …
 
@@ -133,23 +145,48 @@ def checksum(data: bytes) -> int:
 
 
 def build_echo_request(
-    *, ipv6: bool, ident: int, seq: int, token: bytes, sent_at_ns: int, size_bytes: int
+    *,
+    ipv6: bool,
+    ident: int,
+    seq: int,
+    token: bytes,
+    sent_at_ns: int,
+    size_bytes: int,
+    kernel_checksum: bool = False,
 ) -> bytes:
     """An echo request whose payload is ``token`` (8 bytes), the send time (8 bytes) and filler.
 
-    IPv4 carries its checksum; for ICMPv6 the kernel computes it (it covers a pseudo-header).
+    IPv4 carries its checksum; for ICMPv6 the kernel computes it (it covers a pseudo-header), and
+    so it does for a ping (dgram) socket's echoes (``kernel_checksum``: the field is left 0).
     """
     if len(token) != TOKEN_BYTES or size_bytes < TOKEN_BYTES + 8:
         raise ValueError("echo payload needs an 8-byte token and at least 16 bytes")
-    payload = token + struct.pack("!Q", sent_at_ns) + _FILLER[: size_bytes - TOKEN_BYTES - 8]
+    filler = size_bytes - TOKEN_BYTES - 8
+    head = token + _STAMP.pack(sent_at_ns)
     kind = ECHO_REQUEST[ipv6]
-    cksum = 0 if ipv6 else checksum(_HEADER.pack(kind, 0, 0, ident, seq) + payload)
-    return _HEADER.pack(kind, 0, cksum, ident, seq) + payload
+    cksum = 0
+    if not ipv6 and not kernel_checksum:  # header, token and stamp summed here; the filler's sum once per size
+        total = sum(_WORDS_24.unpack(_HEADER.pack(kind, 0, 0, ident, seq) + head)) + _filler_sum(filler)
+        while total >> 16:
+            total = (total & 0xFFFF) + (total >> 16)
+        cksum = ~total & 0xFFFF
+    return _HEADER.pack(kind, 0, cksum, ident, seq) + head + _FILLER[:filler]
 
 
-@dataclass(frozen=True, slots=True)
-class IcmpPacket:
-    """An echo reply, or an ICMP error quoting one of our echo requests."""
+_WORDS_24 = struct.Struct("!12H")  # the header (8 bytes), token (8) and stamp (8) as 16-bit words
+
+
+@functools.lru_cache(maxsize=64)
+def _filler_sum(n: int) -> int:
+    """The one's-complement partial sum of the first ``n`` filler bytes, as the checksum sees
+    them after 24 bytes (an even offset) (pure)."""
+    data = _FILLER[:n] + (b"\0" if n % 2 else b"")
+    return sum(struct.unpack(f"!{len(data) // 2}H", data))
+
+
+class IcmpPacket(NamedTuple):
+    """An echo reply, or an ICMP error quoting one of our echo requests (a tuple: one per reply
+    received, made cheaply)."""
 
     ident: int
     seq: int
@@ -177,12 +214,20 @@ def _echo_fields(echo: bytes, *, ipv6: bool, icmp_type: int) -> tuple[int, int, 
     return ident, seq, token
 
 
-def _strip_ipv4_header(data: bytes) -> tuple[bytes, str] | None:
-    """(the ICMP message inside, destination) of an IPv4 packet carrying ICMP, else None."""
+def _ipv4_header_bytes(data: bytes) -> int | None:
+    """The header length of an IPv4 packet carrying ICMP, else None."""
     if len(data) < 20 or data[0] >> 4 != 4 or data[9] != socket.IPPROTO_ICMP:
         return None
     ihl = (data[0] & 0x0F) * 4
     if ihl < 20 or len(data) < ihl:
+        return None
+    return ihl
+
+
+def _strip_ipv4_header(data: bytes) -> tuple[bytes, str] | None:
+    """(the ICMP message inside, destination) of an IPv4 packet carrying ICMP, else None."""
+    ihl = _ipv4_header_bytes(data)
+    if ihl is None:
         return None
     return data[ihl:], socket.inet_ntop(socket.AF_INET, data[16:20])
 
@@ -194,11 +239,11 @@ def parse_reply(data: bytes, *, ipv6: bool, ip_header: bool, source: str) -> Icm
     ``ip_header``: the data starts with the IPv4 header (raw IPv4 sockets). ICMPv6 and dgram
     sockets deliver the ICMP message alone.
     """
-    if ip_header:
-        stripped = _strip_ipv4_header(data)
-        if stripped is None:
+    if ip_header:  # the outer destination is ours: not needed
+        ihl = _ipv4_header_bytes(data)
+        if ihl is None:
             return None
-        data = stripped[0]
+        data = data[ihl:]
     if len(data) < _HEADER.size:
         return None
     icmp_type, code = data[0], data[1]
@@ -223,9 +268,7 @@ def parse_reply(data: bytes, *, ipv6: bool, ip_header: bool, source: str) -> Icm
     fields = _echo_fields(echo, ipv6=ipv6, icmp_type=ECHO_REQUEST[ipv6])
     if fields is None:
         return None
-    return IcmpPacket(
-        ident=fields[0], seq=fields[1], token=fields[2], peer=dest, error=error, offender=source
-    )
+    return IcmpPacket(ident=fields[0], seq=fields[1], token=fields[2], peer=dest, error=error, offender=source)
 
 
 _EXT_ERR = struct.Struct("=IBBBBII")  # struct sock_extended_err
@@ -247,9 +290,47 @@ def parse_errqueue(data: bytes, extended_err: bytes, *, ipv6: bool, dest: str) -
     sockaddr = extended_err[_EXT_ERR.size :]  # SO_EE_OFFENDER: sockaddr_in / sockaddr_in6
     family, where = (socket.AF_INET6, sockaddr[8:24]) if ipv6 else (socket.AF_INET, sockaddr[4:8])
     offender = socket.inet_ntop(family, where) if len(where) == (16 if ipv6 else 4) and any(where) else None
-    return IcmpPacket(
-        ident=fields[0], seq=fields[1], token=fields[2], peer=dest, error=error, offender=offender
-    )
+    return IcmpPacket(ident=fields[0], seq=fields[1], token=fields[2], peer=dest, error=error, offender=offender)
+
+
+# ---------------------------------------------------------------- the raw socket's kernel filter
+
+SO_ATTACH_FILTER = getattr(socket, "SO_ATTACH_FILTER", 26)
+_BPF_INSN = struct.Struct("=HBBI")  # struct sock_filter: code, jt, jf, k
+
+
+def reply_filter(ident: int, *, ipv6: bool) -> bytes:
+    """A classic BPF program for a raw ICMP socket that drops echo replies whose identifier is
+    not ``ident`` (other processes' pings: fping, ping, another agent) in the kernel, before they
+    wake the agent; everything else the ICMP filter lets through (errors) passes (pure).
+
+    Raw IPv4 sockets see the IP header first (the ICMP message starts at 4 × IHL); raw ICMPv6
+    sockets see the ICMPv6 message.
+    """
+    echo_reply = ECHO_REPLY[ipv6]
+    insns = [
+        (0x01, 0, 0, 0) if ipv6 else (0xB1, 0, 0, 0),  # x = 0 (ldx #0) | x = 4*([0]&0xf) (ldxb msh)
+        (0x50, 0, 0, 0),  # ldb [x + 0]: the ICMP type
+        (0x15, 0, 2, echo_reply),  # jeq echo reply ? next : accept
+        (0x48, 0, 0, 4),  # ldh [x + 4]: the identifier
+        (0x15, 0, 1, ident),  # jeq ident ? accept : drop
+        (0x06, 0, 0, 0xFFFFFFFF),  # accept: the whole packet
+        (0x06, 0, 0, 0),  # drop
+    ]
+    return b"".join(_BPF_INSN.pack(*insn) for insn in insns)
+
+
+def _attach_filter(sock: socket.socket, program: bytes) -> None:
+    """SO_ATTACH_FILTER ``program`` (a :func:`reply_filter`); where the kernel refuses it, the
+    socket stays unfiltered (replies are matched in user space anyway)."""
+    import ctypes  # only here: the one place that needs a pointer
+
+    buf = ctypes.create_string_buffer(program, len(program))
+    fprog = struct.pack("HL", len(program) // _BPF_INSN.size, ctypes.addressof(buf))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+    except OSError:
+        pass
 
 
 SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # == SCM_TIMESTAMPNS on Linux
@@ -258,33 +339,31 @@ SOL_RAW, ICMP_FILTER, ICMP6_FILTER = 255, 1, 1
 _TIMESPEC = struct.Struct("@ll")
 
 
-@dataclass(frozen=True, slots=True)
-class Ancillary:
+class Ancillary(NamedTuple):
     received_at_ns: int | None = None  # kernel receive time, realtime clock
     ttl: int | None = None  # TTL / hop limit of the received packet
     extended_err: bytes | None = None  # IP_RECVERR / IPV6_RECVERR data (error queue)
+
+
+_TTL_CMSGS = frozenset({(socket.IPPROTO_IP, socket.IP_TTL), (socket.IPPROTO_IPV6, socket.IPV6_HOPLIMIT)})
+_ERR_CMSGS = frozenset({(socket.IPPROTO_IP, IP_RECVERR), (socket.IPPROTO_IPV6, IPV6_RECVERR)})
 
 
 def parse_ancillary(ancdata: Sequence[tuple[int, int, bytes]]) -> Ancillary:
     stamp = ttl = None
     err = None
     for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(data) >= _TIMESPEC.size:
+        if kind == SO_TIMESTAMPNS and level == socket.SOL_SOCKET and len(data) >= _TIMESPEC.size:
             sec, nsec = _TIMESPEC.unpack_from(data)
             stamp = sec * 1_000_000_000 + nsec
-        elif (level, kind) in (
-            (socket.IPPROTO_IP, socket.IP_TTL),
-            (socket.IPPROTO_IPV6, socket.IPV6_HOPLIMIT),
-        ):
+        elif (level, kind) in _TTL_CMSGS:
             ttl = int.from_bytes(data[:4], sys.byteorder)
-        elif (level, kind) in ((socket.IPPROTO_IP, IP_RECVERR), (socket.IPPROTO_IPV6, IPV6_RECVERR)):
+        elif (level, kind) in _ERR_CMSGS:
             err = data
-    return Ancillary(received_at_ns=stamp, ttl=ttl, extended_err=err)
+    return Ancillary(stamp, ttl, err)
 
 
-def round_trip_ns(
-    *, sent_wall_ns: int, sent_perf_ns: int, received_at_ns: int | None, now_perf_ns: int
-) -> int:
+def round_trip_ns(*, sent_wall_ns: int, sent_perf_ns: int, received_at_ns: int | None, now_perf_ns: int) -> int:
     """The kernel-stamped RTT when it is plausible, else the perf_counter one.
 
     The perf_counter RTT (taken before the wall clock at send, after the kernel stamp at
@@ -298,34 +377,144 @@ def round_trip_ns(
     return perf
 
 
+# ---------------------------------------------------------------- the timeline (pure)
+
+
+class Timeline(Generic[T]):
+    """Things due at a time (ns, any monotonic clock) in one heap, popped in time order.
+
+    One per socket holds every run's next send and every echo's deadline, so the socket needs one
+    loop timer (for the earliest live entry) however many echoes are in flight, instead of a
+    timer per echo. Entries whose thing is no longer ``live`` (an echo answered before its
+    deadline, a run stopped before its next send) are not removed when that happens but skipped
+    when they reach the top: a reply costs no heap work and no timer cancellation.
+    """
+
+    __slots__ = ("_heap", "_live", "_tie")
+
+    def __init__(self, live: Callable[[T], bool]) -> None:
+        self._heap: list[tuple[int, int, T]] = []
+        self._tie = itertools.count()  # equal times pop in push order; items are never compared
+        self._live = live
+
+    def __len__(self) -> int:
+        return len(self._heap)  # dead entries not yet skipped included
+
+    def push(self, at_ns: int, item: T) -> None:
+        heapq.heappush(self._heap, (at_ns, next(self._tie), item))
+
+    def next_at(self) -> int | None:
+        """When the earliest live entry is due (dead ones on top are dropped), None when none."""
+        heap, live = self._heap, self._live
+        while heap:
+            if live(heap[0][2]):
+                return heap[0][0]
+            heapq.heappop(heap)
+        return None
+
+    def pop_due(self, now_ns: int) -> list[T]:
+        """The live entries due at or before ``now_ns``, in time order (removed)."""
+        heap, live = self._heap, self._live
+        due: list[T] = []
+        while heap and heap[0][0] <= now_ns:
+            item = heapq.heappop(heap)[2]
+            if live(item):
+                due.append(item)
+        return due
+
+
 # ---------------------------------------------------------------- the shared socket
 
 
-@dataclass(eq=False)
 class _Echo:
-    address: str
-    seq: int
-    token: bytes
-    done: asyncio.Future[None]  # resolved by the first reply, an error or the timeout
-    sent_wall_ns: int = 0
-    sent_perf_ns: int = 0
-    rtt_ns: int | None = None
-    ttl: int | None = None
-    duplicates: int = 0
-    outcome: Outcome | None = None  # set with ``error`` when an ICMP error answered or sendto failed
-    error: str | None = None
-    timer: asyncio.TimerHandle | None = field(default=None, repr=False)
+    """One echo request of a run: sent (or not), then ended by a reply, an error or its deadline."""
 
-    def finish(self) -> None:
-        if not self.done.done():
-            self.done.set_result(None)
+    __slots__ = (
+        "address",
+        "deadline_ns",
+        "duplicates",
+        "ended",
+        "error",
+        "n",
+        "outcome",
+        "rtt_ns",
+        "run",
+        "sent_perf_ns",
+        "sent_wall_ns",
+        "seq",
+        "token",
+        "ttl",
+    )  # fmt: skip
+
+    def __init__(self, run: _Run, seq: int, token: bytes) -> None:
+        self.run = run
+        self.n = len(run.echoes) + 1  # 1, 2, … in send order
+        self.address = run.address
+        self.seq = seq
+        self.token = token
+        self.sent_wall_ns = 0
+        self.sent_perf_ns = 0
+        self.deadline_ns = 0  # monotonic
+        self.rtt_ns: int | None = None
+        self.ttl: int | None = None
+        self.duplicates = 0
+        self.outcome: Outcome | None = None  # set with ``error`` when an ICMP error answered or sendto failed
+        self.error: str | None = None
+        self.ended = False  # answered, failed, timed out, or its run stopped
+
+
+def _echo_live(echo: _Echo) -> bool:
+    return not echo.ended
+
+
+class _Run:
+    """One probe run on a socket: ``count`` echoes ``interval_ns`` apart, sent by the socket's
+    timeline; ``done`` resolves when every echo has ended (or the run was stopped)."""
+
+    __slots__ = ("address", "count", "done", "echoes", "interval_ns", "next_send_ns", "on_end", "open", "size_bytes",
+                 "sockaddr", "started_ns", "stopped", "timeout_ns")  # fmt: skip
+
+    def __init__(
+        self,
+        sockaddr: tuple[Any, ...],
+        *,
+        count: int,
+        interval_ns: int,
+        timeout_ns: int,
+        size_bytes: int,
+        done: asyncio.Future[None],
+        on_end: Callable[[_Echo, int], None] | None,
+    ) -> None:
+        self.sockaddr = sockaddr
+        self.address = str(sockaddr[0])
+        self.count = count
+        self.interval_ns = interval_ns
+        self.timeout_ns = timeout_ns
+        self.size_bytes = size_bytes
+        self.done = done
+        self.on_end = on_end  # (echo, its number 1, 2, …) as each ends; not for echoes a stop cut off
+        self.echoes: list[_Echo] = []
+        self.open = 0  # echoes sent and not ended
+        self.started_ns = 0
+        self.next_send_ns = 0
+        self.stopped = False
+
+
+def _send_live(run: _Run) -> bool:
+    return not run.stopped
 
 
 _BATCH = 256  # datagrams read per readiness callback, so one busy socket cannot starve the loop
+_SLACK_NS = 500_000  # one wake-up handles what is due within this much of now (sends and deadlines)
 
 
 class EchoSocket:
-    """One ICMP socket shared by all runs of one family and kind (a :class:`ProbeContext` resource)."""
+    """One ICMP socket shared by all runs of one family and kind (a :class:`ProbeContext` resource).
+
+    The socket is the engine: :meth:`start` hands it a run; it sends each echo of every run at its
+    time and ends each at its reply, ICMP error or deadline, from one reader and one loop timer
+    (two :class:`Timeline` s: the sends and the deadlines) — no task, future or timer per echo.
+    """
 
     def __init__(self, sock: socket.socket, *, ipv6: bool, kind: SocketKind, ident: int) -> None:
         self._sock = sock
@@ -334,9 +523,17 @@ class EchoSocket:
         self.ident = ident
         self._inflight: dict[int, _Echo] = {}
         self._next_seq = secrets.randbelow(0x10000)
+        # Tokens: a counter from a random start, unique per echo on this socket (a late reply to
+        # an earlier echo that had the same sequence number never matches) without a syscall each.
+        self._next_token = secrets.randbits(64)
         self._buf = bytearray(65600)  # the largest ICMP message plus its IPv4 header
         self._view = memoryview(self._buf)
         self._loop = asyncio.get_running_loop()
+        self._sends: Timeline[_Run] = Timeline(_send_live)
+        self._deadlines: Timeline[_Echo] = Timeline(_echo_live)
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at_ns = 0
+        self._closed = False
         self._loop.add_reader(sock.fileno(), self._on_readable)
 
     @classmethod
@@ -370,6 +567,7 @@ class EchoSocket:
                     passed = sum(1 << t for t in (ECHO_REPLY[False], *_ERROR_TYPES[False]))
                     sock.setsockopt(SOL_RAW, ICMP_FILTER, struct.pack("=I", ~passed & 0xFFFFFFFF))
                 ident = secrets.randbelow(0x10000)
+                _attach_filter(sock, reply_filter(ident, ipv6=ipv6))
             return cls(sock, ipv6=ipv6, kind=kind, ident=ident)
         except BaseException:
             sock.close()
@@ -382,96 +580,211 @@ class EchoSocket:
                 return seq
         raise ProbeFailure(Outcome.ERROR, "all 65536 ICMP sequence numbers of the socket are in flight")
 
-    def send(self, sockaddr: tuple[Any, ...], size_bytes: int, timeout_s: float) -> _Echo:
-        """Send one echo request; its ``done`` future resolves on reply, error or timeout."""
-        echo = _Echo(
-            str(sockaddr[0]),
-            self._allocate_seq(),
-            secrets.token_bytes(TOKEN_BYTES),
-            self._loop.create_future(),
+    # ---- runs
+
+    def start(
+        self,
+        sockaddr: tuple[Any, ...],
+        *,
+        count: int,
+        interval_s: float,
+        timeout_s: float,
+        size_bytes: int,
+        on_end: Callable[[_Echo, int], None] | None = None,
+    ) -> _Run:
+        """Send the run's first echo now and the others ``interval_s`` apart; ``run.done``
+        resolves when all have ended. ``on_end(echo, n)`` is called as each ends (reply, error,
+        deadline), never for echoes that :meth:`stop` cut off."""
+        run = _Run(
+            sockaddr,
+            count=count,
+            interval_ns=round(interval_s * 1e9),
+            timeout_ns=round(timeout_s * 1e9),
+            size_bytes=size_bytes,
+            done=self._loop.create_future(),
+            on_end=on_end,
         )
+        if self._closed:
+            run.stopped = True
+            run.done.set_result(None)
+            return run
+        now = time.monotonic_ns()
+        run.started_ns = run.next_send_ns = now
+        self._send_next(run, now)
+        return run
+
+    def stop(self, run: _Run) -> None:
+        """Send nothing more for ``run``; its echoes still in flight end unanswered (not reported),
+        and its numbers are free again (later duplicates are no longer counted)."""
+        if run.stopped:
+            return
+        run.stopped = True
+        run.open = 0
+        self._forget(run)
+
+    def _forget(self, run: _Run) -> None:
+        inflight = self._inflight
+        for echo in run.echoes:
+            echo.ended = True
+            if inflight.get(echo.seq) is echo:
+                del inflight[echo.seq]
+        if not run.done.done():
+            run.done.set_result(None)
+
+    def _send_next(self, run: _Run, now_ns: int) -> None:
+        """Send the run's next echo and put what follows (its next send, its deadline) on the timelines."""
+        echo = _Echo(run, self._allocate_seq(), (self._next_token & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "big"))
+        self._next_token += 1
+        run.echoes.append(echo)
+        sent = self._sendto(echo)
+        if len(run.echoes) < run.count:
+            run.next_send_ns += run.interval_ns
+            self._schedule(self._sends, run.next_send_ns, run)
+        if sent:
+            run.open += 1
+            self._inflight[echo.seq] = echo
+            echo.deadline_ns = now_ns + run.timeout_ns
+            self._schedule(self._deadlines, echo.deadline_ns, echo)
+        else:
+            self._end(echo)
+
+    def _sendto(self, echo: _Echo) -> bool:
+        """True when the echo left; False (with ``outcome``/``error`` set unless it was only a lost
+        echo: no buffer space) when it did not."""
+        run = echo.run
+        echo.sent_perf_ns = time.perf_counter_ns()
+        echo.sent_wall_ns = time.time_ns()
         packet = build_echo_request(
             ipv6=self.ipv6,
             ident=self.ident,
             seq=echo.seq,
             token=echo.token,
-            sent_at_ns=time.time_ns(),
-            size_bytes=size_bytes,
+            sent_at_ns=echo.sent_wall_ns,
+            size_bytes=run.size_bytes,
+            kernel_checksum=self.kind == "dgram",
         )
-        self._inflight[echo.seq] = echo
-        echo.sent_perf_ns = time.perf_counter_ns()
-        echo.sent_wall_ns = time.time_ns()
         try:
-            self._sock.sendto(packet, sockaddr)
+            self._sock.sendto(packet, run.sockaddr)
         except OSError as exc:
             if exc.errno not in (errno.EAGAIN, errno.ENOBUFS):  # no buffer space: just a lost echo
                 echo.outcome, reason = classify_exception(exc)
                 echo.error = f"sendto: {reason}"
-            self.release(echo)
-            return echo
-        echo.timer = self._loop.call_later(timeout_s, self.release, echo)
-        return echo
+            return False
+        return True
 
-    def release(self, echo: _Echo) -> None:
-        """Stop listening for ``echo`` (its timeout, or its run ended) and free its number."""
-        if echo.timer is not None:
-            echo.timer.cancel()
-        if self._inflight.get(echo.seq) is echo:
-            del self._inflight[echo.seq]
-        echo.finish()
+    def _end(self, echo: _Echo) -> None:
+        """``echo`` ended (reply, error, deadline or not sent): tell the run; when it was the run's
+        last, the run is done. Its echoes stay in the in-flight table until it is stopped (so
+        duplicates are counted, late replies recognised), which its task does when it resumes."""
+        echo.ended = True
+        run = echo.run
+        if echo.deadline_ns:  # it was sent
+            run.open -= 1
+        if run.on_end is not None:
+            run.on_end(echo, echo.n)
+        if len(run.echoes) == run.count and run.open == 0 and not run.done.done():
+            run.done.set_result(None)  # the run's task stops it when it resumes: duplicates until then count
+
+    # ---- the one timer
+
+    def _schedule(self, timeline: Timeline[Any], at_ns: int, item: Any) -> None:
+        timeline.push(at_ns, item)
+        if self._timer is None or at_ns < self._timer_at_ns:
+            self._arm(at_ns)
+
+    def _arm(self, at_ns: int | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if at_ns is not None and not self._closed:
+            self._timer_at_ns = at_ns
+            loop = self._loop
+            self._timer = loop.call_at(loop.time() + (at_ns - time.monotonic_ns()) / 1e9, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        now = time.monotonic_ns()
+        horizon = now + _SLACK_NS
+        for run in self._sends.pop_due(horizon):
+            self._send_next(run, now)
+        expired = self._deadlines.pop_due(horizon)
+        if expired:
+            self._drain(errqueue=True)  # an ICMP error that came in but was not read yet beats the deadline
+            for echo in expired:
+                if not echo.ended:
+                    self._end(echo)
+        nexts = [t for t in (self._sends.next_at(), self._deadlines.next_at()) if t is not None]
+        if self._timer is None:
+            self._arm(min(nexts) if nexts else None)
+
+    # ---- replies
 
     def _on_readable(self) -> None:
+        self._drain(errqueue=False)
+
+    def _drain(self, *, errqueue: bool) -> None:
+        """Read what is waiting (up to :data:`_BATCH`); the error queue (dgram sockets) when a read
+        reports a pending error or ``errqueue`` asks for it."""
         ip_header = self.kind == "raw" and not self.ipv6
+        sock, buf, view = self._sock, [self._buf], self._view
         for _ in range(_BATCH):
             try:
-                n, anc, _, addr = self._sock.recvmsg_into([self._buf], 512)
-            except OSError:  # EAGAIN, or a pending ICMP error on a dgram socket (see the error queue)
+                n, anc, _, addr = sock.recvmsg_into(buf, 512)
+            except BlockingIOError:
                 break
+            except OSError:  # a pending ICMP error on a dgram socket: it is on the error queue
+                errqueue = True
+                continue
             now_perf_ns = time.perf_counter_ns()
-            data = bytes(self._view[:n])
-            packet = parse_reply(data, ipv6=self.ipv6, ip_header=ip_header, source=str(addr[0]))
+            packet = parse_reply(bytes(view[:n]), ipv6=self.ipv6, ip_header=ip_header, source=addr[0])
             if packet is not None:
                 self._match(packet, parse_ancillary(anc), now_perf_ns)
-        for _ in range(_BATCH if self.kind == "dgram" else 0):
+        if not errqueue or self.kind != "dgram":
+            return
+        for _ in range(_BATCH):
             try:
-                n, anc, _, addr = self._sock.recvmsg_into([self._buf], 512, socket.MSG_ERRQUEUE)
+                n, anc, _, addr = sock.recvmsg_into(buf, 512, socket.MSG_ERRQUEUE)
             except OSError:
                 break
             ancillary = parse_ancillary(anc)
             if ancillary.extended_err is not None:
-                data = bytes(self._view[:n])
+                data = bytes(view[:n])
                 packet = parse_errqueue(data, ancillary.extended_err, ipv6=self.ipv6, dest=str(addr[0]))
                 if packet is not None:
                     self._match(packet, ancillary, 0)
 
     def _match(self, packet: IcmpPacket, anc: Ancillary, now_perf_ns: int) -> None:
         echo = self._inflight.get(packet.seq)
-        if echo is None or packet.ident != self.ident or packet.peer != echo.address:
+        if echo is None:
             return
-        if packet.token not in (echo.token, None):
+        if packet.ident != self.ident or packet.peer != echo.address or packet.token not in (echo.token, None):
+            return
+        if echo.ended:  # answered (a duplicate is counted), failed or timed out (a late answer is not)
+            if echo.rtt_ns is not None and packet.error is None:
+                echo.duplicates += 1
             return
         if packet.error is not None:
-            if not echo.done.done():
-                echo.outcome = Outcome.UNREACHABLE
-                echo.error = packet.error + (f" from {packet.offender}" if packet.offender else "")
-                echo.finish()
+            echo.outcome = Outcome.UNREACHABLE
+            echo.error = packet.error + (f" from {packet.offender}" if packet.offender else "")
+            self._end(echo)
             return
-        if echo.rtt_ns is not None:
-            echo.duplicates += 1
-        elif not echo.done.done():
-            echo.rtt_ns = round_trip_ns(
-                sent_wall_ns=echo.sent_wall_ns,
-                sent_perf_ns=echo.sent_perf_ns,
-                received_at_ns=anc.received_at_ns,
-                now_perf_ns=now_perf_ns,
-            )
-            echo.ttl = anc.ttl
-            echo.finish()
+        echo.rtt_ns = round_trip_ns(
+            sent_wall_ns=echo.sent_wall_ns,
+            sent_perf_ns=echo.sent_perf_ns,
+            received_at_ns=anc.received_at_ns,
+            now_perf_ns=now_perf_ns,
+        )
+        echo.ttl = anc.ttl
+        self._end(echo)
 
     async def aclose(self) -> None:
+        self._closed = True
+        self._arm(None)
         self._loop.remove_reader(self._sock.fileno())
-        for echo in list(self._inflight.values()):
-            self.release(echo)
+        runs = {echo.run for echo in self._inflight.values()}
+        runs.update(self._sends.pop_due(2**63))
+        for run in runs:
+            self.stop(run)
         self._sock.close()
 
 
@@ -479,6 +792,9 @@ class EchoSocket:
 
 
 async def _resolve(target: str, family: str) -> tuple[bool, tuple[Any, ...]]:
+    literal = _literal(target, family)
+    if literal is not None:  # an address: no lookup (and no thread hop through getaddrinfo)
+        return literal
     want = {"auto": socket.AF_UNSPEC, "ipv4": socket.AF_INET, "ipv6": socket.AF_INET6}[family]
     loop = asyncio.get_running_loop()
     try:
@@ -490,6 +806,21 @@ async def _resolve(target: str, family: str) -> tuple[bool, tuple[Any, ...]]:
             return fam == socket.AF_INET6, sockaddr
     what = {"ipv4": "IPv4", "ipv6": "IPv6"}.get(family, "IP")
     raise ProbeFailure(Outcome.DNS_ERROR, f"name resolution failed: no {what} address for {target!r}")
+
+
+@functools.lru_cache(maxsize=4096)
+def _literal(target: str, family: str) -> tuple[bool, tuple[Any, ...]] | None:
+    """(ipv6, sockaddr) of an IP address literal of the family asked for, as getaddrinfo gives
+    it; None for a name (or a literal of the other family: getaddrinfo says what is wrong) (pure)."""
+    try:
+        addr = ipaddress.ip_address(target)
+    except ValueError:
+        return None
+    if addr.version == 4 and family != "ipv6":
+        return False, (str(addr), 0)
+    if addr.version == 6 and family != "ipv4" and "%" not in target:
+        return True, (str(addr), 0, 0, 0)
+    return None
 
 
 def _permission_reason(ipv6: bool, kinds: Sequence[SocketKind]) -> str:
@@ -509,19 +840,33 @@ def _permission_reason(ipv6: bool, kinds: Sequence[SocketKind]) -> str:
     return f"no {sockets} socket allowed: needs {' or '.join(needs)}"
 
 
+class _Refused:
+    """In a context's resources where a socket kind was refused (PermissionError): not tried again
+    for every run (a failing ``socket()`` call each) while the context lives."""
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def _open_or_refused(ipv6: bool, kind: SocketKind, ttl: int | None) -> EchoSocket | _Refused:
+    try:
+        if ttl is None:
+            return await EchoSocket.open(ipv6=ipv6, kind=kind)
+        return await EchoSocket.open(ipv6=ipv6, kind=kind, ttl=ttl)
+    except PermissionError:
+        return _Refused()
+
+
 async def _open_socket(
     ctx: ProbeContext, ipv6: bool, choice: Literal["auto", SocketKind], ttl: int | None = None
 ) -> EchoSocket:
     kinds: tuple[SocketKind, ...] = ("dgram", "raw") if choice == "auto" else (choice,)
     for kind in kinds:
         # One socket per TTL too (the TTL is the socket's); the system's TTL: the plain socket.
-        opener = functools.partial(EchoSocket.open, ipv6=ipv6, kind=kind)
-        if ttl is not None:
-            opener = functools.partial(opener, ttl=ttl)
-        try:
-            return await ctx.resource(("icmp", ipv6, kind) if ttl is None else ("icmp", ipv6, kind, ttl), opener)
-        except PermissionError:
-            continue
+        key = ("icmp", ipv6, kind) if ttl is None else ("icmp", ipv6, kind, ttl)
+        found = await ctx.resource(key, functools.partial(_open_or_refused, ipv6, kind, ttl))
+        if isinstance(found, EchoSocket):
+            return found
     raise ProbeFailure(Outcome.PERMISSION_DENIED, _permission_reason(ipv6, kinds))
 
 
@@ -547,49 +892,45 @@ def _step(target: str, echo: _Echo, n: int) -> Step:
     return Step(target=target, address=echo.address, seq=n, error=echo.error or "no reply")
 
 
-def _report(ctx: ProbeContext, target: str, echo: _Echo, n: int, _done: object) -> None:
-    if echo.rtt_ns is not None or echo.error is not None or not ctx.stop_requested:  # not those a stop cut off
-        ctx.report(_step(target, echo, n))
-
-
 async def probe(target: str, config: IcmpConfig, ctx: ProbeContext) -> IcmpResult:
     """``count`` echoes ``interval_s`` apart; each reported to ``ctx.progress`` as it ends. A stop
     (``ctx.request_stop()``) sends no more, counts the echoes still unanswered as lost (as ping
-    does on Ctrl-C) and returns what was measured."""
+    does on Ctrl-C) and returns what was measured.
+
+    The socket sends the echoes and ends them (:meth:`EchoSocket.start`); the run only waits for
+    them all to end: one wake-up per run, not one per echo.
+    """
     ipv6, sockaddr = await _resolve(target, config.family)
     if ctx.check_address is not None:  # the address echoes go to, before the first one
         await netio.check_address(ctx.check_address, target, str(sockaddr[0]), 0)
     sock = await _open_socket(ctx, ipv6, config.socket, config.ttl)
-    ctx.report(
-        Step(
-            target=target,
-            address=str(sockaddr[0]),
-            seq=None,
-            detail=f"{config.size_bytes} data bytes over a {sock.kind} ICMP{'v6' if ipv6 else ''} socket"
-            + (f", ttl {config.ttl}" if config.ttl is not None else ""),
+    on_end = None
+    if ctx.progress is not None:
+        ctx.report(
+            Step(
+                target=target,
+                address=str(sockaddr[0]),
+                seq=None,
+                detail=f"{config.size_bytes} data bytes over a {sock.kind} ICMP{'v6' if ipv6 else ''} socket"
+                + (f", ttl {config.ttl}" if config.ttl is not None else ""),
+            )
         )
-    )
-    loop = asyncio.get_running_loop()
-    echoes: list[_Echo] = []
-    start = loop.time()
+        on_end = functools.partial(_report, ctx, target)
+    run = sock.start(
+        sockaddr,
+        count=config.count,
+        interval_s=config.interval_s,
+        timeout_s=config.timeout_s,
+        size_bytes=config.size_bytes,
+        on_end=on_end,
+    )  # the first echo leaves now, even when a stop was requested already (as before)
+    unhook = ctx.on_stop(functools.partial(sock.stop, run))
     try:
-        for i in range(config.count):
-            if i and await ctx.pause(start + i * config.interval_s - loop.time()):
-                break
-            echo = sock.send(sockaddr, config.size_bytes, config.timeout_s)
-            echoes.append(echo)
-            if ctx.progress is not None:
-                echo.done.add_done_callback(functools.partial(_report, ctx, target, echo, i + 1))
-        if not ctx.stop_requested:
-            stop: asyncio.Future[None] = asyncio.ensure_future(ctx.stopped())
-            replies: asyncio.Future[Any] = asyncio.gather(*(e.done for e in echoes))
-            try:
-                await asyncio.wait((replies, stop), return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                stop.cancel()
+        await run.done
     finally:
-        for echo in echoes:
-            sock.release(echo)
+        unhook()
+        sock.stop(run)  # a cancelled run (the handler's deadline, shutdown) frees its echoes
+    echoes, run.echoes = run.echoes, []  # no run <-> echo cycle left for the cyclic GC: freed at once
     result = _build_result(echoes, address=str(sockaddr[0]), ipv6=ipv6, kind=sock.kind)
     if result.received == 0:
         failed = [e for e in echoes if e.outcome is not None]
@@ -599,6 +940,10 @@ async def probe(target: str, config: IcmpConfig, ctx: ProbeContext) -> IcmpResul
             raise ProbeFailure(first.outcome or Outcome.ERROR, reason, partial=result)
         raise ProbeFailure(Outcome.TIMEOUT, f"no reply to {result.sent} echo requests", partial=result)
     return result
+
+
+def _report(ctx: ProbeContext, target: str, echo: _Echo, n: int) -> None:
+    ctx.report(_step(target, echo, n))
 
 
 # ---------------------------------------------------------------- the human view (pure)
