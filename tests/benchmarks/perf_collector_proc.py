@@ -18,6 +18,7 @@ from pathlib import Path
 
 from edgeprobe.collector.config import load_collector_config
 from edgeprobe.collector.service import CollectorStats, run_collector
+from tests.benchmarks.perf_common import tree_cpu_s
 
 
 def _dump(stats: CollectorStats, path: Path) -> None:
@@ -28,7 +29,7 @@ def _dump(stats: CollectorStats, path: Path) -> None:
         "writes": stats.writes,
         "spool_oldest_at_ns": stats.spool_oldest_at_ns,
         "at_ns": time.time_ns(),
-        "cpu_s": sum(os.times()[:2]),
+        "cpu_s": tree_cpu_s(os.getpid()),  # with the worker processes (edgeprobe.collector.ingest)
     }
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(doc))

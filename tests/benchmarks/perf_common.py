@@ -187,6 +187,41 @@ def write_result(name: str, figures: dict[str, Any], out_dir: Path | None = None
 # ---- processes -----------------------------------------------------------------------------
 
 
+def _ticks(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:  # gone
+        return 0
+    return int(fields[11]) + int(fields[12])  # utime, stime
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                out += [int(c) for c in f.read().split()]
+        except OSError:
+            continue
+    return out
+
+
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of a process and its live descendants, from /proc."""
+    ticks = 0
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        ticks += _ticks(p)
+        todo += _children(p)
+    return ticks / CLK_TCK
+
+
 class ProcSampler:
     """CPU (utime+stime) and RSS of one process from /proc, between :meth:`start` and :meth:`sample`."""
 

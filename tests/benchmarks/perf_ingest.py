@@ -49,6 +49,7 @@ from tests.benchmarks.perf_common import (
     make_messages,
     median,
     table,
+    tree_cpu_s,
     wait_for,
     write_result,
 )
@@ -66,35 +67,58 @@ QUIET.setLevel(logging.ERROR)
 # ---- publishing ----------------------------------------------------------------------------
 
 
-async def _publish(host: str, port: int, messages: Sequence[tuple[str, bytes]], clients: int, tag: str) -> None:
+async def _publish(
+    host: str,
+    port: int,
+    messages: Sequence[tuple[str, bytes]],
+    clients: int,
+    tag: str,
+    messages_per_s: float | None = None,
+) -> None:
+    """Publish ``messages`` at QoS 1 from ``clients`` connections: as fast as they go, or paced at
+    ``messages_per_s`` in all (each message at its own moment over the whole run)."""
+
     async def one(i: int, part: Sequence[tuple[str, bytes]]) -> None:
         sem = asyncio.Semaphore(IN_FLIGHT_PER_CLIENT)
+        loop = asyncio.get_running_loop()
+        per_client_s = None if messages_per_s is None else clients / messages_per_s
         async with aiomqtt.Client(
             host, port, identifier=f"bench-pub-{tag}-{i}", max_inflight_messages=IN_FLIGHT_PER_CLIENT, logger=QUIET
         ) as c:
+            t0 = loop.time()
 
-            async def send(topic: str, payload: bytes) -> None:
+            async def send(k: int, topic: str, payload: bytes) -> None:
+                if per_client_s is not None:
+                    await asyncio.sleep(max(0.0, t0 + k * per_client_s - loop.time()))
                 async with sem:
                     await c.publish(topic, payload, qos=1)
 
-            await asyncio.gather(*(send(t, p) for t, p in part))
+            await asyncio.gather(*(send(k, t, p) for k, (t, p) in enumerate(part)))
 
     parts = [messages[i::clients] for i in range(clients)]
     await asyncio.gather(*(one(i, p) for i, p in enumerate(parts) if p))
 
 
-def _publisher_main(host: str, port: int, messages: list[tuple[str, bytes]], clients: int, tag: str) -> None:
-    asyncio.run(_publish(host, port, messages, clients, tag))
+def _publisher_main(
+    host: str, port: int, messages: list[tuple[str, bytes]], clients: int, tag: str, messages_per_s: float | None
+) -> None:
+    asyncio.run(_publish(host, port, messages, clients, tag, messages_per_s))
 
 
 def publish_in_processes(
-    host: str, port: int, messages: Sequence[tuple[str, bytes]], processes: int = PUBLISHERS
+    host: str,
+    port: int,
+    messages: Sequence[tuple[str, bytes]],
+    processes: int = PUBLISHERS,
+    messages_per_s: float | None = None,
 ) -> list[mp.process.BaseProcess]:
     ctx = mp.get_context("fork")
     procs: list[mp.process.BaseProcess] = []
+    each = None if messages_per_s is None else messages_per_s / processes
     for i in range(processes):
         p = ctx.Process(
-            target=_publisher_main, args=(host, port, list(messages[i::processes]), CLIENTS_PER_PUBLISHER, f"{i}")
+            target=_publisher_main,
+            args=(host, port, list(messages[i::processes]), CLIENTS_PER_PUBLISHER, f"{i}", each),
         )
         p.start()
         procs.append(p)
@@ -172,6 +196,7 @@ def collector_run(
     collectors: int = 1,
     stop_one_at_ratio: float | None = None,
     profile_to: Path | None = None,
+    obs_per_s: float | None = None,
 ) -> Row:
     """Publish ``messages`` into ``collectors`` collectors (shared group when 2+); the figures."""
     db = stack.new_db("c")
@@ -189,13 +214,16 @@ def collector_run(
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
     cpu0 = [p.stats().get("cpu_s", 0.0) for p in procs]
+    influx_cpu0 = tree_cpu_s(stack.influx.pid or 0)
     t0 = time.perf_counter()
-    pubs = publish_in_processes("127.0.0.1", stack.mosquitto.port, messages)
+    pace = None if obs_per_s is None else obs_per_s * len(messages) / total  # messages a second
+    pubs = publish_in_processes("127.0.0.1", stack.mosquitto.port, messages, messages_per_s=pace)
     stopped: dict[str, Any] | None = None
     if stop_one_at_ratio is not None:
         at = total * stop_one_at_ratio
         wait_for(lambda: sum(p.stats().get("accepted_observations", 0) for p in procs) >= at, 120)
         stopped = procs[0].stop()
+        stopped["publishing_when_stopped"] = any(p.is_alive() for p in pubs)
     for p in pubs:
         p.join()
         if p.exitcode != 0:
@@ -218,13 +246,16 @@ def collector_run(
     if stopped is not None:
         # What the broker had already given the stopped member stays in its persistent session
         # (clean_session=False) until it comes back: count it, then restart it like a rolling restart.
-        held = total - sum(p.stats().get("accepted_observations", 0) for p in live) - stopped.get(
-            "accepted_observations", 0
+        held = (
+            total
+            - sum(p.stats().get("accepted_observations", 0) for p in live)
+            - stopped.get("accepted_observations", 0)
         )
         procs[0] = CollectorProc(procs[0].config, procs[0].stats_path.with_suffix(".again.json")).start()
         live = procs
         finished = wait_for(done, 120, poll_s=0.05)
     cpu_s = sum(p.stats().get("cpu_s", 0.0) - c for p, c in zip(procs, cpu0, strict=True))
+    influx_cpu_s = tree_cpu_s(stack.influx.pid or 0) - influx_cpu0
     if spy is not None:
         spy.send_signal(signal.SIGINT)
         spy.wait(30)
@@ -243,21 +274,27 @@ def collector_run(
         "elapsed_s": elapsed,
         "obs_per_s": total / elapsed,
         "collector_cpu_cores": cpu_s / elapsed,
+        # CPU time per observation over the run, the collector's worker processes included
+        "collector_cpu_us_per_obs": cpu_s / total * 1e6,
+        "influxd_cpu_us_per_point": influx_cpu_s / total * 1e6,
         "accepted_per_collector": accepted,
         "redelivered": sum(accepted) - total,
         "points_in_influx": points,
         "distinct_ids_in_influx": ids,
         "lost": total - points,
         "held_by_stopped_member": held,
+        "publishing_when_stopped": stopped.get("publishing_when_stopped") if stopped is not None else None,
     }
 
 
 def direct_run(stack: Stack, lines: Sequence[str]) -> Row:
     db = stack.new_db("d")
+    influx_cpu0 = tree_cpu_s(stack.influx.pid or 0)
     seconds = asyncio.run(direct_write(stack.influx.url, db, lines))
+    influx_cpu_s = tree_cpu_s(stack.influx.pid or 0) - influx_cpu0
     points = count_points(stack.influx, db)
     return {"db": db, "observations": len(lines), "elapsed_s": seconds, "obs_per_s": len(lines) / seconds,
-            "points_in_influx": points}  # fmt: skip
+            "points_in_influx": points, "influxd_cpu_us_per_point": influx_cpu_s / len(lines) * 1e6}  # fmt: skip
 
 
 # ---- profiles ------------------------------------------------------------------------------
@@ -282,6 +319,7 @@ def summarise_profile(path: Path, top: int = 20) -> dict[str, Any]:
         self_c[names[-1]] += count
         for name in set(names):
             incl[name] += count
+
     def share(c: int) -> float:
         return c / total if total else 0.0
 
@@ -315,7 +353,10 @@ def bench_ingest(stack: Stack, quick: bool, profile: bool) -> dict[str, Any]:
         pairs.append({"run": r + 1, "direct_obs_per_s": d["obs_per_s"], "collector_obs_per_s": c["obs_per_s"],
                       "ratio": c["obs_per_s"] / d["obs_per_s"], "collector_cpu_cores": c["collector_cpu_cores"],
                       "publish_s": c["publish_s"], "collector_s": c["elapsed_s"], "direct_s": d["elapsed_s"],
-                      "lost": c["lost"], "direct_points": d["points_in_influx"]})  # fmt: skip
+                      "lost": c["lost"], "direct_points": d["points_in_influx"],
+                      "collector_cpu_us_per_obs": c["collector_cpu_us_per_obs"],
+                      "influxd_cpu_us_per_point": c["influxd_cpu_us_per_point"],
+                      "direct_influxd_cpu_us_per_point": d["influxd_cpu_us_per_point"]})  # fmt: skip
     summary = {
         "observations_per_run": total,
         "observations_per_message": PER_MESSAGE,
@@ -325,14 +366,24 @@ def bench_ingest(stack: Stack, quick: bool, profile: bool) -> dict[str, Any]:
         "ratio_median": median([p["ratio"] for p in pairs]),
         "goal_ratio": 0.8,
         "lost_total": sum(p["lost"] for p in pairs),
+        "ratio_min": min(p["ratio"] for p in pairs),
+        "ratio_max": max(p["ratio"] for p in pairs),
+        "collector_cpu_us_per_obs_median": median([p["collector_cpu_us_per_obs"] for p in pairs]),
+        "influxd_cpu_us_per_point_median": median([p["influxd_cpu_us_per_point"] for p in pairs]),
+        "direct_influxd_cpu_us_per_point_median": median([p["direct_influxd_cpu_us_per_point"] for p in pairs]),
     }
     print(table(f"1. collector ingest ceiling ({total:,} observations per run, {PER_MESSAGE} per message)",
                 [("run", "run"), ("direct_obs_per_s", "direct obs/s"), ("collector_obs_per_s", "collector obs/s"),
                  ("ratio", "collector/direct"), ("collector_cpu_cores", "collector cores"),
-                 ("collector_s", "collector s"), ("publish_s", "publish s"), ("lost", "lost")], pairs))  # fmt: skip
+                 ("collector_s", "collector s"), ("publish_s", "publish s"), ("lost", "lost"),
+                 ("collector_cpu_us_per_obs", "collector µs/obs"), ("influxd_cpu_us_per_point", "influxd µs/pt"),
+                 ("direct_influxd_cpu_us_per_point", "influxd µs/pt direct")], pairs))  # fmt: skip
     print(f"   median: direct {summary['direct_obs_per_s_median']:,.0f} obs/s, collector "
           f"{summary['collector_obs_per_s_median']:,.0f} obs/s, "
-          f"ratio {summary['ratio_median']:.2f} (goal ≥ 0.8)\n")  # fmt: skip
+          f"ratio {summary['ratio_median']:.2f} (min {summary['ratio_min']:.2f}, max {summary['ratio_max']:.2f}; "
+          f"goal ≥ 0.8); CPU per observation: collector {summary['collector_cpu_us_per_obs_median']:.1f} µs, "
+          f"influxd {summary['influxd_cpu_us_per_point_median']:.1f} µs "
+          f"(direct: {summary['direct_influxd_cpu_us_per_point_median']:.1f} µs)\n")  # fmt: skip
     result: dict[str, Any] = {"summary": summary, "runs": pairs}
     if profile:
         prof = stack.workdir / "collector.pyspy.txt"
@@ -368,13 +419,18 @@ def bench_horizontal(stack: Stack, quick: bool) -> dict[str, Any]:
     rows: list[Row] = []
     for r in range(runs):
         d = direct_run(stack, lines)
-        one = collector_run(stack, messages, total, collectors=1)
-        two = collector_run(stack, messages, total, collectors=2)
+        # Paced at InfluxDB's own (direct) rate: the publishers keep publishing over the whole run.
+        one = collector_run(stack, messages, total, collectors=1, obs_per_s=d["obs_per_s"])
+        two = collector_run(stack, messages, total, collectors=2, obs_per_s=d["obs_per_s"])
         rows.append({"run": r + 1, "direct_obs_per_s": d["obs_per_s"], "one_obs_per_s": one["obs_per_s"],
                      "two_obs_per_s": two["obs_per_s"], "two_over_one": two["obs_per_s"] / one["obs_per_s"],
                      "two_over_direct": two["obs_per_s"] / d["obs_per_s"],
                      "two_split": two["accepted_per_collector"], "lost": one["lost"] + two["lost"]})  # fmt: skip
-    failover = collector_run(stack, messages, total, collectors=2, stop_one_at_ratio=0.4)
+    # Paced at one collector's rate: one member is stopped at 40 % while the publishers still publish.
+    pace = median([r["one_obs_per_s"] for r in rows])
+    failover = collector_run(stack, messages, total, collectors=2, stop_one_at_ratio=0.4, obs_per_s=pace)
+    failover["doubled"] = (failover["points_in_influx"] or 0) - (failover["distinct_ids_in_influx"] or 0)
+    failover["paced_obs_per_s"] = pace
     summary: dict[str, Any] = {
         "observations_per_run": total,
         "runs": runs,
@@ -384,14 +440,16 @@ def bench_horizontal(stack: Stack, quick: bool) -> dict[str, Any]:
         "two_over_one_median": median([r["two_over_one"] for r in rows]),
         "failover": {k: failover[k] for k in ("observations", "accepted_per_collector", "redelivered",
                                               "points_in_influx", "distinct_ids_in_influx", "lost", "finished",
-                                              "held_by_stopped_member")},
+                                              "held_by_stopped_member", "doubled", "paced_obs_per_s",
+                                              "publishing_when_stopped")},
     }  # fmt: skip
     print(table(f"6. horizontal: two collectors on one $share group ({total:,} observations per run)",
                 [("run", "run"), ("direct_obs_per_s", "influx direct obs/s"), ("one_obs_per_s", "1 collector"),
                  ("two_obs_per_s", "2 collectors"), ("two_over_one", "2/1"), ("two_over_direct", "2/direct"),
                  ("two_split", "split"), ("lost", "lost")], rows))  # fmt: skip
     f = summary["failover"]
-    print(f"   one of two stopped at 40 %: sent {f['observations']:,}, "
+    print(f"   one of two stopped at 40 % (publishers paced at {f['paced_obs_per_s']:,.0f} obs/s, still "
+          f"publishing then: {f['publishing_when_stopped']}): sent {f['observations']:,}, doubled {f['doubled']}, "
           f"accepted per collector {f['accepted_per_collector']}, "
           f"in InfluxDB {f['points_in_influx']:,} points / {f['distinct_ids_in_influx']:,} distinct ids, "
           f"lost {f['lost']}, re-delivered (overwritten) {f['redelivered']}; held in the stopped member's "
