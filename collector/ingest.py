@@ -14,6 +14,7 @@ message is processed costs that message alone (its result carries ``error``), as
 from __future__ import annotations
 
 import os
+import signal
 import traceback
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -65,6 +66,18 @@ def process_chunk(messages: Sequence[tuple[str, bytes]], prefix: str, max_bytes:
     return out
 
 
+def _die_with_parent() -> None:
+    """Worker initializer: end with the collector, even when it is SIGKILLed (Linux PR_SET_PDEATHSIG)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() == 1:  # the collector is gone already
+        os._exit(0)
+
+
 def _warm() -> int:
     """Import what a worker needs before the first message arrives."""
     from edgeprobe.probes.registry import KINDS
@@ -79,8 +92,9 @@ def worker_count(configured: int | None) -> int:
 
 
 def start_pool(workers: int) -> ProcessPoolExecutor:
-    """A pool of ``workers`` processes (forkserver: no thread of the collector is forked), started now."""
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("forkserver"))
+    """A pool of ``workers`` processes, started now. Spawned (no thread of the collector is forked)
+    by the calling thread, which must outlive them: each ends when the collector does."""
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=_die_with_parent)
     for f in [pool.submit(_warm) for _ in range(workers)]:
         f.result(timeout=60)
     return pool

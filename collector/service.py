@@ -542,7 +542,9 @@ class _Collector:
         # Worker processes decode and encode (registry kinds only: a test's own kinds stay inline).
         self.workers = worker_count(self.config.workers) if self.kinds is _registry_kinds() else 0
         if self.workers:
-            self.pool = await asyncio.get_running_loop().run_in_executor(None, start_pool, self.workers)
+            # Started from the event loop's thread (it blocks for the workers' imports, once): the
+            # workers end with the thread that spawned them, and this one lives as long as the process.
+            self.pool = start_pool(self.workers)
         try:
             await self._run_session(client_id, expect_session, session, stop)
         finally:
