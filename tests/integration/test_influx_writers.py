@@ -19,7 +19,7 @@ import pytest
 from aiohttp import web
 
 from edgeprobe.collector.config import InfluxConfig
-from edgeprobe.collector.influx import V1Writer, V2Writer, WriteError, make_writer
+from edgeprobe.collector.influx import GZIP_LEVEL, V1Writer, V2Writer, WriteError, make_writer
 from edgeprobe.configfile import convert
 
 LINES = [
@@ -91,7 +91,7 @@ async def test_v1_and_v2_send_the_same_line_protocol(recorder: Recorder) -> None
     r1, r2 = recorder.requests
     assert r1.body == r2.body == "\n".join(LINES).encode()
     assert r1.headers["Content-Encoding"] == r2.headers["Content-Encoding"] == "gzip"
-    assert int(r1.headers["Content-Length"]) == len(gzip.compress(r1.body, compresslevel=5))
+    assert int(r1.headers["Content-Length"]) == len(gzip.compress(r1.body, compresslevel=GZIP_LEVEL))
     assert r1.query == {"db": "edge db", "rp": "weekly", "precision": "ns"}
     assert r2.query == {"org": "my org", "bucket": "edge/bucket", "precision": "ns"}
     assert r2.headers["Authorization"] == f"Token {SECRET}"
