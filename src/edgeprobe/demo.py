@@ -40,6 +40,9 @@ RESPONDERS = {
 }
 
 
+DRAIN_TIMEOUT_S = 15.0  # after the agent stops: how long the collector gets to write the last batches
+
+
 def screen(view: View, header: str, written: int | None) -> Group:
     """The live table (:mod:`edgeprobe.livetable`) with what reached InfluxDB below it."""
     return view.render(header, f"{view.seen} observations produced, {'?' if written is None else written} in InfluxDB.")
@@ -204,7 +207,14 @@ async def run_demo(duration_s: float | None, interval_s: float, console: Console
                     live.update(screen(view, header, written))
                 agent_stop.set()
                 await agent_task
-                await asyncio.sleep(2.0)  # let the collector write the last batch
+                # The collector writes the last batches: wait until InfluxDB holds everything produced
+                # (a loaded machine takes longer than an idle one), at most DRAIN_TIMEOUT_S.
+                drain_deadline = loop.time() + DRAIN_TIMEOUT_S
+                while loop.time() < drain_deadline:
+                    written = await asyncio.to_thread(count_points, influx, database, started_ns)
+                    if written is not None and written >= view.seen:
+                        break
+                    await asyncio.sleep(0.2)
                 collector_stop.set()
                 await collector_task
                 written = await asyncio.to_thread(count_points, influx, database, started_ns)
