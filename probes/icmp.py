@@ -533,6 +533,7 @@ class EchoSocket:
         self._deadlines: Timeline[_Echo] = Timeline(_echo_live)
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at_ns = 0
+        self._in_timer = False  # inside _on_timer: the timer is re-armed once, at its end
         self._closed = False
         self._loop.add_reader(sock.fileno(), self._on_readable)
 
@@ -689,7 +690,9 @@ class EchoSocket:
 
     def _schedule(self, timeline: Timeline[Any], at_ns: int, item: Any) -> None:
         timeline.push(at_ns, item)
-        if self._timer is None or at_ns < self._timer_at_ns:
+        # Inside _on_timer the timer is re-armed once at the end, for the earliest of everything
+        # left: arming here would set it for this item even when others are due sooner.
+        if not self._in_timer and (self._timer is None or at_ns < self._timer_at_ns):
             self._arm(at_ns)
 
     def _arm(self, at_ns: int | None) -> None:
@@ -705,16 +708,19 @@ class EchoSocket:
         self._timer = None
         now = time.monotonic_ns()
         horizon = now + _SLACK_NS
-        for run in self._sends.pop_due(horizon):
-            self._send_next(run, now)
-        expired = self._deadlines.pop_due(horizon)
-        if expired:
-            self._drain(errqueue=True)  # an ICMP error that came in but was not read yet beats the deadline
-            for echo in expired:
-                if not echo.ended:
-                    self._end(echo)
-        nexts = [t for t in (self._sends.next_at(), self._deadlines.next_at()) if t is not None]
-        if self._timer is None:
+        self._in_timer = True
+        try:
+            for run in self._sends.pop_due(horizon):
+                self._send_next(run, now)
+            expired = self._deadlines.pop_due(horizon)
+            if expired:
+                self._drain(errqueue=True)  # an ICMP error that came in but was not read yet beats the deadline
+                for echo in expired:
+                    if not echo.ended:
+                        self._end(echo)
+        finally:
+            self._in_timer = False
+            nexts = [t for t in (self._sends.next_at(), self._deadlines.next_at()) if t is not None]
             self._arm(min(nexts) if nexts else None)
 
     # ---- replies

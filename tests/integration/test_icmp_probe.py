@@ -154,6 +154,35 @@ async def test_run_ends_when_the_last_reply_arrives(ctx: ProbeContext) -> None:
     assert time.perf_counter() - t0 < config.timeout_s  # did not sit out the 30 s timeout
 
 
+async def test_staggered_runs_on_one_socket_each_send_on_time(
+    ctx: ProbeContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The socket's one timer serves every run: each echo leaves at its run's start + k × interval,
+    whoever else is due. (A timer armed for the first run's next send while others were due
+    sooner sent theirs up to an interval late: 1,000 targets held ~5 s runs instead of ~4 s.)"""
+    sent: dict[int, list[int]] = {}
+    real = icmp.EchoSocket._sendto
+
+    def recording(self: icmp.EchoSocket, echo: Any) -> bool:
+        sent.setdefault(id(echo.run), []).append(time.monotonic_ns())
+        return real(self, echo)
+
+    monkeypatch.setattr(icmp.EchoSocket, "_sendto", recording)
+    config = IcmpConfig(count=4, interval_s=0.1, timeout_s=5.0, socket="raw")
+
+    async def staggered(i: int) -> icmp.IcmpResult:
+        await asyncio.sleep(i * 0.007)  # starts spread over the interval, as the scheduler's slots are
+        return await icmp.probe(f"127.0.2.{i + 1}", config, ctx)
+
+    results = await asyncio.gather(*(staggered(i) for i in range(14)))
+    for result in results:
+        assert_all_answered(result, 4)
+    assert len(sent) == 14
+    late_ms = [(t - times[0]) / 1e6 - k * 100 for times in sent.values() for k, t in enumerate(times)]
+    # On time within a generous bound for a shared 2-vCPU host; the bug made it up to 100 ms.
+    assert max(late_ms) < 30, sorted(late_ms)[-5:]
+
+
 @pytest.mark.parametrize("kind", ["raw", "dgram"])
 async def test_many_concurrent_runs_share_one_socket_without_cross_talk(
     kind: str,
