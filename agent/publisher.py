@@ -57,6 +57,7 @@ from edgeprobe.schema import (
     obs_topic,
     status_topic,
 )
+from edgeprobe.supervise import Wakeup
 
 log = logging.getLogger("edgeprobe.agent.publisher")
 
@@ -215,7 +216,6 @@ class Publisher:
         confirm_s = 2 * cfg.publish.confirm_timeout_s  # Backoff draws from [c/2, c]: at least confirm_timeout_s
         self._confirm_backoff = Backoff(confirm_s, max(confirm_s, CONFIRM_MAX_WAIT_S), self._rng)
         self._confirm_wait_s = self._confirm_backoff.next_delay_s()
-        self._confirmed = asyncio.Event()  # a confirmation freed room in the window
         self._bad_confirm_logged_at: float | None = None
         pub = cfg.publish
         self._bucket = TokenBucket(pub.replay_max_per_s, max(float(pub.batch_max_observations), pub.replay_max_per_s))
@@ -232,13 +232,11 @@ class Publisher:
         # Restarts of the agent's crashed tasks (daemon.py: its edgeprobe.supervise.Supervisor).
         self.task_restarts: Callable[[], int] | None = None
         self._status_due = False
-        self._status_poke: asyncio.Event | None = None
 
     def request_status(self) -> None:
         """Republish the retained status soon (something in it changed)."""
         self._status_due = True
-        if self._status_poke is not None:
-            self._status_poke.set()
+        self.spool.changed.set()  # wakes the pump
 
     def job_kinds(self) -> list[str]:
         """The kinds of the file's jobs (an alias as its kind's own name); the control channel
@@ -478,7 +476,7 @@ class Publisher:
             self.stats.acknowledged_observations += len(done)
             self._confirm_backoff.reset()
             self._confirm_wait_s = self._confirm_backoff.next_delay_s()
-            self._confirmed.set()
+            self.spool.changed.set()  # wakes the pump: a confirmation freed room in the window
 
     def _decode_confirmation(self, payload: bytes) -> DeliveryAck | None:
         """A valid confirmation for this agent, or None (counted, logged at most once a minute)."""
@@ -527,6 +525,29 @@ class Publisher:
         next_health = loop.time()  # one right after connecting, then every health_interval_s
         flush_ns = round(pub.flush_interval_s * 1e9)
         linger_ns = min(flush_ns, round(AUTOCORK_LINGER_S * 1e9))
+        wake = self.spool.changed
+        stop_watch = asyncio.ensure_future(stop.wait())
+        stop_watch.add_done_callback(lambda _: wake.set())
+        if reader is not None:
+            reader.add_done_callback(lambda _: wake.set())
+        try:
+            await self._pump_loop(client, stop, reader, wake, next_status, next_health, flush_ns, linger_ns)
+        finally:
+            stop_watch.cancel()
+
+    async def _pump_loop(
+        self,
+        client: aiomqtt.Client,
+        stop: asyncio.Event,
+        reader: asyncio.Task[None] | None,
+        wake: Wakeup,
+        next_status: float,
+        next_health: float,
+        flush_ns: int,
+        linger_ns: int,
+    ) -> None:
+        pub = self.cfg.publish
+        loop = asyncio.get_running_loop()
         while True:
             if reader is not None and reader.done():
                 reader.result()  # a bug in it: raise
@@ -586,22 +607,11 @@ class Publisher:
                     wait_s = min(wait_s, max(0.0, (due_ns - waited_ns) / 1e9))
             if deadline is not None:
                 wait_s = min(wait_s, deadline - now)
-            self._status_poke = poke = asyncio.Event()
-            self._confirmed.clear()
-            waits = {
-                asyncio.ensure_future(self.spool.wait_changed(max(0.0, wait_s))),
-                asyncio.ensure_future(poke.wait()),
-                asyncio.ensure_future(self._confirmed.wait()),
-            }
-            if not stop.is_set():
-                waits.add(asyncio.ensure_future(stop.wait()))
-            try:
-                watched: set[asyncio.Future[Any]] = {*waits, reader} if reader is not None else set(waits)
-                await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                self._status_poke = None
-                for waiting in waits:
-                    waiting.cancel()
+            # One wake-up for every source (the spool, a confirmation, a status request, the stop,
+            # the confirmations reader ending): cleared here, after the checks above and with no
+            # await between, so nothing set since they looked is missed.
+            wake.clear()
+            await wake.wait(max(0.0, wait_s))
 
     async def _publish_batch(self, client: aiomqtt.Client) -> None:
         pub = self.cfg.publish

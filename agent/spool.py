@@ -74,6 +74,7 @@ from edgeprobe.agent.config import SpoolConfig
 from edgeprobe.backoff import Backoff
 from edgeprobe.schema import Observation, encode
 from edgeprobe.sqlqueue import QueueLayout, SpoolCorruptError, SpoolError, SqliteQueue, Synchronous, lock_holder
+from edgeprobe.supervise import Wakeup
 
 __all__ = [
     "MemorySpool",
@@ -148,6 +149,9 @@ class Spool(Protocol):
     """What the daemon and the publisher need from a spool (see the module docstring)."""
 
     durable: bool
+    # Set when something may have become available; the publisher's one wake-up (its other
+    # sources, confirmations, a status request, the stop, set it too).
+    changed: Wakeup
 
     def put(self, obs: Observation) -> None:
         """Queue one observation (never blocks; SQLite: durable after the next group commit)."""
@@ -334,7 +338,7 @@ class MemorySpool:
         self._in_flight: dict[int, SpoolEntry] = {}
         self._bytes = 0
         self._next_rowid = 1
-        self._changed = asyncio.Event()
+        self.changed = Wakeup()  # set when something may have become available (the publisher wakes on it)
         self._dropped = _drop_counts_zero()
         self._drop_log = _DropLog("spool (memory)", max_bytes, max_age_s)
         self._closed = False
@@ -356,7 +360,7 @@ class MemorySpool:
         self._items.append(entry)
         self._bytes += len(payload)
         self._trim(mono)
-        self._changed.set()
+        self.changed.set()
 
     def _trim(self, now_mono_ns: int) -> None:
         dropped = _drop_counts_zero()
@@ -399,7 +403,7 @@ class MemorySpool:
         back = [e for e in entries if self._in_flight.pop(e.rowid, None) is not None]
         self._items.extendleft(reversed(sorted(back)))
         if back:
-            self._changed.set()
+            self.changed.set()
 
     def stats(self) -> SpoolStats:
         oldest = [e.enqueued_at_ns for e in self._in_flight.values()]
@@ -422,11 +426,8 @@ class MemorySpool:
         )
 
     async def wait_changed(self, timeout_s: float | None) -> None:
-        self._changed.clear()
-        try:
-            await asyncio.wait_for(self._changed.wait(), timeout_s)
-        except TimeoutError:
-            pass
+        self.changed.clear()
+        await self.changed.wait(timeout_s)
 
     async def flush(self) -> None:
         return None
@@ -847,7 +848,7 @@ class SqliteSpool:
         self._fail_attempts = 0
         self._fail_logged_at = 0.0
         self._backoff = Backoff(RETRY_MIN_S, RETRY_MAX_S)
-        self._changed = asyncio.Event()
+        self.changed = Wakeup()  # set when something may have become available (the publisher wakes on it)
         self._dirty = asyncio.Event()
         self._full = asyncio.Event()
         self._committed = asyncio.Event()
@@ -947,7 +948,7 @@ class SqliteSpool:
             self._bound_pending()  # the disk stalls or refuses: memory is bounded too
         self._dirty.set()
         if self._failing:
-            self._changed.set()  # available from memory
+            self.changed.set()  # available from memory
         elif self._pending_count >= self.commit_max_observations:
             self._full.set()
 
@@ -1085,7 +1086,7 @@ class SqliteSpool:
                 self._pending_taken -= 1
             back = True
         if back:
-            self._changed.set()
+            self.changed.set()
 
     def stats(self) -> SpoolStats:
         backlog = self._pending_count + sum(1 for item in self._snapshot if not item.done)
@@ -1112,11 +1113,8 @@ class SqliteSpool:
         )
 
     async def wait_changed(self, timeout_s: float | None) -> None:
-        self._changed.clear()
-        try:
-            await asyncio.wait_for(self._changed.wait(), timeout_s)
-        except TimeoutError:
-            pass
+        self.changed.clear()
+        await self.changed.wait(timeout_s)
 
     def _work_left(self) -> bool:
         return bool(self._pending_count or self._acks or self._quarantine or self._acked_from_memory)
@@ -1254,7 +1252,7 @@ class SqliteSpool:
         if self._failing:
             self._commit_recovered(len(items))
         if items or n_dropped:
-            self._changed.set()
+            self.changed.set()
         return True
 
     def _restore(
@@ -1276,7 +1274,7 @@ class SqliteSpool:
         self._quarantine[:0] = quarantine
         self._acked_from_memory += acked_from_memory
         self._bound_pending()
-        self._changed.set()  # the backlog is available from memory now
+        self.changed.set()  # the backlog is available from memory now
 
     def _commit_failed(self, err: Exception) -> None:
         self.errors += 1

@@ -30,7 +30,7 @@ from edgeprobe.backoff import Backoff
 
 T = TypeVar("T")
 
-__all__ = ["SuperviseConfig", "Supervisor", "TaskFailedError"]
+__all__ = ["SuperviseConfig", "Supervisor", "TaskFailedError", "Wakeup"]
 
 
 class SuperviseConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -129,3 +129,54 @@ class Supervisor:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(delay):
                         await stop.wait()
+
+
+class Wakeup:
+    """A flag that any number of sources set and one task awaits, with a timeout.
+
+    ``asyncio.wait_for(event.wait(), t)`` wraps every wait in a task of its own (Python 3.11), and
+    waiting on several events means a task per event plus ``asyncio.wait``: a handful of loop
+    callbacks per wait. A daemon loop that wakes a hundred times a second (the agent's publisher)
+    spent a good part of its CPU there. Here a wait is one future and one timer handle; ``set``
+    from a callback (or another task) resolves it.
+    """
+
+    __slots__ = ("_future", "_set")
+
+    def __init__(self) -> None:
+        self._set = False
+        self._future: asyncio.Future[None] | None = None
+
+    def set(self) -> None:
+        self._set = True
+        future = self._future
+        if future is not None and not future.done():
+            future.set_result(None)
+
+    def clear(self) -> None:
+        self._set = False
+
+    def is_set(self) -> bool:
+        return self._set
+
+    async def wait(self, timeout_s: float | None = None) -> bool:
+        """Until set (True at once if it is) or ``timeout_s`` passed (False). One waiter at a time."""
+        if self._set:
+            return True
+        if self._future is not None:
+            raise RuntimeError("Wakeup.wait: another task is waiting already")
+        loop = asyncio.get_running_loop()
+        future = self._future = loop.create_future()
+        handle = None if timeout_s is None else loop.call_later(max(0.0, timeout_s), _expire, future)
+        try:
+            await future
+        finally:
+            self._future = None
+            if handle is not None:
+                handle.cancel()
+        return self._set
+
+
+def _expire(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

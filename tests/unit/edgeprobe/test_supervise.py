@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from edgeprobe.supervise import SuperviseConfig, Supervisor, TaskFailedError
+from edgeprobe.supervise import SuperviseConfig, Supervisor, TaskFailedError, Wakeup
 
 FAST = SuperviseConfig(max_restarts=2, window_s=10, restart_min_s=0.001, restart_max_s=0.002)
 
@@ -80,3 +80,45 @@ async def test_stop_cuts_the_restart_delay_short_and_cancellation_passes() -> No
     running.cancel()
     with pytest.raises(asyncio.CancelledError):
         await running
+
+
+# ---- Wakeup: one waiter, many setters, a timeout, no task per wait
+
+
+async def test_wakeup_set_before_the_wait_returns_at_once() -> None:
+    wake = Wakeup()
+    wake.set()
+    assert await wake.wait(10) is True
+
+
+async def test_wakeup_times_out_false_and_a_later_set_wakes_the_next_wait() -> None:
+    wake = Wakeup()
+    assert await wake.wait(0.01) is False
+    loop = asyncio.get_running_loop()
+    loop.call_soon(wake.set)
+    assert await asyncio.wait_for(wake.wait(10), 5) is True  # woken by the callback, not the 10 s timer
+    wake.clear()
+    assert not wake.is_set()
+
+
+async def test_wakeup_has_one_waiter_and_cancelling_it_leaves_it_usable() -> None:
+    wake = Wakeup()
+    first = asyncio.create_task(wake.wait())
+    await asyncio.sleep(0)
+    with pytest.raises(RuntimeError, match="another task is waiting"):
+        await wake.wait(1)
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    wake.set()
+    assert await wake.wait(1) is True
+
+
+async def test_wakeup_wait_creates_no_task() -> None:
+    wake = Wakeup()
+    before = len(asyncio.all_tasks())
+    waiting = asyncio.ensure_future(wake.wait(10))
+    await asyncio.sleep(0)
+    assert len(asyncio.all_tasks()) == before + 1  # the test's own waiting task only
+    wake.set()
+    assert await waiting is True
