@@ -146,8 +146,9 @@ class Scheduler:
         self._anchor_ns = time.time_ns() - time.monotonic_ns()  # wall minus monotonic: the alignment
         self.clock_steps = 0  # wall-clock steps seen since start
         self._entries: list[_Entry] = []
-        self._waiter: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
         self._timer_at_ns: int | None = None  # the slot the timer is set for
+        self._runs: set[asyncio.Task[None]] = set()
         self._stopping = False
 
     def successor(
@@ -204,14 +205,12 @@ class Scheduler:
 
     # ------------------------------------------------------------ the timer
 
-    def _poke(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
     async def run(self, stop: asyncio.Event, grace_s: float) -> None:
         """Run every (job, target) until ``stop`` is set; then let runs in flight finish for up to
-        ``grace_s`` before cancelling them."""
+        ``grace_s`` before cancelling them.
+
+        The loop timer's callback starts the runs that are due and re-arms the timer for the next
+        slot: no task wakes up in between (one event-loop iteration per due time, not two)."""
         self._entries = []
         for job in self.jobs:
             interval_ns = round(job.interval_s * 1e9)
@@ -222,50 +221,66 @@ class Scheduler:
         if not self._entries:
             await stop.wait()
             return
-        loop = asyncio.get_running_loop()
         now = time.monotonic_ns()
         self._anchor_ns = time.time_ns() - now
         self._heap = [(next_slot_ns(now, e.interval_ns, self._grid(e)), i) for i, e in enumerate(self._entries)]
         heapq.heapify(self._heap)
         self._stopping = False
-        runs: set[asyncio.Task[None]] = set()
-        stop_watch = asyncio.ensure_future(stop.wait())
-        stop_watch.add_done_callback(lambda _: self._poke())
+        runs = self._runs = set()
         try:
-            while not stop.is_set():
-                now = time.monotonic_ns()
-                self._follow_wall_clock(now)
-                heap = self._heap
-                while heap and heap[0][0] <= now:
-                    slot, index = heapq.heappop(heap)
-                    entry = self._entries[index]
-                    name = f"probe:{entry.job.name}:{entry.job.kind.shown_target(entry.target)}"
-                    task = asyncio.create_task(self._run_slot(index, slot), name=name)
-                    runs.add(task)
-                    task.add_done_callback(runs.discard)
-                self._waiter = loop.create_future()
-                handle = None
-                if heap:
-                    self._timer_at_ns = heap[0][0]
-                    handle = loop.call_later(max(0.0, (heap[0][0] - time.monotonic_ns()) / 1e9), self._poke)
-                try:
-                    await self._waiter
-                finally:
-                    self._waiter = None
-                    self._timer_at_ns = None
-                    if handle is not None:
-                        handle.cancel()
+            self._on_due()
+            await stop.wait()
             self._stopping = True
+            self._disarm()
             if runs:
                 _, pending = await asyncio.wait(set(runs), timeout=grace_s)
                 if pending:
                     log.info("cancelling %d probe run(s) still in flight at shutdown", len(pending))
         finally:
             self._stopping = True
-            stop_watch.cancel()
+            self._disarm()
             for task in list(runs):
                 task.cancel()
-            await asyncio.gather(*runs, stop_watch, return_exceptions=True)
+            await asyncio.gather(*runs, return_exceptions=True)
+
+    def _on_due(self) -> None:
+        """The timer: start every run that is due, then arm the timer for the next slot."""
+        self._timer = None
+        self._timer_at_ns = None
+        if self._stopping:
+            return
+        now = time.monotonic_ns()
+        self._follow_wall_clock(now)
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            slot, index = heapq.heappop(heap)
+            entry = self._entries[index]
+            task = asyncio.create_task(
+                self._run_slot(index, slot), name=f"probe:{entry.job.name}:{entry.job.kind.shown_target(entry.target)}"
+            )
+            self._runs.add(task)
+            task.add_done_callback(self._runs.discard)
+        self._arm()
+
+    def _arm(self) -> None:
+        """Set the timer for the earliest slot unless it is set for that one or sooner."""
+        heap = self._heap
+        if self._stopping or not heap:
+            return
+        at_ns = heap[0][0]
+        if self._timer is not None:
+            if self._timer_at_ns is not None and self._timer_at_ns <= at_ns:
+                return
+            self._timer.cancel()
+        loop = asyncio.get_running_loop()
+        self._timer_at_ns = at_ns
+        self._timer = loop.call_at(loop.time() + max(0.0, (at_ns - time.monotonic_ns()) / 1e9), self._on_due)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+            self._timer_at_ns = None
 
     def _grid(self, entry: _Entry) -> int:
         """The entry's wall-clock offset as an offset on the monotonic clock (current anchor)."""
@@ -315,8 +330,7 @@ class Scheduler:
                     entry.target,
                 )
         heapq.heappush(self._heap, (following, index))
-        if self._timer_at_ns is None or following < self._timer_at_ns:
-            self._poke()
+        self._arm()
 
     async def run_once(self, job: Job, target: str, scheduled_mono_ns: int | None) -> Observation:
         async with self._sem:
