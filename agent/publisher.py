@@ -57,7 +57,6 @@ from edgeprobe.schema import (
     obs_topic,
     status_topic,
 )
-from edgeprobe.supervise import Wakeup
 
 log = logging.getLogger("edgeprobe.agent.publisher")
 
@@ -519,35 +518,25 @@ class Publisher:
             return
 
     async def _pump(self, client: aiomqtt.Client, stop: asyncio.Event, reader: asyncio.Task[None] | None) -> None:
-        pub = self.cfg.publish
-        loop = asyncio.get_running_loop()
-        next_status = loop.time() + pub.status_interval_s
-        next_health = loop.time()  # one right after connecting, then every health_interval_s
-        flush_ns = round(pub.flush_interval_s * 1e9)
-        linger_ns = min(flush_ns, round(AUTOCORK_LINGER_S * 1e9))
+        """:meth:`_pump_loop`, woken by the spool's change flag, which the stop and the end of the
+        confirmations reader set as well (as a confirmation and a status request do)."""
         wake = self.spool.changed
         stop_watch = asyncio.ensure_future(stop.wait())
         stop_watch.add_done_callback(lambda _: wake.set())
         if reader is not None:
             reader.add_done_callback(lambda _: wake.set())
         try:
-            await self._pump_loop(client, stop, reader, wake, next_status, next_health, flush_ns, linger_ns)
+            await self._pump_loop(client, stop, reader)
         finally:
             stop_watch.cancel()
 
-    async def _pump_loop(
-        self,
-        client: aiomqtt.Client,
-        stop: asyncio.Event,
-        reader: asyncio.Task[None] | None,
-        wake: Wakeup,
-        next_status: float,
-        next_health: float,
-        flush_ns: int,
-        linger_ns: int,
-    ) -> None:
+    async def _pump_loop(self, client: aiomqtt.Client, stop: asyncio.Event, reader: asyncio.Task[None] | None) -> None:
         pub = self.cfg.publish
         loop = asyncio.get_running_loop()
+        next_status = loop.time() + pub.status_interval_s
+        next_health = loop.time()  # one right after connecting, then every health_interval_s
+        flush_ns = round(pub.flush_interval_s * 1e9)
+        linger_ns = min(flush_ns, round(AUTOCORK_LINGER_S * 1e9))
         while True:
             if reader is not None and reader.done():
                 reader.result()  # a bug in it: raise
@@ -607,11 +596,9 @@ class Publisher:
                     wait_s = min(wait_s, max(0.0, (due_ns - waited_ns) / 1e9))
             if deadline is not None:
                 wait_s = min(wait_s, deadline - now)
-            # One wake-up for every source (the spool, a confirmation, a status request, the stop,
-            # the confirmations reader ending): cleared here, after the checks above and with no
-            # await between, so nothing set since they looked is missed.
-            wake.clear()
-            await wake.wait(max(0.0, wait_s))
+            # The spool's change flag is the one wake-up for every source (see _pump); it is cleared
+            # here, after the checks above with no await between, so nothing set since is missed.
+            await self.spool.wait_changed(max(0.0, wait_s))
 
     async def _publish_batch(self, client: aiomqtt.Client) -> None:
         pub = self.cfg.publish

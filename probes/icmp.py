@@ -509,8 +509,8 @@ _BATCH = 256  # datagrams read per readiness callback, so one busy socket cannot
 # read and a deadline ended up to a tick late. RTTs are unaffected (the kernel stamps each reply
 # as it arrives: SO_TIMESTAMPNS), a reply later than its timeout is lost whenever it is read, and
 # a socket that has been idle for a tick reads a reply at once (a lone ping is not held back).
-# At 500 echoes/s this is ~200 wake-ups a second instead of ~1,000. A run's interval caps the
-# tick at a quarter of it (MIN_TICK_NS at least).
+# At 500 echoes/s (1,000 targets every 10 s) that measured 164 timer and 77 reader wake-ups a
+# second. A run's interval caps the tick at a quarter of it (_MIN_TICK_NS at least).
 _TICK_NS = 5_000_000
 _MIN_TICK_NS = 250_000
 
@@ -714,7 +714,8 @@ class EchoSocket:
             self._arm(at_ns)
 
     def _next_wake_ns(self) -> int | None:
-        """When the engine must wake next (before the next tick is no earlier than the tick)."""
+        """When the engine must wake next: a tick before the next send, at the next deadline, or at
+        once for a reader held back, but never before the tick after the last wake-up (None: idle)."""
         nexts = []
         send_at = self._sends.next_at()
         if send_at is not None:
