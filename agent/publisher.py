@@ -37,7 +37,7 @@ import aiomqtt
 import msgspec
 
 from edgeprobe import __version__
-from edgeprobe.agent.config import AgentConfig
+from edgeprobe.agent.config import AUTOCORK_LINGER_S, AgentConfig
 from edgeprobe.agent.spool import Spool, SpoolEntry
 from edgeprobe.backoff import Backoff
 from edgeprobe.mqtt import run_session
@@ -76,14 +76,12 @@ def agent_client_ids(cfg: AgentConfig) -> tuple[str, str]:
     the two connections never take each other's place."""
     base = cfg.broker.client_id or f"edgeprobe-agent-{cfg.agent.id}-{_PROCESS_TOKEN}"
     return base, f"{base}-control"
+
+
 MAX_CONFIRM_BYTES = 1024 * 1024  # a larger …/ack message is refused unread
 BATCH_FIELD_BYTES = 80  # room kept under MAX_MESSAGE_BYTES for ',"batch":"<id>"'
 CONFIRM_MAX_WAIT_S = 600.0  # the wait for confirmations doubles up to this
 BAD_CONFIRM_LOG_S = 60.0  # a refused …/ack is logged at most this often
-# With nothing in flight, a batch still waits this long for company (at most flush_interval_s): at
-# 100 observations a second an agent sends ~5 messages a second, not 100 (each costs CPU at both
-# ends), for at most 0.2 s of added delay.
-AUTOCORK_LINGER_S = 0.2
 
 
 @dataclass
@@ -161,8 +159,6 @@ class TokenBucket:
         self._at = now
         self.tokens -= n
         return max(0.0, -self.tokens / self.rate_per_s)
-
-
 
 
 def encode_batches(envelope_base: Envelope, observations: Sequence[bytes], max_bytes: int) -> list[tuple[bytes, int]]:

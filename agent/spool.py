@@ -70,7 +70,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, ClassVar, NamedTuple, Protocol, TypeVar
 
-from edgeprobe.agent.config import SpoolConfig
+from edgeprobe.agent.config import AUTOCORK_LINGER_S, SpoolConfig
 from edgeprobe.backoff import Backoff
 from edgeprobe.schema import Observation, encode
 from edgeprobe.sqlqueue import QueueLayout, SpoolCorruptError, SpoolError, SqliteQueue, Synchronous, lock_holder
@@ -790,7 +790,7 @@ class SqliteSpool:
         *,
         max_bytes: int,
         max_age_s: float,
-        commit_interval_s: float = 0.05,
+        commit_interval_s: float = AUTOCORK_LINGER_S,
         commit_max_observations: int = 1000,
         synchronous: str = "full",
         commit_log: str | None = None,

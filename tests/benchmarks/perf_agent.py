@@ -22,7 +22,9 @@ c. 20 inference targets (the responder, OpenAI chat stream, 200 ms TTFT, 32 toke
 d. 200 TCP connect targets (the responder's port) every 30 s.
 (--quick: 10 s measured after a 4 s warm-up, so b, c and d see only part of a round.)
 Every case reports CPU per observation (ms of CPU ÷ observations published in the window, the
-agent's idle floor included).
+agent's idle floor included). Case a also reports how long each observation took from its run's
+end (``started_at_ns`` + ``duration_ms``) to the benchmark's subscriber: spool commit, autocork
+linger and MQTT together (p50/p99 per window).
 
 Import: ``python -X importtime`` of what ``edgeprobe agent run`` imports, and whether scapy was
 imported (it must not be). Start-up: from spawning ``edgeprobe agent run`` to its retained
@@ -67,6 +69,7 @@ class Counter:
     def __init__(self, host: str, port: int) -> None:
         self.observations = 0
         self.messages = 0
+        self.lags_s: list[float] = []  # per observation: its run's end → here (wall clocks of one host)
         self.online_at: float | None = None
         self.lock = threading.Lock()
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-counter")
@@ -85,10 +88,13 @@ class Counter:
             ack = DeliveryAck(v=1, agent=env["agent"], site=env["site"], collector="bench",
                               at_ns=time.time_ns(), batches=[env["batch"]])  # fmt: skip
             client.publish(ack_topic(PREFIX, env["site"], env["agent"]), encode(ack), qos=1)
-        n = len(env.get("observations", []))
+        observations = env.get("observations", [])
+        now_ns = time.time_ns()
+        lags = [(now_ns - o["started_at_ns"] - o["duration_ms"] * 1e6) / 1e9 for o in observations]
         with self.lock:
-            self.observations += n
+            self.observations += len(observations)
             self.messages += 1
+            self.lags_s.extend(lags)
 
     def close(self) -> None:
         self.client.loop_stop()
@@ -229,7 +235,7 @@ def run_case(
         for _ in range(repeat):
             sampler = ProcSampler(proc.pid)
             fs = ProcSampler(fping_proc.pid) if fping_proc is not None else None
-            obs0 = counter.observations
+            obs0, lag0 = counter.observations, len(counter.lags_s)
             t0 = time.monotonic()
             while time.monotonic() - t0 < duration_s and proc.poll() is None:
                 sampler.sample()
@@ -237,9 +243,12 @@ def run_case(
             cpu = sampler.cpu_ratio()
             wall = time.monotonic() - t0
             obs = counter.observations - obs0
+            lags = sorted(counter.lags_s[lag0:])
             w: Row = {"cpu_core_ratio": cpu, "observations": obs, "measured_s": wall,
                       "rss_median_mb": (median(sampler.rss_bytes) or 0) / 2**20, "rss_hwm_mb": sampler.hwm() / 2**20,
-                      "cpu_ms_per_obs": cpu * wall * 1000 / obs if obs else None}  # fmt: skip
+                      "cpu_ms_per_obs": cpu * wall * 1000 / obs if obs else None,
+                      "done_to_subscriber_p50_s": lags[len(lags) // 2] if lags else None,
+                      "done_to_subscriber_p99_s": lags[int(len(lags) * 0.99)] if lags else None}  # fmt: skip
             if fs is not None:
                 w["fping_cpu_core_ratio"] = fs.cpu_ratio()
                 w["fping_rss_mb"] = fs.rss() / 2**20
@@ -365,6 +374,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                 each = ", ".join(f"{w['cpu_core_ratio'] * 100:.2f} % ÷ {w['fping_cpu_core_ratio'] * 100:.2f} % = "
                                  f"{w['agent_over_fping']:.2f}" for w in a["windows"])  # fmt: skip
                 print(f"   (a) side by side, {len(a['windows'])} window(s) of {duration:.0f} s: {each}")
+                fresh = ", ".join(f"{w['done_to_subscriber_p50_s']:.2f}/{w['done_to_subscriber_p99_s']:.2f}"
+                                  for w in a["windows"] if w["done_to_subscriber_p50_s"] is not None)  # fmt: skip
+                print(f"   (a) run end → at the subscriber, p50/p99 s per window: {fresh}")
                 print(f"   (a) fping: {a['fping_echoes_per_s']:.0f} echoes/s, RSS {a['fping_rss_mb']:.1f} MB; "
                       f"agent: {a['obs_per_s'] * 5:.0f} echoes/s")  # fmt: skip
                 print(f"   agent ÷ fping = {a['agent_over_fping_median']:.2f} (median; "

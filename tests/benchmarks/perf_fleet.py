@@ -32,7 +32,7 @@ from typing import Any
 
 import aiomqtt
 
-from edgeprobe.agent.publisher import AUTOCORK_LINGER_S
+from edgeprobe.agent.config import AUTOCORK_LINGER_S
 from edgeprobe.schema import encode
 from tests.benchmarks.perf_common import (
     OBS_MEASUREMENTS,
