@@ -41,6 +41,7 @@ from edgeprobe.agent.config import Job
 from edgeprobe.probes.context import ProbeContext
 from edgeprobe.probes.geo import physics
 from edgeprobe.probes.handler import run_probe
+from edgeprobe.probes.wake import WAKE_GRID_NS, call_at_ns, grid_ceil_ns
 from edgeprobe.schema import Observation
 
 log = logging.getLogger("edgeprobe.agent.scheduler")
@@ -62,6 +63,15 @@ def next_slot_ns(now_ns: int, interval_ns: int, offset: int) -> int:
     """The first slot ``k * interval + offset`` at or after ``now_ns`` (pure)."""
     k = -((offset - now_ns) // interval_ns)  # ceil((now - offset) / interval)
     return k * interval_ns + offset
+
+
+def grid_offset_ns(offset: int, interval_ns: int, grid_ns: int = WAKE_GRID_NS) -> int:
+    """``offset`` (on the monotonic clock, within the interval) moved up to the wake-up grid when
+    ``interval_ns`` is a whole number of grid steps, so every slot ``k * interval + offset`` is a
+    grid tick, when the ICMP engine wakes too (probes/wake.py); else unchanged (pure)."""
+    if interval_ns % grid_ns:
+        return offset
+    return grid_ceil_ns(offset, grid_ns) % interval_ns
 
 
 def clock_step_ns(anchor_ns: int, wall_ns: int, mono_ns: int) -> int | None:
@@ -272,9 +282,8 @@ class Scheduler:
             if self._timer_at_ns is not None and self._timer_at_ns <= at_ns:
                 return
             self._timer.cancel()
-        loop = asyncio.get_running_loop()
         self._timer_at_ns = at_ns
-        self._timer = loop.call_at(loop.time() + max(0.0, (at_ns - time.monotonic_ns()) / 1e9), self._on_due)
+        self._timer = call_at_ns(asyncio.get_running_loop(), at_ns, self._on_due)
 
     def _disarm(self) -> None:
         if self._timer is not None:
@@ -283,8 +292,9 @@ class Scheduler:
             self._timer_at_ns = None
 
     def _grid(self, entry: _Entry) -> int:
-        """The entry's wall-clock offset as an offset on the monotonic clock (current anchor)."""
-        return (entry.offset - self._anchor_ns) % entry.interval_ns
+        """The entry's wall-clock offset as an offset on the monotonic clock (current anchor); on
+        the agent's wake-up grid when the interval is a whole number of its steps."""
+        return grid_offset_ns((entry.offset - self._anchor_ns) % entry.interval_ns, entry.interval_ns)
 
     def _follow_wall_clock(self, mono_ns: int) -> None:
         """Notice a wall-clock step; re-anchor and re-place the waiting slots on the new grid."""

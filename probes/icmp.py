@@ -54,6 +54,7 @@ from edgeprobe.probes.kind import Figure, LiveView, PolicyCost, Privilege, Probe
 from edgeprobe.probes.outcome import Outcome, ProbeFailure, classify_exception
 from edgeprobe.probes.stats import RttSummary, summarize_rtts
 from edgeprobe.probes.text import num
+from edgeprobe.probes.wake import WAKE_GRID_NS, call_at_ns, grid_ceil_ns, next_grid_ns
 from edgeprobe.schema import Observation
 
 SocketKind = Literal["raw", "dgram"]
@@ -505,13 +506,14 @@ def _send_live(run: _Run) -> bool:
 
 
 _BATCH = 256  # datagrams read per readiness callback, so one busy socket cannot starve the loop
-# While busy the engine wakes at most once per tick: a send leaves up to a tick early, a reply is
-# read and a deadline ended up to a tick late. RTTs are unaffected (the kernel stamps each reply
-# as it arrives: SO_TIMESTAMPNS), a reply later than its timeout is lost whenever it is read, and
-# a socket that has been idle for a tick reads a reply at once (a lone ping is not held back).
-# At 500 echoes/s (1,000 targets every 10 s) that measured 164 timer and 77 reader wake-ups a
-# second. A run's interval caps the tick at a quarter of it (_MIN_TICK_NS at least).
-_TICK_NS = 5_000_000
+# While busy the engine wakes only on the ticks of the agent's wake-up grid (probes/wake.py),
+# where the scheduler starts runs too: at most once per tick, on the tick. A send leaves up to a
+# tick early, a reply is read and a deadline ended up to a tick late. RTTs are unaffected (the
+# kernel stamps each reply as it arrives: SO_TIMESTAMPNS), a reply later than its timeout is lost
+# whenever it is read, and a socket that has not woken in the current tick reads a reply at once
+# (a lone ping is not held back). A run's interval caps the tick at a quarter of it
+# (_MIN_TICK_NS at least).
+_TICK_NS = WAKE_GRID_NS
 _MIN_TICK_NS = 250_000
 
 
@@ -707,15 +709,21 @@ class EchoSocket:
         if not self._in_timer:
             self._want(at_ns - self._tick_ns if timeline is self._sends else at_ns)
 
+    def _next_tick_ns(self) -> int:
+        """The first tick after the engine's last wake-up: the earliest it wakes again while busy."""
+        return next_grid_ns(self._woke_ns, self._tick_ns)
+
     def _want(self, at_ns: int) -> None:
-        """Wake up at ``at_ns``, or at the next tick if that is later (unless the timer is set sooner)."""
-        at_ns = max(at_ns, self._woke_ns + self._tick_ns)
+        """Wake up on the first tick at or after ``at_ns`` and after the last wake-up's (unless
+        the timer is set sooner)."""
+        at_ns = grid_ceil_ns(max(at_ns, self._next_tick_ns()), self._tick_ns)
         if self._timer is None or at_ns < self._timer_at_ns:
             self._arm(at_ns)
 
     def _next_wake_ns(self) -> int | None:
         """When the engine must wake next: a tick before the next send, at the next deadline, or at
-        once for a reader held back, but never before the tick after the last wake-up (None: idle)."""
+        once for a reader held back; on a tick, and never before the tick after the last wake-up
+        (None: idle)."""
         nexts = []
         send_at = self._sends.next_at()
         if send_at is not None:
@@ -725,7 +733,7 @@ class EchoSocket:
             nexts.append(deadline_at)
         if not self._reading:
             nexts.append(self._woke_ns)  # a reader held back until this tick
-        return max(min(nexts), self._woke_ns + self._tick_ns) if nexts else None
+        return grid_ceil_ns(max(min(nexts), self._next_tick_ns()), self._tick_ns) if nexts else None
 
     def _arm(self, at_ns: int | None) -> None:
         if self._timer is not None:
@@ -733,8 +741,7 @@ class EchoSocket:
             self._timer = None
         if at_ns is not None and not self._closed:
             self._timer_at_ns = at_ns
-            loop = self._loop
-            self._timer = loop.call_at(loop.time() + (at_ns - time.monotonic_ns()) / 1e9, self._on_timer)
+            self._timer = call_at_ns(self._loop, at_ns, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -762,14 +769,14 @@ class EchoSocket:
 
     def _on_readable(self) -> None:
         now = time.monotonic_ns()
-        if now - self._woke_ns >= self._tick_ns:  # idle for a tick: read at once
+        if now >= self._next_tick_ns():  # not woken in this tick: read at once
             self._woke_ns = now
             self._drain(errqueue=False)
             return
         # Busy: the reader waits for the next tick, which reads everything that came in meanwhile.
         self._loop.remove_reader(self._sock.fileno())
         self._reading = False
-        self._want(self._woke_ns + self._tick_ns)
+        self._want(self._next_tick_ns())
 
     def _drain(self, *, errqueue: bool) -> None:
         """Read what is waiting (up to :data:`_BATCH`); the error queue (dgram sockets) when a read

@@ -32,6 +32,7 @@ from edgeprobe.probes.handler import run_probe
 from edgeprobe.probes.icmp import EchoSocket, IcmpConfig, IcmpResult
 from edgeprobe.probes.kind import AnyKind
 from edgeprobe.probes.outcome import Outcome, ProbeFailure
+from edgeprobe.probes.wake import WAKE_GRID_NS
 from tests.support.paths import REPO
 
 ROOT = REPO
@@ -168,6 +169,21 @@ async def test_staggered_runs_on_one_socket_each_send_on_time(
         return real(self, echo)
 
     monkeypatch.setattr(icmp.EchoSocket, "_sendto", recording)
+    armed: list[tuple[int, int]] = []  # (the time the timer is set for, the socket's tick)
+    woke: list[tuple[int, int]] = []
+    real_arm, real_on_timer = icmp.EchoSocket._arm, icmp.EchoSocket._on_timer
+
+    def arm(self: icmp.EchoSocket, at_ns: int | None) -> None:
+        if at_ns is not None:
+            armed.append((at_ns, self._tick_ns))
+        real_arm(self, at_ns)
+
+    def on_timer(self: icmp.EchoSocket) -> None:
+        woke.append((time.monotonic_ns(), self._timer_at_ns))
+        real_on_timer(self)
+
+    monkeypatch.setattr(icmp.EchoSocket, "_arm", arm)
+    monkeypatch.setattr(icmp.EchoSocket, "_on_timer", on_timer)
     config = IcmpConfig(count=4, interval_s=0.1, timeout_s=5.0, socket="raw")
 
     async def staggered(i: int) -> icmp.IcmpResult:
@@ -182,6 +198,12 @@ async def test_staggered_runs_on_one_socket_each_send_on_time(
     # On time within a generous bound for a shared 2-vCPU host; the bug made it up to 100 ms.
     assert max(late_ms) < 30, sorted(late_ms)[-5:]
     assert min(late_ms) >= -icmp._TICK_NS / 1e6, sorted(late_ms)[:5]  # early by at most the engine's tick
+    # The engine's timer is set only for ticks of the wake-up grid the scheduler uses (20 ms: a
+    # quarter of this interval is more), never fires before its tick, and fires once per tick.
+    assert armed and {tick for _, tick in armed} == {WAKE_GRID_NS}
+    assert all(at % WAKE_GRID_NS == 0 for at, _ in armed)
+    assert all(now >= at for now, at in woke)
+    assert len({at for _, at in woke}) == len(woke), "two timer wake-ups for one tick"
 
 
 @pytest.mark.parametrize("kind", ["raw", "dgram"])

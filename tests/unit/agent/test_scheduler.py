@@ -17,11 +17,13 @@ from edgeprobe.agent.scheduler import (
     RateLimitedCount,
     Scheduler,
     following_slot_ns,
+    grid_offset_ns,
     next_slot_ns,
     overload_threshold_ms,
 )
 from edgeprobe.probes.context import ProbeContext
 from edgeprobe.probes.kind import ProbeKind
+from edgeprobe.probes.wake import WAKE_GRID_NS
 from edgeprobe.schema import Observation
 from tests.support.wait import wait_for_async
 
@@ -88,6 +90,42 @@ def test_following_slot() -> None:
     assert following_slot_ns(10 * S, 13 * S + 5, S, 0) == (14 * S, 3)
     slot, missed = following_slot_ns(3 * S + 7, 9 * S, 2 * S, 7)
     assert slot == next_slot_ns(9 * S, 2 * S, 7) and missed == 2
+
+
+def test_slots_of_a_whole_number_of_grid_steps_are_on_the_grid() -> None:
+    g = WAKE_GRID_NS
+    assert grid_offset_ns(0, 10 * S) == 0
+    assert grid_offset_ns(1, 10 * S) == g  # up to the next tick
+    assert grid_offset_ns(10 * S - 1, 10 * S) == 0  # the tick at the interval's end is the next slot's start
+    assert grid_offset_ns(7 * g, 10 * S) == 7 * g
+    assert grid_offset_ns(12_345, 333_333_333) == 12_345  # not a whole number of steps: exact
+    for offset in range(0, 10 * S, 999_999_937):
+        moved = grid_offset_ns(offset, 10 * S)
+        assert moved % g == 0 and (moved - offset) % (10 * S) < g
+        assert all((k * 10 * S + moved) % g == 0 for k in range(5))
+
+
+async def test_runs_start_on_the_wake_up_grid() -> None:
+    """Every run of a job whose interval is a whole number of grid steps is due on a tick, the
+    ticks where the ICMP engine wakes too: one wake-up serves both."""
+    due: list[int] = []
+    real = Scheduler.run_once
+
+    async def recording(self: Scheduler, j: Job, target: str, scheduled_mono_ns: int | None) -> Observation:
+        assert scheduled_mono_ns is not None
+        due.append(scheduled_mono_ns)
+        return await real(self, j, target, scheduled_mono_ns)
+
+    seen: list[Observation] = []
+    async with ProbeContext() as ctx:
+        s = Scheduler("a", [job(fake_kind(), [f"t{i}" for i in range(100)], 0.5)], ctx, seen.append, 512)
+        s.run_once = recording.__get__(s)  # type: ignore[method-assign]
+        await run_for(s, 1.2)
+    assert len(due) >= 100
+    assert all(d % WAKE_GRID_NS == 0 for d in due), sorted(d % WAKE_GRID_NS for d in due)[-3:]
+    assert len({d // WAKE_GRID_NS for d in due}) > 10  # still spread over the interval's ticks
+    # on a tick, so not late by the rounding: lag is the loop's and the machine's only
+    assert all(o.sched_lag_ms is not None and o.sched_lag_ms < 50 for o in seen)
 
 
 def test_overload_threshold_is_50_ms_or_a_tenth_of_the_interval() -> None:
