@@ -19,6 +19,7 @@ from edgeprobe.agent.scheduler import Scheduler
 from edgeprobe.agent.spool import Spool, open_spool
 from edgeprobe.configfile import ConfigError, changed_keys, describe_changes, needs_restart
 from edgeprobe.probes.context import ProbeContext
+from edgeprobe.probes.handler import prepare_kinds
 from edgeprobe.probes.registry import KINDS
 from edgeprobe.schema import Observation
 from edgeprobe.supervise import Supervisor, TaskFailedError
@@ -99,6 +100,17 @@ class _FileJobs:
     scheduler: Scheduler
     stop: asyncio.Event
     pending: tuple[list[Job], ProbeContext, AgentConfig] | None = None
+
+
+async def _prepare(jobs: list[Job]) -> None:
+    """Prepare the jobs' kinds before their scheduler starts, so that no run in flight is timed
+    while a heavy import holds the interpreter. A failure is logged; the kind's runs report it."""
+    try:
+        await prepare_kinds(j.kind for j in jobs)
+    except Exception as exc:
+        log.warning(
+            "cannot prepare a probe kind: %s: %s (its runs will fail with this reason)", type(exc).__name__, exc
+        )
 
 
 async def run_agent(
@@ -284,6 +296,7 @@ async def run_agent(
             async def run_file_jobs() -> None:
                 """The file's scheduler, replaced by its successor on each applied reload."""
                 while True:
+                    await _prepare(fj.scheduler.jobs)
                     await fj.scheduler.run(fj.stop, cfg.agent.shutdown_grace_s)
                     if halt.is_set() or fj.pending is None:
                         return

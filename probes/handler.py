@@ -8,14 +8,20 @@ errors by errno, DNS, TLS; else ``error`` with the exception named).
 The observation's ``target`` is the kind's ``display_target`` of the target run (credentials in a
 URL's query replaced): it is what MQTT and InfluxDB get. Whatever that hides is also taken out of
 the failure reason and the result's text fields, in case they quote it (a server may echo a URL).
+
+A kind's ``prepare`` (work too heavy for the event loop, once per process: scapy's import) runs
+here too, in a worker thread and before the run's clock starts: done on the loop, it stalled every
+probe in flight for half a second, and their timings with it (a DNS answer read 0.5 s late).
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
+import threading
 import time
 import uuid
+from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import quote, unquote_plus
 
@@ -28,6 +34,35 @@ from edgeprobe.schema import Observation
 
 # Added to a kind's own longest run time to make the hard limit (see ProbeKind.max_run_s).
 HANDLER_GRACE_S = 1.0
+
+
+_prepared: set[str] = set()  # the kinds whose prepare has run in this process
+_preparing = threading.Lock()  # one prepare at a time: concurrent first runs wait for the one
+
+
+def _prepare_once(name: str, prepare: Callable[[], None]) -> None:
+    """In a worker thread: ``prepare`` unless another caller has done it meanwhile."""
+    with _preparing:
+        if name not in _prepared:
+            prepare()
+            _prepared.add(name)
+
+
+async def prepare_kinds(kinds: Iterable[AnyKind]) -> None:
+    """Run the ``prepare`` of each kind not yet prepared in this process, in a worker thread.
+
+    Raises what a ``prepare`` raised (that kind stays unprepared: its next run tries again).
+    """
+    todo = {k.name: k.prepare for k in kinds if k.prepare is not None and k.name not in _prepared}
+    failed: Exception | None = None
+    for name, prepare in todo.items():
+        try:
+            if prepare is not None:
+                await asyncio.to_thread(_prepare_once, name, prepare)
+        except Exception as exc:  # the others are still prepared; the first failure is raised
+            failed = failed or exc
+    if failed is not None:
+        raise failed
 
 
 def new_id() -> str:
@@ -71,6 +106,12 @@ async def run_probe(
     is ``sched_lag_ms`` (a wall-clock step cannot make a run look late or early).
     """
     deadline_s = kind.max_run_s(config) + HANDLER_GRACE_S
+    unprepared: Exception | None = None
+    if kind.prepare is not None and kind.name not in _prepared:
+        try:
+            await prepare_kinds((kind,))
+        except Exception as exc:  # the run fails with this as its reason
+            unprepared = exc
     started_at_ns = time.time_ns()
     t0 = time.perf_counter_ns()
     lag_ns = None if scheduled_mono_ns is None else time.monotonic_ns() - scheduled_mono_ns
@@ -78,6 +119,10 @@ async def run_probe(
     fields: dict[str, Any] = {}
     reason: str | None = None
     try:
+        if unprepared is not None:
+            raise ProbeFailure(
+                Outcome.ERROR, f"{kind.name}: cannot prepare: {type(unprepared).__name__}: {unprepared}"
+            ) from unprepared
         async with asyncio.timeout(deadline_s):
             result = await kind.run(target, config, ctx)
         outcome = Outcome.OK

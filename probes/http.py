@@ -480,4 +480,5 @@ KIND: Final = ProbeKind(
     env_vars=None,
     privilege=None,
     sub_points=None,
+    prepare=None,
 )

@@ -1114,4 +1114,5 @@ KIND = ProbeKind(
     # Status.icmp_permitted: the agent could open an ICMP socket (dgram or raw) when it started.
     privilege=Privilege(status_field="icmp_permitted", missing_note="no perm"),
     sub_points=None,
+    prepare=None,
 )

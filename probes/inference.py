@@ -990,4 +990,5 @@ KIND: Final = ProbeKind(
     env_vars=lambda config: () if config.api_key_env is None else (config.api_key_env,),
     privilege=None,
     sub_points=None,
+    prepare=None,
 )

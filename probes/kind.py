@@ -141,6 +141,11 @@ class ProbeKind(Generic[C, R]):
     # Points an observation makes besides its own, from its result fields (pure; the collector
     # writes them). None: only its own point.
     sub_points: Callable[[Mapping[str, Any]], list[SubPoint]] | None = None
+    # Work too heavy for the event loop that the kind needs done once per process before its first
+    # run (the trace kind's scapy import: ~0.5 s of CPU). Idempotent; run in a worker thread by
+    # :func:`edgeprobe.probes.handler.prepare_kinds`, before the run's clock starts (the agent
+    # prepares its jobs' kinds before its scheduler starts). None: nothing to prepare.
+    prepare: Callable[[], None] | None = None
 
     @property
     def measurement(self) -> str:

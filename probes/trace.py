@@ -747,6 +747,7 @@ KIND: Final = ProbeKind(
     # Status.raw_permitted: the agent could open a raw IP socket (CAP_NET_RAW) when it started.
     privilege=Privilege(status_field="raw_permitted", missing_note="no raw socket"),
     sub_points=hop_points,
+    prepare=tracepkt.load,
 )
 
 

@@ -110,6 +110,11 @@ def _scapy() -> Any:
     return scapy_all
 
 
+def load() -> None:
+    """Import scapy now (the kind's ``prepare``: ~0.5 s of CPU, so never on the event loop)."""
+    _scapy()
+
+
 def build_probe(flow: Flow, identity: int, ttl: int) -> bytes:
     """The whole IP packet of probe ``identity`` with TTL / hop limit ``ttl`` (pure; scapy)."""
     s = _scapy()
