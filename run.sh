@@ -211,7 +211,7 @@ cmd_bench_perf() {
     done
     [ -z "$ingest" ] || "$py" -m tests.benchmarks.perf_ingest $quick $profile --only "$ingest"
     [ -z "$fleet" ] || "$py" -m tests.benchmarks.perf_fleet $quick --only "$fleet"
-    case ",$only," in *,agent,*) "$py" -m tests.benchmarks.perf_agent $quick ;; esac
+    case ",$only," in *,agent,*) "$py" -m tests.benchmarks.perf_agent $quick $profile ;; esac
     exit 0
 }
 

@@ -1,7 +1,7 @@
 """Benchmark 4: the agent's footprint (CPU share, RSS) next to fping's, import and start-up time.
 
     .venv/bin/python -m tests.benchmarks.perf_agent [--quick] [--duration-s S] [--repeat N]
-                                                   [--only a,b,c,d,import] [--no-pin]
+                                                   [--only a,b,c,d,import] [--no-pin] [--profile]
 
 The real agent (``edgeprobe agent run -c …``, a child process) publishing to a real mosquitto, its
 spool a SQLite file (default synchronous=full, group commit), default delivery (``collector``): the
@@ -25,6 +25,12 @@ Every case reports CPU per observation (ms of CPU ÷ observations published in t
 agent's idle floor included). Case a also reports how long each observation took from its run's
 end (``started_at_ns`` + ``duration_ms``) to the benchmark's subscriber: spool commit, autocork
 linger and MQTT together (p50/p99 per window).
+
+``--profile``: after case a's windows (so that they are not disturbed), py-spy samples the agent
+for one more window (250 Hz, busy samples only; ``pip install py-spy`` into .venv first) and prints
+the share of the agent's busy samples per area: the ICMP engine, the probe runs (task, handler,
+probe, result, emit), the scheduler's timer, the loop's select, the spool, MQTT and the publisher
+(:func:`profile_areas`); the raw profile is kept in bench-results/.
 
 Import: ``python -X importtime`` of what ``edgeprobe agent run`` imports, and whether scapy was
 imported (it must not be). Start-up: from spawning ``edgeprobe agent run`` to its retained
@@ -201,6 +207,7 @@ def run_case(
     repeat: int = 1,
     fping: list[str] | None = None,
     pin: bool = True,
+    profile_to: Path | None = None,
 ) -> Row:
     """One agent for ``repeat`` consecutive windows of ``duration_s``; with ``fping`` (its targets),
     fping runs through the same windows and each window gives a ratio."""
@@ -254,6 +261,12 @@ def run_case(
                 w["fping_rss_mb"] = fs.rss() / 2**20
                 w["agent_over_fping"] = cpu / w["fping_cpu_core_ratio"] if w["fping_cpu_core_ratio"] else None
             windows.append(w)
+        if profile_to is not None and proc.poll() is None:
+            pinned_spy = pinned([py_spy(), "record", "--nonblocking", "--threads", "--rate", "250", "--format", "raw",
+                                 "-d", str(round(duration_s)), "-o", str(profile_to), "-p", str(proc.pid)],
+                                fping_cpu)  # fmt: skip
+            subprocess.run(pinned_spy, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           timeout=duration_s + 60)  # fmt: skip
         if fping_proc is not None:
             fping_proc.send_signal(signal.SIGINT)  # prints the per-target summary
             _, err = fping_proc.communicate(timeout=30)
@@ -324,6 +337,39 @@ def import_figures() -> dict[str, Any]:
             "edgeprobe_help_ms_median": median(cli)}  # fmt: skip
 
 
+# Areas of the agent's time, by the first frame of a stack that names one (pure; py-spy's raw
+# format: "thread (…);frame;frame … count", frames as "function (path:line)").
+PROFILE_AREAS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("spool thread", ("edgeprobe-spool",)),
+    ("ICMP engine (timer, reader)", ("EchoSocket._on_timer", "EchoSocket._on_readable")),
+    ("probe runs (task, handler, probe, result, emit)", ("Scheduler._run_slot", "run_probe (", "probe (")),
+    ("scheduler timer", ("Scheduler._on_due", "Scheduler._arm")),
+    ("spool (loop side)", ("spool.py",)),
+    ("MQTT and publisher", ("publisher.py", "aiomqtt", "paho", "mqtt.py")),
+    ("event loop select", ("EpollSelector.select", "select (selectors")),
+)
+
+
+def py_spy() -> str:
+    """py-spy's path: on PATH or next to this Python (not a dependency: ``pip install py-spy``)."""
+    return shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+
+
+def profile_areas(text: str) -> dict[str, float]:
+    """The share of samples per area of :data:`PROFILE_AREAS` (the rest: "other"), in that order."""
+    counts = {name: 0 for name, _ in PROFILE_AREAS} | {"other": 0}
+    total = 0
+    for line in text.splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not n.isdigit():
+            continue
+        total += int(n)
+        frames = stack.split(";")
+        area = next((name for name, keys in PROFILE_AREAS if any(k in f for f in frames for k in keys)), "other")
+        counts[area] += int(n)
+    return {name: c / total if total else 0.0 for name, c in counts.items()}
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
@@ -333,7 +379,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     ap.add_argument("--only", default="a,b,c,d,import")
     ap.add_argument("--no-pin", action="store_true", help="do not pin the agent and fping to CPUs of their own")
+    ap.add_argument("--profile", action="store_true", help="py-spy the agent of case a for one more window")
     args = ap.parse_args(argv)
+    if args.profile and not Path(py_spy()).exists():
+        ap.error("--profile needs py-spy: .venv/bin/pip install py-spy")
     duration = args.duration_s or (10.0 if args.quick else 60.0)
     repeat = args.repeat or (1 if args.quick else 3)
     warm = 4.0 if args.quick else 15.0
@@ -351,8 +400,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         time.sleep(1.0)
         if "a" in only:
             have_fping = shutil.which("fping") is not None
+            prof = workdir / "agent-profile.txt" if args.profile else None
             rows.append(run_case("a: 1,000 icmp / 10 s", icmp_job(1000, 10), 10, duration, mosq, workdir, warm,
-                                 repeat=repeat, fping=fping_targets(1000) if have_fping else None, **kw))  # fmt: skip
+                                 repeat=repeat, fping=fping_targets(1000) if have_fping else None, profile_to=prof,
+                                 **kw))  # fmt: skip
+            if prof is not None and prof.exists():
+                areas = profile_areas(prof.read_text())
+                figures["profile_a"] = areas
+                shutil.copy(prof, write_result("perf_agent_profile_raw", {}).with_suffix(".txt"))
+                print(f"   (a) py-spy, one more window of {duration:.0f} s, share of the agent's busy samples:")
+                for area, share in areas.items():
+                    print(f"       {share * 100:5.1f} %  {area}")
         if "b" in only:
             rows.append(
                 run_case("b: 200 http / 30 s", http_job(200, 30, port), 30, duration, mosq, workdir, warm, **kw)

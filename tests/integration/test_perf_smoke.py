@@ -11,7 +11,7 @@ import pytest
 
 # The benchmarks are the package tests.benchmarks (run with python -m from the repository root);
 # tests/ itself is not a package, so put the root on the path to import them here.
-from tests.benchmarks import perf_codec, perf_ingest
+from tests.benchmarks import perf_agent, perf_codec, perf_ingest
 from tests.benchmarks.perf_common import EnvelopeFactory, ProcSampler, make_messages, table
 
 
@@ -41,6 +41,23 @@ def test_profile_summary(tmp_path: Path) -> None:
     p = perf_ingest.summarise_profile(raw)
     assert p["samples"] == 40
     assert p["self"][0] == {"function": "encode_batch (lineproto.py)", "ratio": 0.75}
+
+
+def test_agent_profile_areas() -> None:
+    """Each stack counts once, for the first area that names one of its frames, threads first."""
+    raw = (
+        "thread (1): MainThread;run (asyncio/runners.py:1);EchoSocket._on_timer (edgeprobe/probes/icmp.py:9) 6\n"
+        "thread (1): MainThread;Scheduler._run_slot (agent/scheduler.py:3);put (edgeprobe/agent/spool.py:2) 2\n"
+        "thread (2): edgeprobe-spool_0;_worker (thread.py:83);commit (edgeprobe/agent/spool.py:617) 1\n"
+        "thread (1): MainThread;EpollSelector.select (selectors.py:468) 1\n"
+        "garbage line\n"
+    )
+    areas = perf_agent.profile_areas(raw)
+    assert list(areas)[-1] == "other" and abs(sum(areas.values()) - 1) < 1e-9
+    assert areas["ICMP engine (timer, reader)"] == 0.6
+    assert areas["probe runs (task, handler, probe, result, emit)"] == 0.2  # its spool.put counts as the run's
+    assert areas["spool thread"] == 0.1 and areas["event loop select"] == 0.1 and areas["spool (loop side)"] == 0
+    assert perf_agent.profile_areas("") == dict.fromkeys(areas, 0.0)
 
 
 def test_proc_sampler_reads_own_process() -> None:
