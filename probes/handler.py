@@ -48,17 +48,21 @@ def _prepare_once(name: str, prepare: Callable[[], None]) -> None:
             _prepared.add(name)
 
 
+def _unprepared(kind: AnyKind) -> Callable[[], None] | None:
+    """The kind's ``prepare`` when it has one that has not run in this process, else None."""
+    return None if kind.name in _prepared else kind.prepare
+
+
 async def prepare_kinds(kinds: Iterable[AnyKind]) -> None:
     """Run the ``prepare`` of each kind not yet prepared in this process, in a worker thread.
 
     Raises what a ``prepare`` raised (that kind stays unprepared: its next run tries again).
     """
-    todo = {k.name: k.prepare for k in kinds if k.prepare is not None and k.name not in _prepared}
+    todo = {k.name: prepare for k in kinds if (prepare := _unprepared(k)) is not None}
     failed: Exception | None = None
     for name, prepare in todo.items():
         try:
-            if prepare is not None:
-                await asyncio.to_thread(_prepare_once, name, prepare)
+            await asyncio.to_thread(_prepare_once, name, prepare)
         except Exception as exc:  # the others are still prepared; the first failure is raised
             failed = failed or exc
     if failed is not None:
@@ -107,7 +111,7 @@ async def run_probe(
     """
     deadline_s = kind.max_run_s(config) + HANDLER_GRACE_S
     unprepared: Exception | None = None
-    if kind.prepare is not None and kind.name not in _prepared:
+    if _unprepared(kind) is not None:  # a check, not an await, on every run
         try:
             await prepare_kinds((kind,))
         except Exception as exc:  # the run fails with this as its reason
