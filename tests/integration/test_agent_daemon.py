@@ -265,39 +265,22 @@ async def test_the_agent_prepares_its_kinds_before_the_first_run(mosquitto: Mosq
     no run is in flight, and so none is timed late, while it holds the interpreter."""
     from edgeprobe.agent.config import Job
     from edgeprobe.probes.context import ProbeContext
-    from edgeprobe.probes.kind import ProbeKind
-
-    class Cfg(msgspec.Struct, frozen=True):
-        pass
-
-    class Res(msgspec.Struct):
-        ok: bool = True
+    from tests.support.kinds import EmptyConfig, OkResult, hold_interpreter, stand_in_kind
 
     events: list[tuple[str, float]] = []
 
     def prepare() -> None:
         events.append(("prepare", time.monotonic()))
-        end = time.perf_counter() + 0.3
-        while time.perf_counter() < end:
-            pass  # CPU, as an import
+        hold_interpreter(0.3)  # CPU, as an import
         events.append(("prepared", time.monotonic()))
 
-    async def run(target: str, config: Cfg, ctx: ProbeContext) -> Res:
+    async def run(target: str, config: EmptyConfig, ctx: ProbeContext) -> OkResult:
         events.append(("run", time.monotonic()))
-        return Res()
+        return OkResult()
 
-    kind = ProbeKind(
-        name=f"heavy-{os.getpid()}-{time.monotonic_ns()}",  # prepared once per process, per name
-        description="no network",
-        config_type=Cfg,
-        result_type=Res,
-        run=run,
-        check_target=lambda t: None,
-        max_run_s=lambda c: 1.0,
-        prepare=prepare,
-    )
+    kind = stand_in_kind(run, prepare=prepare)
     cfg = agent_cfg(mosquitto.url, None)
-    jobs = [Job(name="heavy", kind=kind, targets=("a", "b", "c"), interval_s=0.2, config=Cfg(), labels={})]
+    jobs = [Job(name="heavy", kind=kind, targets=("a", "b", "c"), interval_s=0.2, config=EmptyConfig(), labels={})]
     produced: list[Observation] = []
     stop = asyncio.Event()
     task = asyncio.create_task(run_agent(cfg, jobs, stop=stop, tap=produced.append))

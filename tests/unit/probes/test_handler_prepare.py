@@ -12,24 +12,13 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
-
-import msgspec
 
 from edgeprobe.probes.context import ProbeContext
 from edgeprobe.probes.handler import prepare_kinds, run_probe
-from edgeprobe.probes.kind import ProbeKind
 from edgeprobe.probes.outcome import Outcome
+from tests.support.kinds import EmptyConfig, hold_interpreter, stand_in_kind
 
 HEAVY_S = 0.4  # the CPU a fake prepare spends, holding the interpreter the way an import does
-
-
-class Cfg(msgspec.Struct, frozen=True):
-    pass
-
-
-class Res(msgspec.Struct):
-    ok: bool = True
 
 
 class Prep:
@@ -41,28 +30,9 @@ class Prep:
 
     def __call__(self) -> None:
         self.calls.append(threading.current_thread().name)
-        end = time.perf_counter() + HEAVY_S
-        n = 0
-        while time.perf_counter() < end:
-            n += 1  # bytecode, not a sleep: the GIL is held as by an import
+        hold_interpreter(HEAVY_S)
         if self.fail_first and len(self.calls) == 1:
             raise ImportError("no module named 'heavy'")
-
-
-def kind_with(prep: Prep) -> ProbeKind[Cfg, Res]:
-    async def run(target: str, config: Cfg, ctx: ProbeContext) -> Res:
-        return Res()
-
-    return ProbeKind(
-        name=f"prep-{uuid.uuid4().hex[:8]}",  # prepared once per process, per name
-        description="no network",
-        config_type=Cfg,
-        result_type=Res,
-        run=run,
-        check_target=lambda t: None,
-        max_run_s=lambda c: 1.0,
-        prepare=prep,
-    )
 
 
 async def max_loop_gap_s(work: asyncio.Task[object]) -> float:
@@ -77,12 +47,12 @@ async def max_loop_gap_s(work: asyncio.Task[object]) -> float:
 
 async def test_prepare_runs_once_off_the_loop_and_outside_the_run_s_clock() -> None:
     prep = Prep()
-    kind = kind_with(prep)
+    kind = stand_in_kind(prepare=prep)
     async with ProbeContext() as ctx:
-        first = asyncio.create_task(run_probe(kind, "t", Cfg(), ctx, seq=1))
+        first = asyncio.create_task(run_probe(kind, "t", EmptyConfig(), ctx, seq=1))
         gap_s = await max_loop_gap_s(first)  # type: ignore[arg-type]
         obs = first.result()
-        again = await run_probe(kind, "t", Cfg(), ctx, seq=2)
+        again = await run_probe(kind, "t", EmptyConfig(), ctx, seq=2)
     assert prep.calls and threading.main_thread().name not in prep.calls, prep.calls
     assert len(prep.calls) == 1, prep.calls  # once per process
     assert obs.outcome == again.outcome == Outcome.OK.value
@@ -94,10 +64,10 @@ async def test_prepare_runs_once_off_the_loop_and_outside_the_run_s_clock() -> N
 
 async def test_a_failed_prepare_is_the_run_s_typed_outcome_and_the_next_run_tries_again() -> None:
     prep = Prep(fail_first=True)
-    kind = kind_with(prep)
+    kind = stand_in_kind(prepare=prep)
     async with ProbeContext() as ctx:
-        failed = await run_probe(kind, "t", Cfg(), ctx, seq=1)
-        ok = await run_probe(kind, "t", Cfg(), ctx, seq=2)
+        failed = await run_probe(kind, "t", EmptyConfig(), ctx, seq=1)
+        ok = await run_probe(kind, "t", EmptyConfig(), ctx, seq=2)
     assert failed.outcome == Outcome.ERROR.value
     assert failed.reason is not None and "cannot prepare" in failed.reason and "heavy" in failed.reason
     assert ok.outcome == Outcome.OK.value
@@ -106,16 +76,8 @@ async def test_a_failed_prepare_is_the_run_s_typed_outcome_and_the_next_run_trie
 
 async def test_prepare_kinds_prepares_each_kind_once_and_skips_kinds_without_one() -> None:
     a, b = Prep(), Prep()
-    ka, kb = kind_with(a), kind_with(b)
-    kc = ProbeKind(
-        name="plain",
-        description="",
-        config_type=Cfg,
-        result_type=Res,
-        run=ka.run,
-        check_target=lambda t: None,
-        max_run_s=lambda c: 1.0,
-    )
+    ka, kb = stand_in_kind(prepare=a), stand_in_kind(prepare=b)
+    kc = stand_in_kind()  # no prepare
     t0 = time.perf_counter()
     await prepare_kinds([ka, kb, ka, kc])
     await prepare_kinds([ka, kb])
