@@ -62,7 +62,17 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from edgeprobe.localstack import MosquittoServer, free_port
 from edgeprobe.schema import DeliveryAck, ack_topic, encode
-from tests.benchmarks.perf_common import PREFIX, ROOT, ProcSampler, Row, median, table, write_result
+from tests.benchmarks.perf_common import (
+    PREFIX,
+    ROOT,
+    ProcSampler,
+    Row,
+    median,
+    py_spy,
+    py_spy_stacks,
+    table,
+    write_result,
+)
 
 EDGEPROBE = str(Path(sys.executable).with_name("edgeprobe"))
 
@@ -350,23 +360,14 @@ PROFILE_AREAS: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 
 
-def py_spy() -> str:
-    """py-spy's path: on PATH or next to this Python (not a dependency: ``pip install py-spy``)."""
-    return shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-
-
 def profile_areas(text: str) -> dict[str, float]:
     """The share of samples per area of :data:`PROFILE_AREAS` (the rest: "other"), in that order."""
     counts = {name: 0 for name, _ in PROFILE_AREAS} | {"other": 0}
     total = 0
-    for line in text.splitlines():
-        stack, _, n = line.rpartition(" ")
-        if not n.isdigit():
-            continue
-        total += int(n)
-        frames = stack.split(";")
+    for frames, n in py_spy_stacks(text):
+        total += n
         area = next((name for name, keys in PROFILE_AREAS if any(k in f for f in frames for k in keys)), "other")
-        counts[area] += int(n)
+        counts[area] += n
     return {name: c / total if total else 0.0 for name, c in counts.items()}
 
 

@@ -10,6 +10,7 @@ import copy
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -182,6 +183,23 @@ def write_result(name: str, figures: dict[str, Any], out_dir: Path | None = None
     doc = {"benchmark": name, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine(), **figures}
     out.write_text(json.dumps(doc, indent=2, default=str) + "\n")
     return out
+
+
+# ---- py-spy --------------------------------------------------------------------------------
+
+
+def py_spy() -> str:
+    """py-spy's path: on PATH or next to this Python (not a dependency: ``pip install py-spy``)."""
+    return shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+
+
+def py_spy_stacks(text: str) -> Iterator[tuple[list[str], int]]:
+    """(frames, samples) per line of py-spy's raw (collapsed) output, ``frame;frame;… count``,
+    frames as ``function (path:line)``; other lines are skipped."""
+    for line in text.splitlines():
+        stack, _, n = line.rpartition(" ")
+        if n.isdigit():
+            yield stack.split(";"), int(n)
 
 
 # ---- processes -----------------------------------------------------------------------------

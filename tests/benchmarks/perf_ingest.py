@@ -48,6 +48,8 @@ from tests.benchmarks.perf_common import (
     distinct_ids,
     make_messages,
     median,
+    py_spy,
+    py_spy_stacks,
     table,
     tree_cpu_s,
     wait_for,
@@ -209,7 +211,7 @@ def collector_run(
     spy: subprocess.Popen[bytes] | None = None
     if profile_to is not None:
         spy = subprocess.Popen(
-            [shutil.which("py-spy") or ".venv/bin/py-spy", "record", "--nonblocking", "--rate", "200",
+            [py_spy(), "record", "--nonblocking", "--rate", "200",
              "--format", "raw", "-o", str(profile_to), "-p", str(procs[0].pid)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
@@ -306,12 +308,7 @@ def summarise_profile(path: Path, top: int = 20) -> dict[str, Any]:
     incl: Counter[str] = Counter()
     total = 0
     idle = 0
-    for line in path.read_text().splitlines():
-        stack, _, n = line.rpartition(" ")
-        if not n.isdigit():
-            continue
-        count = int(n)
-        frames = stack.split(";")
+    for frames, count in py_spy_stacks(path.read_text()):
         total += count
         names = [_frame_name(f) for f in frames]
         if names and names[-1].startswith(("select (selectors", "_run_once (asyncio", "poll (selectors")):
