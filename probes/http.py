@@ -301,6 +301,7 @@ async def _exchange(
             verify=config.verify_tls,
             family=config.family,
             timeout_s=left_s(),
+            budget_s=config.timeout_s,
             check=ctx.check_address,  # every hop: a redirect goes nowhere the caller refuses
         )
     except ProbeFailure as failure:
@@ -308,8 +309,8 @@ async def _exchange(
             hop.timing = failure.partial
         raise
     try:
-        await conn.send(request, timeout_s=left_s())
-        head = await netio.read_response_head(conn, timeout_s=left_s())
+        await conn.send(request, timeout_s=left_s(), budget_s=config.timeout_s)
+        head = await netio.read_response_head(conn, timeout_s=left_s(), budget_s=config.timeout_s)
         hop.ttfb_ms = _ms(head.first_byte_perf_ns - t0)
         hop.status, hop.http_version, hop.location = head.status, head.http_version, head.get("Location")
         hop.reason = head.reason
@@ -319,7 +320,7 @@ async def _exchange(
             raise ProbeFailure(Outcome.PROTOCOL_ERROR, f"{conn.where}: {exc}") from exc
         hop.bytes, hop.truncated = 0, False
         last_ns = head.complete_perf_ns  # when the last byte we used arrived (curl's time_total)
-        async with aclosing(netio.iter_body(conn, framing, timeout_s=left_s())) as pieces:
+        async with aclosing(netio.iter_body(conn, framing, timeout_s=left_s(), budget_s=config.timeout_s)) as pieces:
             async for piece in pieces:
                 room = config.max_body_bytes - hop.bytes
                 hop.bytes += min(room, len(piece.data))

@@ -600,6 +600,7 @@ async def _measure(url: Url, config: InferenceConfig, ctx: ProbeContext, run: _R
                         verify=config.verify_tls,
                         family=config.family,
                         timeout_s=_left_s(ft_deadline),
+                        budget_s=ft_s,
                         check=ctx.check_address,
                     )
                 except ProbeFailure as failure:
@@ -731,7 +732,7 @@ async def _read_stream(
     last_read_ns = time.perf_counter_ns()
     body_bytes = 0
     end_grace: int | None = None
-    body = netio.iter_body(conn, framing, timeout_s=_left_s(deadline))
+    body = netio.iter_body(conn, framing, timeout_s=_left_s(deadline), budget_s=timeout_s)
     async with aclosing(body):
         while True:
             if stats.done or stats.error_message is not None:

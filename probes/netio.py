@@ -56,10 +56,13 @@ refused → ``refused``; unreachable → ``unreachable``; certificate or handsha
 ``tls_error``; an address the caller's check refuses → ``policy_refused``; a phase that overruns
 its budget → ``timeout`` naming the phase; a peer that does not speak HTTP/1.x, or closes or
 resets the connection mid-response → ``protocol_error``. ``timeout_s`` arguments are the budget
-of that one call (the low-level :meth:`Conn.read_some` alone leaves its builtin ``TimeoutError``
-to the caller, who knows what was awaited). The failures of
-:func:`open_connection` carry the :class:`ConnectTiming` measured so far as ``partial``; the others
-carry none. Callers put their own typed result in ``partial`` before the failure reaches
+of that one call; ``budget_s`` (where offered) is the figure a timeout's reason names instead: a
+probe whose one ``timeout_s`` covers the whole run passes what is left of it as ``timeout_s`` and
+its own setting as ``budget_s``, so the user reads the value they configured ("within 0.3 s"),
+not the remainder after the earlier phases ("within 0.29 s"). The low-level
+:meth:`Conn.read_some` alone leaves its builtin ``TimeoutError`` to the caller, who knows what was
+awaited. The failures of :func:`open_connection` carry the :class:`ConnectTiming` measured so far
+as ``partial``; the others carry none. Callers put their own typed result in ``partial`` before the failure reaches
 :mod:`edgeprobe.probes.handler`.
 """
 
@@ -130,6 +133,11 @@ def host_port(address: str, port: int) -> str:
 
 def _remaining_s(deadline_ns: int) -> float:
     return max(0.0, (deadline_ns - time.perf_counter_ns()) / 1e9)
+
+
+def _named(timeout_s: float, budget_s: float | None) -> float:
+    """The budget a timeout's reason names: the caller's ``budget_s`` when given (pure)."""
+    return timeout_s if budget_s is None else budget_s
 
 
 def _deadline_ns(timeout_s: float) -> int:
@@ -439,7 +447,13 @@ def is_ip_literal(host: str) -> bool:
 
 
 async def resolve(
-    host: str, port: int, *, family: Family = "auto", timeout_s: float, check: AddressCheck | None = None
+    host: str,
+    port: int,
+    *,
+    family: Family = "auto",
+    timeout_s: float,
+    check: AddressCheck | None = None,
+    budget_s: float | None = None,
 ) -> Resolved:
     """Resolve ``host`` with ``getaddrinfo`` (timed) and keep the first address returned.
 
@@ -460,7 +474,7 @@ async def resolve(
                 infos = await loop.getaddrinfo(host, port, family=fam, type=socket.SOCK_STREAM)
     except TimeoutError as exc:
         raise ProbeFailure(
-            Outcome.TIMEOUT, f"no DNS answer for {host!r} within {fmt_s(timeout_s)} s"
+            Outcome.TIMEOUT, f"no DNS answer for {host!r} within {fmt_s(_named(timeout_s, budget_s))} s"
         ) from exc
     except socket.gaierror as exc:
         raise ProbeFailure(Outcome.DNS_ERROR, f"cannot resolve {host!r}: {_strerror(exc)}") from exc
@@ -525,7 +539,9 @@ async def _timed_connect(loop: asyncio.AbstractEventLoop, sock: socket.socket, s
     return done_ns
 
 
-async def connect_socket(resolved: Resolved, *, timeout_s: float) -> tuple[socket.socket, float]:
+async def connect_socket(
+    resolved: Resolved, *, timeout_s: float, budget_s: float | None = None
+) -> tuple[socket.socket, float]:
     """Open a TCP connection to ``resolved`` (timed handshake): the connected socket and connect_ms.
 
     The caller owns the socket and must close it.
@@ -544,7 +560,7 @@ async def connect_socket(resolved: Resolved, *, timeout_s: float) -> tuple[socke
                 done_ns = await _timed_connect(loop, sock, resolved.sockaddr)
         except TimeoutError as exc:
             raise ProbeFailure(
-                Outcome.TIMEOUT, f"no TCP handshake with {where} within {fmt_s(timeout_s)} s"
+                Outcome.TIMEOUT, f"no TCP handshake with {where} within {fmt_s(_named(timeout_s, budget_s))} s"
             ) from exc
         except OSError as exc:
             raise _connect_failure(exc, where) from exc
@@ -733,7 +749,7 @@ class Conn:
         outcome, _ = classify_exception(exc)
         return ProbeFailure(outcome, f"{self.where}: {_strerror(exc)} while {during}")
 
-    async def send(self, data: bytes, *, timeout_s: float) -> None:
+    async def send(self, data: bytes, *, timeout_s: float, budget_s: float | None = None) -> None:
         """Write ``data`` and wait until it is handed to the kernel (or the budget runs out)."""
         try:
             async with asyncio.timeout(timeout_s):
@@ -741,7 +757,7 @@ class Conn:
                 await self._writer.drain()
         except TimeoutError as exc:
             raise ProbeFailure(
-                Outcome.TIMEOUT, f"request to {self.where} not sent within {fmt_s(timeout_s)} s"
+                Outcome.TIMEOUT, f"request to {self.where} not sent within {fmt_s(_named(timeout_s, budget_s))} s"
             ) from exc
         except (OSError, ssl.SSLError) as exc:
             raise self._io_failure(exc, "sending the request") from exc
@@ -800,20 +816,23 @@ async def open_connection(
     timeout_s: float,
     ssl_context: ssl.SSLContext | None = None,
     check: AddressCheck | None = None,
+    budget_s: float | None = None,
 ) -> tuple[Conn, ConnectTiming]:
     """Resolve, connect and (if ``tls``) handshake, each phase timed; ``timeout_s`` covers all three.
 
     ``server_hostname`` (SNI and certificate name) defaults to ``host``. ``ssl_context`` replaces
     the default one built from ``verify`` (system CAs, ALPN ``http/1.1``). ``check`` vets the
-    resolved address before connecting (see :func:`resolve`). On failure the
+    resolved address before connecting (see :func:`resolve`). A timeout names ``budget_s`` (default
+    ``timeout_s``), whichever phase ran out. On failure the
     :class:`ProbeFailure` carries the :class:`ConnectTiming` measured so far as ``partial``.
     """
     deadline = _deadline_ns(timeout_s)
+    named_s = _named(timeout_s, budget_s)
     timing = ConnectTiming(port=port)
     try:
-        resolved = await resolve(host, port, family=family, timeout_s=timeout_s, check=check)
+        resolved = await resolve(host, port, family=family, timeout_s=timeout_s, check=check, budget_s=named_s)
         timing.address, timing.dns_ms = resolved.address, resolved.dns_ms
-        sock, timing.connect_ms = await connect_socket(resolved, timeout_s=_remaining_s(deadline))
+        sock, timing.connect_ms = await connect_socket(resolved, timeout_s=_remaining_s(deadline), budget_s=named_s)
         try:
             reader, writer = await _open_stream(sock)
         except BaseException:
@@ -830,7 +849,7 @@ async def open_connection(
             except TimeoutError as exc:
                 writer.close()
                 raise ProbeFailure(
-                    Outcome.TIMEOUT, f"no TLS handshake with {where} within {fmt_s(budget)} s"
+                    Outcome.TIMEOUT, f"no TLS handshake with {where} within {fmt_s(named_s)} s"
                 ) from exc
             except (OSError, ssl.SSLError, ssl.CertificateError) as exc:
                 writer.close()
@@ -862,7 +881,7 @@ async def open_connection(
 
 
 async def read_response_head(
-    conn: Conn, *, timeout_s: float, max_head_bytes: int = MAX_HEAD_BYTES
+    conn: Conn, *, timeout_s: float, max_head_bytes: int = MAX_HEAD_BYTES, budget_s: float | None = None
 ) -> ResponseHead:
     """Read the status line and headers of the next final response (1xx other than 101 skipped).
 
@@ -904,7 +923,7 @@ async def read_response_head(
         except TimeoutError as exc:
             what = "no HTTP response" if first_ns is None else "HTTP response head not complete"
             raise ProbeFailure(
-                Outcome.TIMEOUT, f"{what} from {conn.where} within {fmt_s(timeout_s)} s"
+                Outcome.TIMEOUT, f"{what} from {conn.where} within {fmt_s(_named(timeout_s, budget_s))} s"
             ) from exc
         if not data:
             if not buf:
@@ -927,6 +946,7 @@ async def iter_body(
     *,
     timeout_s: float,
     idle_timeout_s: float | None = None,
+    budget_s: float | None = None,
 ) -> AsyncGenerator[BodyPiece, None]:
     """Yield the body as it arrives: one :class:`BodyPiece` per socket read carrying body bytes.
 
@@ -952,7 +972,7 @@ async def iter_body(
             if idle:
                 reason = f"no body bytes from {conn.where} for {fmt_s(wait_s)} s"
             else:
-                reason = f"body from {conn.where} not complete within {fmt_s(timeout_s)} s"
+                reason = f"body from {conn.where} not complete within {fmt_s(_named(timeout_s, budget_s))} s"
             raise ProbeFailure(Outcome.TIMEOUT, f"{reason} ({received} bytes received)") from exc
         if not data:
             if framing.kind == "close":

@@ -532,6 +532,30 @@ async def test_dns_error_via_handler() -> None:
     assert obs.fields["port"] == 443
 
 
+async def test_a_timeout_names_the_configured_budget_not_what_was_left(
+    raw_server: Callable[[Handler], Awaitable[int]],
+) -> None:
+    """``timeout_s`` covers the whole run: when an earlier phase took part of it (here an address
+    check that takes 0.12 s), the reason still names the 0.3 s the user configured, not the 0.18 s
+    that was left for the response (a reason that read "within 0.29 s" after a 5 ms connect made
+    this file's test below flaky)."""
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await until_client_closes(reader)
+
+    async def slow_check(host: str, address: str, port: int) -> str | None:
+        await asyncio.sleep(0.12)
+        return None
+
+    port = await raw_server(silent)
+    t0 = time.perf_counter()
+    with pytest.raises(ProbeFailure) as info:
+        await http.probe(f"http://127.0.0.1:{port}/", HttpConfig(timeout_s=0.3), ProbeContext(check_address=slow_check))
+    assert time.perf_counter() - t0 < 0.3 + 0.1  # the check's time came out of the same budget
+    assert info.value.outcome is Outcome.TIMEOUT
+    assert info.value.reason == f"no HTTP response from 127.0.0.1:{port} within 0.3 s"
+
+
 async def test_server_that_never_answers(raw_server: Callable[[Handler], Awaitable[int]]) -> None:
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await until_client_closes(reader)
