@@ -42,6 +42,7 @@ from edgeprobe.agent.spool import Spool, SpoolEntry
 from edgeprobe.backoff import Backoff
 from edgeprobe.mqtt import run_session
 from edgeprobe.probes.registry import find_kind
+from edgeprobe.probes.wake import grid_delay_s
 from edgeprobe.schema import (
     MAX_ACK_BATCHES,
     SCHEMA_VERSION,
@@ -594,7 +595,7 @@ class Publisher:
                 wait_s = min(wait_s, deadline - now)
             # The spool's change flag is the one wake-up for every source (see _pump); it is cleared
             # here, after the checks above with no await between, so nothing set since is missed.
-            await self.spool.wait_changed(max(0.0, wait_s))
+            await self.spool.wait_changed(grid_delay_s(max(0.0, wait_s)))
 
     async def _publish_batch(self, client: aiomqtt.Client) -> None:
         pub = self.cfg.publish

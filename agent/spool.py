@@ -72,6 +72,7 @@ from typing import IO, Any, ClassVar, NamedTuple, Protocol, TypeVar
 
 from edgeprobe.agent.config import AUTOCORK_LINGER_S, SpoolConfig
 from edgeprobe.backoff import Backoff
+from edgeprobe.probes.wake import grid_delay_s
 from edgeprobe.schema import Observation, encode
 from edgeprobe.sqlqueue import QueueLayout, SpoolCorruptError, SpoolError, SqliteQueue, Synchronous, lock_holder
 from edgeprobe.supervise import Wakeup
@@ -1169,7 +1170,7 @@ class SqliteSpool:
                         await asyncio.wait_for(self._dirty.wait(), age_check_s)
                     if not self._full.is_set():
                         with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(self._full.wait(), self.commit_interval_s)
+                            await asyncio.wait_for(self._full.wait(), grid_delay_s(self.commit_interval_s))
             self._dirty.clear()
             self._full.clear()
             ok = await self._commit_once()

@@ -9,7 +9,7 @@ import time
 from hypothesis import given
 from hypothesis import strategies as st
 
-from edgeprobe.probes.wake import WAKE_GRID_NS, call_at_ns, grid_ceil_ns, next_grid_ns
+from edgeprobe.probes.wake import WAKE_GRID_NS, call_at_ns, grid_ceil_ns, grid_delay_s, next_grid_ns
 
 
 def test_grid_rounding() -> None:
@@ -44,3 +44,32 @@ async def test_call_at_ns_never_fires_early() -> None:
         call_at_ns(loop, at_ns, check)
         await fired
     assert early == []
+
+
+@given(st.integers(0, 10**15), st.floats(0, 1000, allow_nan=False), st.integers(1, 10**9))
+def test_grid_delay_is_at_least_the_delay_and_ends_on_a_tick(now_ns: int, delay_s: float, grid_ns: int) -> None:
+    wait_s = grid_delay_s(delay_s, now_ns, grid_ns)
+    end_ns = now_ns + round((wait_s - 1e-6) * 1e9)  # without the timer's margin
+    assert abs(end_ns - grid_ceil_ns(end_ns, grid_ns)) <= 1  # on a tick (float rounding aside)
+    assert end_ns >= now_ns + round(delay_s * 1e9) - 1
+    assert end_ns < now_ns + round(delay_s * 1e9) + grid_ns + 1  # at most one step more
+
+
+def test_grid_delay_of_the_publisher_and_spool_lands_where_the_engine_wakes() -> None:
+    """The spool's 0.2 s group commit and the publisher's 0.2 s linger end on a grid tick: the
+    wake-up the scheduler and the ICMP engine make anyway."""
+    g = WAKE_GRID_NS
+    assert grid_delay_s(0.2, 5 * g) == 0.2 + 1e-6  # from a tick: exactly the interval
+    assert grid_delay_s(0.2, 5 * g + 1) == (8 * g - (5 * g + 1)) / 1e9 + 1e-6  # just after one: to the next tick
+    assert grid_delay_s(0.0, 5 * g + 1) == (6 * g - (5 * g + 1)) / 1e9 + 1e-6  # "at once" waits for the tick
+
+
+async def test_a_wait_of_grid_delay_ends_on_a_tick() -> None:
+    loop = asyncio.get_running_loop()
+    woke: list[int] = []
+    for _ in range(3):
+        fired = loop.create_future()
+        loop.call_later(grid_delay_s(0.01), lambda f=fired: f.set_result(time.monotonic_ns()))
+        woke.append(await fired)
+    # Never before a tick; after it by the loop's latency only (generous on a shared VM).
+    assert all(0 <= t % WAKE_GRID_NS < WAKE_GRID_NS // 2 for t in woke), [t % WAKE_GRID_NS for t in woke]
