@@ -538,6 +538,7 @@ class MosquittoServer(_ServerProcess):
             "connection_messages true",
             f"allow_anonymous {'true' if self.allow_anonymous else 'false'}",
             *([f"max_packet_size {self.max_packet_size}"] if self.max_packet_size else []),
+            "set_tcp_nodelay true",  # as deploy/mosquitto/mosquitto.conf: no 40 ms Nagle delay on confirmations
             f"listener {self.port} {self.host}",
             *self.extra_config,
         ]
