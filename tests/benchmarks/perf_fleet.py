@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import itertools
 import logging
+import math
 import multiprocessing as mp
 import random
 import time
@@ -33,6 +34,7 @@ from typing import Any
 import aiomqtt
 
 from edgeprobe.agent.config import AUTOCORK_LINGER_S
+from edgeprobe.probes.wake import WAKE_GRID_NS
 from edgeprobe.schema import encode
 from tests.benchmarks.perf_common import (
     OBS_MEASUREMENTS,
@@ -51,6 +53,7 @@ from tests.benchmarks.perf_common import (
 )
 from tests.benchmarks.perf_ingest import Stack
 
+GRID_S = WAKE_GRID_NS / 1e9
 QUIET = logging.getLogger("bench.mqtt")
 QUIET.setLevel(logging.CRITICAL)
 
@@ -68,7 +71,8 @@ async def _agent(
     """One simulated agent. ``autocork`` (what the agent's publisher does): observations complete at
     random moments (``rate`` a second on average) and a message leaves when none is in flight
     (published, PUBACK not yet received) and the oldest ready observation has lingered
-    ``AUTOCORK_LINGER_S``; what completes meanwhile goes with it. ``timer``: what completed during a
+    ``AUTOCORK_LINGER_S``, rounded up to a tick of the agent's wake-up grid (``WAKE_GRID_NS``); what
+    completes meanwhile goes with it. ``timer``: what completed during a
     second leaves together, once a second (the agent's publisher before autocorking,
     ``publish.flush_interval_s`` = 1 s)."""
     f = EnvelopeFactory(agent=name, site=f"site{hash(name) % 20}")
@@ -97,7 +101,8 @@ async def _agent(
             now = time.time()
             if in_flight is not None and in_flight.done():
                 in_flight = None
-            due = ready[0] / 1e9 + AUTOCORK_LINGER_S if ready else None
+            # The agent's linger (and its spool's group commit) ends on a tick of its wake-up grid.
+            due = math.ceil((ready[0] / 1e9 + AUTOCORK_LINGER_S) / GRID_S) * GRID_S if ready else None
             if ready and in_flight is None and due is not None and now >= due:
                 batch, ready = ready, []
                 in_flight = asyncio.ensure_future(send(batch))
